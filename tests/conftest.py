@@ -1,0 +1,37 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the scripts are flat files at the repo root
+SHARED_DATA = ROOT.parent / "shared" / "data"  # real GLUE / CoNLL / Wikipedia files, beside the checkout
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+def pytest_runtest_makereport(item, call):
+    """With MINIMOE_NO_SKIPS=1 (set by .ci/run) a skipped test fails, so no oracle or data test can
+    silently drop out of CI. Skips that need a GPU stay skips."""
+    import os
+    if os.environ.get("MINIMOE_NO_SKIPS") != "1" or call.excinfo is None:
+        return
+    if call.excinfo.errisinstance(pytest.skip.Exception) and "CUDA" not in str(call.excinfo.value):
+        from _pytest.reports import TestReport
+        report = TestReport.from_item_and_call(item, call)
+        report.outcome, report.longrepr = "failed", f"skipped in CI (MINIMOE_NO_SKIPS=1): {call.excinfo.value}"
+        return report
+
+
+pytest_runtest_makereport.tryfirst = True
