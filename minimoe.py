@@ -228,11 +228,11 @@ def loop_linear(x, expert, w, b):
 
 
 def resolve_dispatch(dispatch, x):
-    """'auto': the grouped GEMM on CUDA and under torch.compile (no graph breaks); on CPU the
-    per-expert loop, which measured as fast as the dense FFN there (bench.py)."""
+    """'auto': the grouped GEMM on CUDA, and under torch.compile in bf16 (no graph breaks; the
+    compile-time grouped_mm kernel takes only bf16); elsewhere the per-expert loop (bench.py)."""
     if dispatch != "auto":
         return dispatch
-    return "grouped" if x.is_cuda or torch.compiler.is_compiling() else "loop"
+    return "grouped" if x.is_cuda or (torch.compiler.is_compiling() and x.dtype == torch.bfloat16) else "loop"
 
 
 class MoEAttention(nn.Module):
@@ -564,6 +564,7 @@ def save_bert(model, out_dir, tokenizer=None):
     state = {rename(k, to_ours=False): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors.tmp"), metadata={"format": "pt"})
     os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+    os.chmod(out / "model.safetensors", 0o644)
     (out / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
     if tokenizer is not None:
         tokenizer.save(str(out / "tokenizer.json"))
