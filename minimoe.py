@@ -218,13 +218,11 @@ def grouped_linear(xs, w, b, g):
     return F.grouped_mm(xs.to(dt), w.to(dt), offs=g.offs) + b.to(dt)[g.expert]  # (N, M)
 
 
-def loop_linear(x, expert, w, b):
-    """The readable oracle of grouped_linear: one matmul per expert on the tokens it was given."""
-    y = x.new_zeros(x.shape[0], w.shape[-1])  # (N, M)
-    for e in range(w.shape[0]):
-        idx = (expert == e).nonzero().squeeze(1)  # tokens of expert e (a host sync: fine in the oracle)
-        y[idx] = (x[idx] @ w[e] + b[e]).to(y.dtype)
-    return y
+def loop_linear(xs, w, b, g):
+    """The readable twin of grouped_linear: a Python loop over experts, one addmm on each expert's
+    contiguous slice of the sorted rows. The slice sizes need one host sync: fine outside compile."""
+    sizes = torch.diff(g.offs, prepend=g.offs.new_zeros(1)).tolist()  # tokens per expert
+    return torch.cat([torch.addmm(b_e, x_e, w_e) for x_e, w_e, b_e in zip(xs.split(sizes), w.unbind(0), b.unbind(0))])
 
 
 def resolve_dispatch(dispatch, x):
@@ -252,18 +250,13 @@ class MoEAttention(nn.Module):
         B, T, H = x.shape
         xf = x.reshape(B * T, H)  # (N, H)
         gate, expert, probs = route(self.router, xf, self.noise, self.training)
-        if resolve_dispatch(self.dispatch, x) == "grouped":
-            g = group_tokens(expert, self.wqkv.shape[0])
-            qkv = grouped_linear(xf[g.order], self.wqkv, self.bqkv, g)[g.inverse]  # (N, 3H)
-        else:
-            qkv = loop_linear(xf, expert, self.wqkv, self.bqkv)  # (N, 3H)
+        g = group_tokens(expert, self.wqkv.shape[0])
+        linear = grouped_linear if resolve_dispatch(self.dispatch, x) == "grouped" else loop_linear
+        qkv = linear(xf[g.order], self.wqkv, self.bqkv, g)[g.inverse]  # (N, 3H), each token by its expert
         q, k, v = qkv.view(B, T, 3 * H).split(H, dim=-1)  # (B, T, H) each
         y = merge_heads(attend(*(split_heads(t, self.nh) for t in (q, k, v)), mask,
                                self.p if self.training else 0.0, self.use_sdpa)).reshape(B * T, H)  # (N, H)
-        if resolve_dispatch(self.dispatch, x) == "grouped":
-            out = grouped_linear(y[g.order], self.wo, self.bo, g)[g.inverse]  # (N, H)
-        else:
-            out = loop_linear(y, expert, self.wo, self.bo)
+        out = linear(y[g.order], self.wo, self.bo, g)[g.inverse]  # (N, H)
         out = out * gate.to(out.dtype)[:, None]
         return out.view(B, T, H), (q, k, v), load_balance(probs, expert, token_mask.reshape(-1))
 
@@ -310,16 +303,10 @@ class MoEFeedForward(nn.Module):
         x = x.reshape(-1, H)  # (N, H)
         token_mask = torch.ones(x.shape[0], device=x.device) if mask is None else mask.reshape(-1)  # (N,)
         gate, expert, probs = route(self.router, x, self.noise, self.training)
-        if resolve_dispatch(self.dispatch, x) == "grouped":
-            g = group_tokens(expert, self.w1.shape[0])
-            h = F.gelu(grouped_linear(x[g.order], self.w1, self.b1, g))  # (N, I), sorted by expert
-            y = grouped_linear(h, self.w2, self.b2, g)[g.inverse]  # (N, H), back in token order
-        else:
-            y = x.new_zeros(x.shape)  # (N, H)
-            for e in range(self.w1.shape[0]):
-                idx = (expert == e).nonzero().squeeze(1)  # tokens of expert e (host sync: the oracle may)
-                h = F.gelu(x[idx] @ self.w1[e] + self.b1[e])  # (n_e, I)
-                y[idx] = (h @ self.w2[e] + self.b2[e]).to(y.dtype)  # (n_e, H)
+        g = group_tokens(expert, self.w1.shape[0])  # tokens sorted by expert
+        linear = grouped_linear if resolve_dispatch(self.dispatch, x) == "grouped" else loop_linear
+        h = F.gelu(linear(x[g.order], self.w1, self.b1, g))  # (N, I), sorted by expert
+        y = linear(h, self.w2, self.b2, g)[g.inverse]  # (N, H), back in token order
         y = y * gate.to(y.dtype)[:, None]  # the gate makes the router trainable
         return y.view(shape), load_balance(probs, expert, token_mask)
 
@@ -617,27 +604,31 @@ def default_teacher():
 # MiniLMv2 self-attention relation distillation
 
 
-def relation_logprobs(x, R, mask):
-    """Relation heads of one of Q, K, V: x (B, T, H) -> log softmax(x_r x_r^T / sqrt(d_R)) (B, R, T, T)."""
+def relation_logprobs(x, R, key_bias):
+    """Relation heads of one of Q, K, V: x (B, T, H) -> log softmax(x_r x_r^T / sqrt(d_R)) (B, R, T, T).
+    key_bias (B, 1, 1, T) is 0 for real keys and a large negative number for padding."""
     B, T, H = x.shape
     if H % R:
         raise ValueError(f"width {H} is not divisible by {R} relation heads")
-    x = x.float().view(B, T, R, H // R).transpose(1, 2)  # (B, R, T, d_R)
-    scores = x @ x.transpose(-2, -1) / math.sqrt(H // R)  # (B, R, T, T)
-    return scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min).log_softmax(-1)
+    x = x.float().view(B, T, R, H // R).transpose(1, 2) * (H // R) ** -0.25  # (B, R, T, d_R), scaled once
+    return (x @ x.transpose(-2, -1)).add_(key_bias).log_softmax(-1)  # (B, R, T, T)
 
 
 def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=32):
     """MiniLMv2 (Wang et al. 2021, eq. 1-3): for Q-Q, K-K and V-V, KL(teacher || student) between the
     relation distributions of R heads, averaged over real query rows and heads; mean of the three.
-    Teacher and student widths may differ (768 vs 384): each is split into R heads of its own size."""
+    Teacher and student widths may differ (768 vs 384): each is split into R heads of its own size.
+    The teacher side carries no gradient."""
     mask = attention_mask.bool()  # (B, T)
+    key_bias = (~mask).float()[:, None, None, :] * torch.finfo(torch.float32).min  # (B, 1, 1, T)
     rows = mask.sum().clamp_min(1) * num_relation_heads
     loss = 0.0
     for t, s in zip(teacher_qkv, student_qkv):
-        lt = relation_logprobs(t, num_relation_heads, mask)  # (B, R, T, T)
-        ls = relation_logprobs(s, num_relation_heads, mask)
-        kl = (lt.exp() * (lt - ls)).masked_fill(~mask[:, None, None, :], 0.0).sum(-1)  # (B, R, T)
+        with torch.no_grad():
+            lt = relation_logprobs(t, num_relation_heads, key_bias)  # (B, R, T, T)
+            pt = lt.exp()  # exactly 0 on padding keys
+            neg_entropy = (pt * lt).sum(-1)  # (B, R, T)
+        kl = neg_entropy - (pt * relation_logprobs(s, num_relation_heads, key_bias)).sum(-1)  # (B, R, T)
         loss = loss + (kl * mask[:, None, :]).sum() / rows
     return loss / 3
 
