@@ -1,0 +1,422 @@
+"""
+Measured cost of the mixture of minimal experts: MoE vs dense FFN per dispatch, the student's training
+step, inference latency, the whole distillation step vs the teacher's forward, and peak memory.
+
+Every headline is a ratio measured in one run with the variants interleaved (round-robin: each round
+times the dense variant, then each MoE one, so a noisy shared machine slows them alike), after a
+warm-up, as the median of the rounds. Absolute times are context only. CPU always (fp32); CUDA when a
+GPU is present (bf16 autocast, SDPA, --compile optional, CUDA events, max_memory_allocated, MFU).
+
+    python bench.py                                # CPU: 3-4 min on 2 shared cores; prints the table last
+    python bench.py --json runs/bench_cpu.json     # also writes the ratios, raw timings and the machine
+    python bench.py --quick                        # tiny models, 1 thread, seconds (tests/test_bench.py)
+    python bench.py --profile                      # + torch.profiler tables of one call of each variant
+
+Rounds: --repeats (7) for the FFN and the 1x128 inference (x3), --heavy (3) for the steps of seconds
+(student step, 32x128 inference, distillation). Warm-up: every variant is first run alone inside its
+memory window (2 training steps, so that optimizer state exists, or 1 forward), then the light sections
+add --warmup (1) interleaved rounds.
+
+Threads: torch's default (all cores), reported. OMP_WAIT_POLICY defaults to PASSIVE here: on a shared,
+oversubscribed machine libgomp's spinning threads steal the cores from the working ones, a penalty per
+parallel op that hits the MoE's extra small ops hardest (its FFN measured 1.4-2.0x dense spinning,
+~1.0x sleeping). `OMP_WAIT_POLICY=ACTIVE python bench.py` measures the spinning default.
+
+Memory. CUDA: torch.cuda.max_memory_allocated above what was allocated before the variant was built.
+CPU (Linux): the peak RSS (VmHWM, reset through /proc/self/clear_refs after a malloc_trim) above the
+RSS just before the variant was built. Either way, what the variant adds: its weights, gradients,
+optimizer state and peak activations; inference rows are activations only (weights listed apart), the
+distillation row adds the student to the teacher already in memory.
+"""
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp; see the docstring
+
+import argparse
+import contextlib
+import ctypes
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import minimoe as mm
+import train_distill as td
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+parser.add_argument("--quick", action="store_true", help="tiny models, 1 thread, 2 rounds (seconds): for the test")
+parser.add_argument("--repeats", type=int, default=7, help="timed rounds of the light sections")
+parser.add_argument("--heavy", type=int, default=3, help="timed rounds of the sections of seconds per call")
+parser.add_argument("--warmup", type=int, default=1, help="interleaved warm-up rounds of the light sections")
+parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores; --quick: 1)")
+parser.add_argument("--compile", action="store_true", help="torch.compile the models in the CUDA section")
+parser.add_argument("--peak_tflops", type=float, default=None, help="peak dense bf16 TFLOP/s for MFU (default: by GPU name)")
+parser.add_argument("--skip_cpu", action="store_true", help="the CUDA section only (no top-level CPU ratios then)")
+parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of one call of each variant")
+parser.add_argument("--seed", type=int, default=0)
+args = parser.parse_args()
+if args.threads or args.quick:
+    torch.set_num_threads(args.threads or 1)  # on a loaded machine, tiny ops wait on descheduled OpenMP threads
+
+E = 4  # experts of every MiniMoE here (the paper's "1,4E")
+T = 16 if args.quick else 128  # tokens per sequence
+VOCAB = 2000 if args.quick else 30522  # BERT uncased WordPiece
+SIZES = {  # batch sizes per device and section; 16 = the batch of train_distill.py's CPU demo
+    "cpu": dict(ffn=64, student=16, infer=(32, 1), distill=32),
+    "cuda": dict(ffn=64, student=128, infer=(32, 1), distill=128),
+}
+if args.quick:
+    SIZES = {dev: dict(ffn=2, student=2, infer=(2, 1), distill=2) for dev in SIZES}
+REPEATS, HEAVY, WARMUP = (2, 2, 0) if args.quick else (args.repeats, args.heavy, args.warmup)
+TARGETS = dict(ffn=1.10, ffn_cuda=1.15, student=1.10, infer=1.05, distill=1.6)
+PEAK_BF16_TFLOPS = [  # dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets; first match wins
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),
+    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0)]
+
+# -----------------------------------------------------------------------------
+# helpers: inputs, timing, memory
+
+
+def fake_batch(B, T, device, seed):
+    """Real-looking BERT inputs: [CLS] A [SEP] B [SEP] of random WordPiece ids; every other row is
+    padded from a random length in [T/2, T) on (attention_mask 0, [PAD] = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(999, VOCAB, (B, T), generator=g)
+    lengths = torch.where(torch.arange(B) % 2 == 0, T, torch.randint(T // 2, T, (B,), generator=g))  # (B,)
+    pos = torch.arange(T)[None, :]  # (1, T)
+    mask = (pos < lengths[:, None]).long()  # (B, T)
+    mid = (lengths // 2)[:, None]  # (B, 1)
+    types = ((pos > mid) & (mask == 1)).long()  # segment B after the middle [SEP]
+    ids[:, 0] = 101  # [CLS]
+    ids[(pos == mid) | (pos == lengths[:, None] - 1)] = 102  # [SEP]
+    batch = dict(input_ids=ids * mask, attention_mask=mask, token_type_ids=types)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fns, warmup, repeats, device="cpu"):
+    """Seconds of each call of fns[name](), interleaved: every round calls each fn once, in order.
+    CUDA: events around the call after a synchronize (host syncs inside the call count in its time)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def proc_status(key):
+    """A /proc/self/status field (VmRSS, VmHWM) in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def mem_reset(device):
+    """Open a peak-memory window; returns its baseline in bytes."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so that the baseline is live memory
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
+    return proc_status("VmRSS")
+
+
+def mem_peak(device, base):
+    """Peak MiB above `base` since mem_reset (None where the OS does not tell)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+    peak = proc_status("VmHWM")
+    return None if peak is None or base is None else round((peak - base) / 2**20, 1)
+
+
+def build(make, device, calls):
+    """make() -> fn, built and called `calls` times alone inside a memory window (the variant's warm-up).
+    Returns (fn, peak MiB)."""
+    base = mem_reset(device)
+    fn = make()
+    for _ in range(calls):
+        fn()
+    return fn, mem_peak(device, base)
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def bert_init(module):
+    """BERT's init of a bare module, as Bert._init_weights: N(0, 0.02) weight matrices, zero biases."""
+    for name, p in module.named_parameters():
+        is_bias = p.ndim < 2 or name.rsplit(".", 1)[-1].startswith("b")  # bias, b1, b2
+        torch.nn.init.zeros_(p) if is_bias else torch.nn.init.normal_(p, std=0.02)
+    return module
+
+
+def profile(fns, device, title):
+    """torch.profiler table of one call of each fn, sorted by self time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    for name, fn in fns.items():
+        with torch_profile(activities=acts) as prof:
+            fn()
+            sync(device)
+        print(f"\n== profile: {title} {name} ({device}), one call ==")
+        print(prof.key_averages().table(sort_by=f"self_{'cuda' if device == 'cuda' else 'cpu'}_time_total", row_limit=15))
+
+
+# -----------------------------------------------------------------------------
+# the measurements, one device at a time
+
+
+def measure(device):
+    cuda = device == "cuda"
+    S = SIZES[device]
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    compiled = torch.compile if cuda and args.compile else (lambda m: m)
+    res, rows, mem = dict(timings_s={}, section_s={}), [], {}
+    t_section = time.time()
+
+    def cfg(name, **kw):
+        """A preset; --quick shrinks it to 2 layers of width 64 (the teacher 128)."""
+        if args.quick:
+            w = 128 if name == "12L-768H" else 64
+            kw = dict(vocab_size=VOCAB, num_layers=2, hidden_size=w, intermediate_size=4 * w, num_heads=4, **kw)
+        return mm.BertConfig.preset(name, **kw)
+
+    def row(name, ratio, target):
+        rows.append(dict(device=device, name=name, ratio=ratio, target=target, ok=ratio <= target))
+
+    def section_done(name, fns=None):
+        nonlocal t_section
+        res["section_s"][name] = round(time.time() - t_section, 1)
+        print(f"{device} {name}: {res['section_s'][name]:.0f} s", flush=True)
+        if args.profile and fns:
+            profile(fns, device, name)
+        t_section = time.time()
+
+    def train_step(model, batch, teacher_qkv):
+        """One optimizer step as in train_distill.py: relation loss + 0.01 load balance, backward, clip, AdamW."""
+        opt = td.configure_optimizer(model, lr=1e-4)
+        model = compiled(model)
+
+        def step():
+            qkv = teacher_qkv() if callable(teacher_qkv) else teacher_qkv
+            with amp():
+                loss = td.distill_loss(qkv, model, batch)[0]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    # ---- 1. MoE FFN vs the dense FFN of one expert's size, forward + backward (training mode: router noise)
+    scfg = cfg("3L-384H")  # the students' FFN: H = 384, I = 1536
+    H, I, B = scfg.hidden_size, scfg.intermediate_size, S["ffn"]
+    torch.manual_seed(args.seed)
+    x = torch.randn(B, T, H, device=device, requires_grad=True)  # (B, T, H), the input needs its gradient too
+    dy = torch.randn(B, T, H, device=device)  # upstream gradient
+    mask = fake_batch(B, T, device, args.seed)["attention_mask"]  # (B, T)
+
+    def ffn_step(m):
+        def step():
+            with amp():
+                y, aux = m(x, mask)  # (B, T, H), MoEAux or None
+                loss = (y.float() * dy).sum() + (0.01 * aux.loss if aux is not None else 0.0)
+            loss.backward()
+            x.grad = None
+            m.zero_grad(set_to_none=True)
+        return step
+
+    def make_ffn(name):
+        torch.manual_seed(args.seed)  # the same expert weights for every dispatch
+        m = mm.FeedForward(scfg) if name == "dense" else mm.MoEFeedForward(H, I, E, router_noise=0.1, dispatch=name)
+        return ffn_step(compiled(bert_init(m).to(device)))
+
+    fns = {}
+    for name in ("dense", "loop", "grouped"):
+        fns[name], mem[f"ffn_{name}"] = build(lambda: make_ffn(name), device, calls=2)
+    t = timeit(fns, WARMUP, REPEATS, device)
+    ratios = {d: median(t[d]) / median(t["dense"]) for d in ("loop", "grouped")}
+    auto = mm.resolve_dispatch("auto", x)
+    for d, r in ratios.items():
+        row(f"moe_ffn {d}{' (= auto)' if d == auto else ''} vs dense, {B}x{T} tok", r,
+            TARGETS["ffn_cuda" if cuda else "ffn"])
+    if cuda:
+        row("moe_ffn grouped vs loop", ratios["grouped"] / ratios["loop"], 1.0)  # the grouped GEMM must win
+    res["timings_s"]["ffn"] = t
+    res["ffn"] = dict(tokens=B * T, H=H, I=I, E=E, ratios=ratios, auto_resolves_to=auto, dense_ms=1e3 * median(t["dense"]))
+    res["moe_ffn_vs_dense"] = min(ratios.values())  # the best dispatch, as the issue's target reads
+    section_done("ffn", fns)
+    del fns, x, dy
+
+    # ---- 2. student training step: forward + backward + clip + AdamW on the real distillation loss
+    B = S["student"]
+    batch = fake_batch(B, T, device, args.seed)
+    tq = tuple(torch.randn(B, T, cfg("12L-768H").hidden_size, device=device) for _ in range(3))  # a teacher's q, k, v
+    res["student"] = {}
+    for preset in ("3L-384H", "6L-384H"):
+        fns = {}
+        for name, n_exp in (("dense", 1), ("moe", E)):
+            torch.manual_seed(args.seed)
+            fns[name], mem[f"student_{preset}_{name}"] = build(
+                lambda: train_step(mm.Bert(cfg(preset, num_experts=n_exp)).to(device).train(), batch, tq), device, calls=2)
+        t = timeit(fns, 0, HEAVY, device)
+        r = median(t["moe"]) / median(t["dense"])
+        flops = 3 * B * mm.count_flops(cfg(preset), T)["flops_per_sequence"]  # forward + backward, model FLOPs
+        res["timings_s"][f"student_{preset}"] = t
+        res["student"][preset] = dict(ratio=r, batch=B, dense_ms=1e3 * median(t["dense"]),
+                                      moe_ms=1e3 * median(t["moe"]), dense_tflops=flops / median(t["dense"]) / 1e12)
+        row(f"student_step {preset} E={E} vs dense, {B}x{T}", r, TARGETS["student"])
+    res["student_step_vs_dense"] = max(v["ratio"] for v in res["student"].values())  # the worse of the two
+    section_done("student", fns)
+    del fns
+
+    # ---- 3. inference latency (eval mode: no dropout, no router noise) and throughput
+    res["inference"] = {}
+    for preset in ("3L-384H", "6L-384H"):
+        models = {}
+        for name, n_exp in (("dense", 1), ("moe", E)):
+            torch.manual_seed(args.seed)
+            models[name], mem[f"weights_{preset}_{name}"] = build(
+                lambda: compiled(mm.Bert(cfg(preset, num_experts=n_exp)).to(device).eval()), device, calls=0)
+        for B in S["infer"]:
+            batch = fake_batch(B, T, device, args.seed)
+            fns = {}
+            for name, model in models.items():
+                def forward(model=model):
+                    with torch.inference_mode(), amp():
+                        return model(**batch)
+                fns[name], mem[f"infer_{preset}_{B}x{T}_{name}"] = build(lambda: forward, device, calls=1)
+            t = timeit(fns, WARMUP if B == 1 else 0, REPEATS * 3 if B == 1 else HEAVY, device)
+            r = median(t["moe"]) / median(t["dense"])
+            res["timings_s"][f"infer_{preset}_{B}x{T}"] = t
+            res["inference"][f"{preset} {B}x{T}"] = dict(
+                ratio=r, dense_ms=1e3 * median(t["dense"]), moe_ms=1e3 * median(t["moe"]),
+                dense_seq_per_s=B / median(t["dense"]), moe_seq_per_s=B / median(t["moe"]))
+            row(f"inference {preset} E={E} vs dense, {B}x{T}", r, TARGETS["infer"])
+    res["inference_vs_dense"] = max(v["ratio"] for v in res["inference"].values())  # the worst case
+    section_done("inference", fns)
+    del models, fns
+
+    # ---- 4. the whole distillation step vs the teacher's forward alone
+    B = S["distill"]
+    batch = fake_batch(B, T, device, args.seed)
+    tcfg, scfg = cfg("12L-768H"), cfg("6L-384H", num_experts=E)
+    torch.manual_seed(args.seed)
+    teacher = compiled(mm.Bert(tcfg).to(device).eval().requires_grad_(False))
+
+    def teacher_forward():
+        with torch.no_grad(), amp():
+            return teacher(**batch).qkv  # the last layer's q, k, v
+
+    fns = {}
+    fns["teacher_forward"], mem["teacher_12L-768H_forward"] = build(lambda: teacher_forward, device, calls=1)
+    base = mem_reset(device)  # this window stays open over the timed rounds: 1 step alone, then >= 2 more
+    fns["distill_step"] = train_step(mm.Bert(scfg).to(device).train(), batch, teacher_forward)
+    fns["distill_step"]()
+    t = timeit(fns, 0, HEAVY, device)
+    mem[f"distill_step_6L-384H_E{E}_over_teacher"] = mem_peak(device, base)
+    tf, ts = median(t["teacher_forward"]), median(t["distill_step"])
+    f_teacher = B * mm.count_flops(tcfg, T)["flops_per_sequence"]
+    f_distill = f_teacher + 3 * B * mm.count_flops(scfg, T)["flops_per_sequence"]  # model FLOPs; relation loss not counted
+    res["timings_s"]["distill"] = t
+    res["distill"] = dict(batch=B, teacher_forward_ms=1e3 * tf, distill_step_ms=1e3 * ts, flop_ratio=f_distill / f_teacher,
+                          teacher_forward_tflops=f_teacher / tf / 1e12, distill_step_tflops=f_distill / ts / 1e12)
+    if cuda:
+        name = torch.cuda.get_device_name()
+        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS if k in name), None)
+        res["peak_bf16_tflops"] = peak
+        if peak:
+            res["distill"]["teacher_forward_mfu"] = res["distill"]["teacher_forward_tflops"] / peak
+            res["distill"]["distill_step_mfu"] = res["distill"]["distill_step_tflops"] / peak
+    res["distill_vs_teacher_forward"] = ts / tf
+    row(f"distill_step (12L-768H teacher + 6L-384H E={E}) vs teacher fwd, {B}x{T}", ts / tf, TARGETS["distill"])
+    section_done("distill", fns)
+    del fns, teacher
+
+    res["peak_memory_mib"], res["rows"] = mem, rows
+    return res
+
+
+def machine():
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    m = dict(cpu=cpu, cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
+             omp_wait_policy=os.environ["OMP_WAIT_POLICY"], torch=torch.__version__,
+             python=platform.python_version(), load_avg_at_start=os.getloadavg() if hasattr(os, "getloadavg") else None)
+    if torch.cuda.is_available():
+        m.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    return m
+
+
+# -----------------------------------------------------------------------------
+# run: CPU, then CUDA when present; the JSON; the table last
+
+t_start = time.time()
+out = dict(machine=machine(), args=vars(args))
+if not args.skip_cpu:
+    out.update(measure("cpu"))
+if torch.cuda.is_available():
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    out["cuda"] = measure("cuda")
+else:
+    out["cuda"] = None
+    print("CUDA: not available, section skipped")
+out["wall_s"] = round(time.time() - t_start, 1)
+out["machine"]["load_avg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+
+m, rows = out["machine"], []
+print(f"\ntorch {m['torch']}, {m['threads']} threads (OMP_WAIT_POLICY={m['omp_wait_policy']}), {m['cpu']}"
+      + (f", GPU {m['gpu']}" if "gpu" in m else "")
+      + f", load avg {m['load_avg_at_start'][0]:.1f} -> {m['load_avg_at_end'][0]:.1f}; {out['wall_s']:.0f} s")
+for dev, res in (("cpu", None if args.skip_cpu else out), ("cuda", out["cuda"])):
+    if res is None:
+        continue
+    rows += res["rows"]
+    print(f"{dev} peak memory added, MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_memory_mib"].items() if v is not None))
+    print(f"{dev} inference seq/s dense/MoE: " + ", ".join(f"{k} {v['dense_seq_per_s']:.1f}/{v['moe_seq_per_s']:.1f}"
+                                                         for k, v in res["inference"].items()))
+    d = res["distill"]
+    mfu = f", MFU {d['teacher_forward_mfu']:.1%} / {d['distill_step_mfu']:.1%}" if "distill_step_mfu" in d else ""
+    print(f"{dev} teacher forward {d['teacher_forward_ms']:.0f} ms ({d['teacher_forward_tflops']:.3f} TFLOP/s), "
+          f"distillation step {d['distill_step_ms']:.0f} ms ({d['distill_step_tflops']:.3f} TFLOP/s){mfu}")
+if not rows:
+    raise SystemExit("nothing measured (--skip_cpu without a GPU)")
+w = max(len(r["device"] + r["name"]) for r in rows) + 1
+print(f"\n{'name':<{w}} {'ratio':>7} {'target':>7}  result  (medians of interleaved rounds)")
+for r in rows:
+    print(f"{r['device'] + ' ' + r['name']:<{w}} {r['ratio']:>6.3f}x {r['target']:>6.2f}x  {'pass' if r['ok'] else 'MISS'}")
