@@ -1,0 +1,696 @@
+"""
+Finetune a BERT / MiniMoE encoder on a GLUE task or CoNLL-2003 NER, keep the best dev checkpoint.
+
+    python finetune.py --task rte                              # the real all-MiniLM-L6-v2, data from ../shared/data
+    python finetune.py --task mrpc --model out/minimoe_3L/student --lr 1e-5,2e-5,3e-5,5e-5   # a distilled student
+    python finetune.py --task conll --lr 2e-5 --epochs 3       # token classification
+
+The file reads top to bottom: the task registry, the readers (GLUE TSV, CoNLL columns, the hub),
+tokenisation with dynamic padding, the head model and its checkpoint I/O, prediction and dev
+evaluation, then `main`: arguments, data, and for each learning rate of the grid the training loop.
+Metrics live in eval.py (which imports the readers and the head model from here).
+
+Recipe (MiniLM / MiniMoE finetuning): max length 128, AdamW (no decay on biases and LayerNorm),
+weight decay 0.01, linear warmup over 10% of the steps then linear decay, grad-norm clip 1.0,
+batch 32, lr 3e-5 (or the small grid GLUE papers search), up to 10 epochs with early stopping on the
+dev score. MiniMoE's load-balancing loss stays on: loss = task loss + 0.01 * aux_loss.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import minimoe
+
+# -----------------------------------------------------------------------------
+# Tasks
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # registry key, e.g. "sst2"
+    folder: str  # folder in the standard GLUE layout, e.g. "SST-2"
+    columns: tuple  # header names of (text_a, text_b or None, label); CoLA (no header): column indices
+    labels: Optional[tuple]  # label strings as written in the files; None = regression (STS-B)
+    metric: str  # dev metric that picks the best checkpoint (a key of eval.task_metrics)
+    dev: tuple = ("dev",)  # dev split(s); MNLI has matched and mismatched
+    hub: tuple = ()  # (dataset id, config) for datasets.load_dataset
+    kind: str = "cls"  # "cls" sentence(-pair) classification, "reg" regression, "ner" token tagging
+
+
+CONLL_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")  # IOB2, hub order
+
+TASKS = {t.name: t for t in [
+    Task("cola", "CoLA", (3, None, 1), ("0", "1"), "mcc", hub=("nyu-mll/glue", "cola")),
+    Task("sst2", "SST-2", ("sentence", None, "label"), ("0", "1"), "acc", hub=("nyu-mll/glue", "sst2")),
+    Task("mrpc", "MRPC", ("#1 String", "#2 String", "Quality"), ("0", "1"), "acc_f1", hub=("nyu-mll/glue", "mrpc")),
+    Task("stsb", "STS-B", ("sentence1", "sentence2", "score"), None, "corr", hub=("nyu-mll/glue", "stsb"), kind="reg"),
+    Task("qqp", "QQP", ("question1", "question2", "is_duplicate"), ("0", "1"), "acc_f1", hub=("nyu-mll/glue", "qqp")),
+    Task("mnli", "MNLI", ("sentence1", "sentence2", "gold_label"), ("contradiction", "entailment", "neutral"), "m_acc",
+         dev=("dev_matched", "dev_mismatched"), hub=("nyu-mll/glue", "mnli")),
+    Task("qnli", "QNLI", ("question", "sentence", "label"), ("entailment", "not_entailment"), "acc", hub=("nyu-mll/glue", "qnli")),
+    Task("rte", "RTE", ("sentence1", "sentence2", "label"), ("entailment", "not_entailment"), "acc", hub=("nyu-mll/glue", "rte")),
+    Task("wnli", "WNLI", ("sentence1", "sentence2", "label"), ("0", "1"), "acc", hub=("nyu-mll/glue", "wnli")),
+    Task("conll", "conll2003", (), CONLL_TAGS, "f1", hub=("eriktks/conll2003", None), kind="ner"),
+]}
+ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "conll2003": "conll", "ner": "conll"}
+
+
+def get_task(name):
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[key]
+
+
+# -----------------------------------------------------------------------------
+# Readers. GLUE TSVs are *not* quoted CSV (stray quotes are plain text): split each line on tabs.
+
+
+class Example(NamedTuple):
+    a: object  # first sentence (str), or the words of a sentence (list of str) for NER
+    b: Optional[str]  # second sentence, None for single-sentence tasks and NER
+    label: object  # class index (int), score (float), or IOB2 tags (list of str) for NER
+
+
+def read_lines(path, keep_blank=False):
+    """(line number, text) of a file's lines, blank ones dropped unless keep_blank (they separate
+    CoNLL sentences); a clear error for a missing or empty file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, encoding="utf-8-sig", newline="\n") as f:  # utf-8-sig: MRPC's header has a BOM
+        lines = [(n, line.rstrip("\r\n")) for n, line in enumerate(f, 1)]
+    if not any(s.strip() for _, s in lines):
+        raise ValueError(f"{path}: file is empty")
+    return lines if keep_blank else [(n, s) for n, s in lines if s.strip()]
+
+
+def read_glue(task, path):
+    """Labelled examples of one GLUE TSV (train/dev layout; CoLA's files have no header)."""
+    lines = read_lines(path)
+    ca, cb, cl = task.columns
+    if isinstance(ca, str):  # header names -> column indices
+        (_, head), lines = lines[0], lines[1:]
+        header = head.split("\t")
+        want = [c for c in (ca, cb, cl) if c is not None]
+        if missing := [c for c in want if c not in header]:
+            raise ValueError(f"{path}:1: header lacks column(s) {missing} for {task.name} (header: {header})")
+        ca, cl = header.index(ca), header.index(cl)
+        cb = header.index(cb) if cb is not None else None
+        ncol = len(header)
+        if not lines:
+            raise ValueError(f"{path}: header but no data rows")
+    else:
+        ncol = 4  # CoLA: source, label, original label, sentence
+    label_id = {s: i for i, s in enumerate(task.labels)} if task.labels else None
+    out = []
+    for n, line in lines:
+        f = line.split("\t")
+        if len(f) != ncol:
+            raise ValueError(f"{path}:{n}: expected {ncol} tab-separated columns, found {len(f)}")
+        raw = f[cl].strip()
+        if label_id is not None:
+            if raw not in label_id:
+                raise ValueError(f"{path}:{n}: unknown label {raw!r} for {task.name} (expected one of {list(task.labels)})")
+            label = label_id[raw]
+        else:
+            try:
+                label = float(raw)
+            except ValueError:
+                raise ValueError(f"{path}:{n}: score {raw!r} is not a number") from None
+            if not math.isfinite(label):
+                raise ValueError(f"{path}:{n}: score {raw!r} is not finite")
+        out.append(Example(f[ca], f[cb] if cb is not None else None, label))
+    return out
+
+
+def iob1_to_iob2(tags):
+    """IOB1 (an entity starts with I- unless it follows one of the same type) -> IOB2 (always B-)."""
+    out = []
+    for i, t in enumerate(tags):
+        prev = out[i - 1] if i else "O"
+        if t.startswith("I-") and (prev == "O" or prev[2:] != t[2:]):
+            t = "B-" + t[2:]
+        out.append(t)
+    return out
+
+
+def read_conll(path, tags=CONLL_TAGS):
+    """Sentences of a CoNLL-2003 file (`word POS chunk NER` per line, blank line between sentences,
+    -DOCSTART- lines ignored), tags converted to IOB2."""
+    known = {t[2:] for t in tags if t != "O"}
+    out, words, labels = [], [], []
+    for n, line in read_lines(path, keep_blank=True):
+        f = line.split()
+        if not f or f[0] == "-DOCSTART-":
+            if words:
+                out.append(Example(words, None, iob1_to_iob2(labels)))
+            words, labels = [], []
+            continue
+        if len(f) < 2:
+            raise ValueError(f"{path}:{n}: expected 'word ... TAG' columns, found {line!r}")
+        tag = f[-1]
+        if not (tag == "O" or (tag[:2] in ("B-", "I-") and tag[2:] in known)):
+            raise ValueError(f"{path}:{n}: unknown NER tag {tag!r} (expected O or B-/I- of {sorted(known)})")
+        words.append(f[0])
+        labels.append(tag)
+    if words:
+        out.append(Example(words, None, iob1_to_iob2(labels)))
+    if not out:
+        raise ValueError(f"{path}: no sentences")
+    return out
+
+
+CONLL_FILES = {"train": ("train.txt", "eng.train"), "dev": ("dev.txt", "valid.txt", "eng.testa"),
+               "test": ("test.txt", "eng.testb")}
+
+
+def find_file(task, split, data_dir):
+    """The file of `split` under data_dir: DIR/glue/TASK/split.tsv, DIR/TASK/split.tsv or DIR/split.tsv
+    (CoNLL: DIR/conll2003/train.txt, eng.train, ...)."""
+    d = Path(data_dir)
+    names = CONLL_FILES.get(split, (split + ".txt",)) if task.kind == "ner" else (split + ".tsv",)
+    roots = [d / "glue" / task.folder, d / task.folder, d] if task.kind != "ner" else [d / task.folder, d]
+    for r in roots:
+        for name in names:
+            if (r / name).is_file():
+                return r / name
+    raise FileNotFoundError(f"no {split} file for {task.name} under {d} (looked for {names[0]} in "
+                            f"{', '.join(str(r) for r in roots)})")
+
+
+def hub_reachable(timeout=3.0):
+    """Fail fast offline: datasets would otherwise retry for minutes."""
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return True  # let the proxy decide
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_hub(task, split):
+    """Examples from the Hugging Face hub (nyu-mll/glue, eriktks/conll2003) through `datasets`."""
+    name, config = task.hub
+    hub_split = {"dev": "validation", "dev_matched": "validation_matched",
+                 "dev_mismatched": "validation_mismatched"}.get(split, split)
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "")
+    if not offline and not hub_reachable():
+        raise ConnectionError(f"cannot reach the Hugging Face hub to fetch {name} ({config or 'default'}, {split}); "
+                              "offline? Pass --data_dir DIR holding the GLUE TSVs (DIR/glue/RTE/train.tsv, ...) or the "
+                              "CoNLL-2003 files (DIR/conll2003/train.txt, ...), or set HF_HUB_OFFLINE=1 to use a cached copy.")
+    import datasets
+    ds = datasets.load_dataset(name, config, split=hub_split)
+    if task.kind == "ner":
+        names = ds.features["ner_tags"].feature.names
+        return [Example(list(r["tokens"]), None, [names[t] for t in r["ner_tags"]]) for r in ds]
+    cols = {"cola": ("sentence", None), "sst2": ("sentence", None), "qqp": ("question1", "question2"),
+            "mnli": ("premise", "hypothesis"), "qnli": ("question", "sentence")}.get(task.name, ("sentence1", "sentence2"))
+    feat = ds.features["label"]
+    if task.kind == "reg":
+        to_label = float
+    elif task.labels == ("0", "1"):
+        to_label = int  # hub 0/1 = GLUE file 0/1 (unacceptable/acceptable, negative/positive, ...)
+    else:
+        ids = {s: i for i, s in enumerate(task.labels)}
+        to_label = lambda v: ids[feat.names[v]]  # noqa: E731  e.g. MNLI: hub order entailment, neutral, contradiction
+    return [Example(r[cols[0]], r[cols[1]] if cols[1] else None, to_label(r["label"])) for r in ds if r["label"] != -1]
+
+
+def load_examples(task, split, data_dir=None, file=None):
+    """Examples of a split from an explicit file, from data_dir, or (data_dir None) from the hub."""
+    if file is None and data_dir is None:
+        return load_hub(task, split)
+    path = Path(file) if file else find_file(task, split, data_dir)
+    return read_conll(path) if task.kind == "ner" else read_glue(task, path)
+
+
+def default_data_dir():
+    """../shared/data next to this repository when present (the project's real GLUE/CoNLL copies)."""
+    d = Path(__file__).resolve().parent.parent / "shared" / "data"
+    return str(d) if d.is_dir() else None
+
+
+# -----------------------------------------------------------------------------
+# Tokenisation and batches (dynamic padding: each batch is padded to its own longest row)
+
+
+class Feature(NamedTuple):
+    ids: list  # token ids, [CLS] A [SEP] (B [SEP])
+    types: list  # token type ids
+    label: object  # int / float, or per-token label ids with -100 on ignored sub-words (NER)
+    word_ids: Optional[list] = None  # NER: word index of each token, None for [CLS]/[SEP]
+
+
+def align_labels(word_ids, word_labels):
+    """First-subword labelling: each word's label on its first sub-word, -100 on the others and on
+    special tokens (ignored by the loss)."""
+    out, prev = [], None
+    for w in word_ids:
+        out.append(-100 if w is None or w == prev else word_labels[w])
+        prev = w
+    return out
+
+
+def word_predictions(word_ids, token_preds, num_words, fill):
+    """Inverse of align_labels: the prediction of each word's first sub-word; words cut off by
+    truncation get `fill`."""
+    out, prev = [fill] * num_words, None
+    for w, p in zip(word_ids, token_preds):
+        if w is not None and w != prev:
+            out[w] = p
+        prev = w
+    return out
+
+
+def encode(task, examples, tok, max_length=128):
+    """Examples -> Features, truncated to max_length tokens (longest sequence first for pairs)."""
+    tok.enable_truncation(max_length=max_length, strategy="longest_first")
+    tok.no_padding()
+    if task.kind == "ner":
+        tag_id = {t: i for i, t in enumerate(task.labels)}
+        encs = tok.encode_batch([e.a for e in examples], is_pretokenized=True)
+        return [Feature(enc.ids, enc.type_ids, align_labels(enc.word_ids, [tag_id[t] for t in e.label]), enc.word_ids)
+                for e, enc in zip(examples, encs)]
+    inputs = [(e.a, e.b) if e.b is not None else e.a for e in examples]
+    encs = tok.encode_batch(inputs)
+    return [Feature(enc.ids, enc.type_ids, e.label) for e, enc in zip(examples, encs)]
+
+
+def collate(features, pad_id=0):
+    """Pad a list of Features to the batch's longest row: dict of (B, T) tensors and labels."""
+    B, T = len(features), max(len(f.ids) for f in features)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    types = torch.zeros((B, T), dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f.ids)
+        ids[i, :n], types[i, :n], mask[i, :n] = torch.tensor(f.ids), torch.tensor(f.types), 1
+    if isinstance(features[0].label, list):  # NER: (B, T), -100 on padding
+        labels = torch.full((B, T), -100, dtype=torch.long)
+        for i, f in enumerate(features):
+            labels[i, :len(f.label)] = torch.tensor(f.label)
+    elif isinstance(features[0].label, float):
+        labels = torch.tensor([f.label for f in features], dtype=torch.float32)  # (B,)
+    else:
+        labels = torch.tensor([f.label for f in features], dtype=torch.long)  # (B,)
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+
+
+def train_batches(lengths, batch_size, generator, rank=0, world_size=1, group_by_length=True):
+    """Shuffled index batches for one epoch. group_by_length: sort each window of 50 batches by length
+    and shuffle the batches (as Hugging Face's group_by_length), so dynamic padding pads little:
+    about 2x fewer tokens on CPU. With DDP every rank gets the same number of batches."""
+    n = len(lengths)
+    perm = torch.randperm(n, generator=generator).tolist()
+    if group_by_length:
+        w = 50 * batch_size
+        perm = [i for s in range(0, n, w) for i in sorted(perm[s:s + w], key=lambda i: -lengths[i])]
+    batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    batches = batches[:len(batches) // world_size * world_size] if world_size > 1 else batches
+    return batches[rank::world_size]
+
+
+# -----------------------------------------------------------------------------
+# Head model
+
+
+class TaskModel(nn.Module):
+    """A `minimoe.Bert` plus a task head: pooler (Linear + tanh on [CLS]) + dropout + classifier
+    (num_labels outputs; 1 for regression), or dropout + a per-token classifier for NER.
+    pooling="mean" feeds the pooler the mean of the real tokens instead of [CLS] (how sentence-embedding
+    models such as all-MiniLM-L6-v2 were trained)."""
+
+    def __init__(self, bert, kind, num_labels, dropout=None, pooling="cls"):
+        super().__init__()
+        H = bert.config.hidden_size
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        self.bert, self.kind, self.pooling = bert, kind, pooling
+        self.pooler = nn.Linear(H, H) if kind != "ner" else None
+        self.dropout = nn.Dropout(bert.config.hidden_dropout if dropout is None else dropout)
+        self.classifier = nn.Linear(H, num_labels)
+        for m in (self.pooler, self.classifier):  # BERT init
+            if m is not None:
+                nn.init.normal_(m.weight, std=bert.config.initializer_range)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+        """-> (logits, task loss or None, aux_loss): logits (B, C), (B,) for regression, (B, T, C) for NER."""
+        out = self.bert(input_ids, attention_mask, token_type_ids)
+        h = out.last_hidden_state  # (B, T, H)
+        if self.kind == "ner":
+            logits = self.classifier(self.dropout(h)).float()  # (B, T, C)
+        else:
+            if self.pooling == "mean":
+                m = attention_mask[..., None].to(h.dtype)  # (B, T, 1)
+                first = (h * m).sum(1) / m.sum(1).clamp_min(1)  # (B, H), mean of the real tokens
+            else:
+                first = h[:, 0]  # (B, H), the [CLS] token
+            pooled = torch.tanh(self.pooler(first))  # (B, H)
+            logits = self.classifier(self.dropout(pooled)).float()  # (B, C)
+        if self.kind == "reg":
+            logits = logits.squeeze(-1)  # (B,)
+        loss = None
+        if labels is not None:
+            if self.kind == "reg":
+                loss = F.mse_loss(logits, labels.float())
+            else:
+                loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100)
+        return logits, loss, out.aux_loss
+
+    def head_state(self):
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("bert.")}
+
+
+def pretrained_pooler(path):
+    """The checkpoint's pooler (pooler.dense.*) when it has one, else None (Hugging Face
+    BertForSequenceClassification starts from it too). Reads only those two tensors."""
+    p = Path(path)
+    names = [prefix + "pooler.dense." + w for prefix in ("", "bert.") for w in ("weight", "bias")]
+    if (p / "model.safetensors").is_file():
+        from safetensors import safe_open
+        with safe_open(str(p / "model.safetensors"), "pt") as f:
+            state = {k: f.get_tensor(k) for k in names if k in f.keys()}
+    elif (p / "pytorch_model.bin").is_file():
+        state = torch.load(p / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        return None
+    for prefix in ("", "bert."):
+        if prefix + "pooler.dense.weight" in state:
+            return {w: state[prefix + "pooler.dense." + w].float() for w in ("weight", "bias")}
+    return None
+
+
+def build_model(task, path, init_pooler=True, pooling="cls"):
+    """A TaskModel (in train mode) from any encoder checkpoint that minimoe.load_bert reads."""
+    bert = minimoe.load_bert(path)
+    model = TaskModel(bert, task.kind, 1 if task.kind == "reg" else len(task.labels), pooling=pooling)
+    pooler = pretrained_pooler(path) if init_pooler and model.pooler is not None else None
+    if pooler is not None and pooler["weight"].shape == model.pooler.weight.shape:
+        model.pooler.load_state_dict(pooler)
+    return model.train()
+
+
+def save_finetuned(model, out_dir, tok, meta):
+    """A finetuned checkpoint directory: the encoder (minimoe.save_bert: config.json, model.safetensors,
+    tokenizer files), head.safetensors, and finetune.json (task, labels, dev metrics, recipe)."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    minimoe.save_bert(model.bert, out, tokenizer=tok)
+    save_file(model.head_state(), str(out / "head.safetensors.tmp"))
+    os.replace(out / "head.safetensors.tmp", out / "head.safetensors")
+    os.chmod(out / "head.safetensors", 0o644)  # safetensors writes 0600
+    write_json(out / "finetune.json", meta)
+
+
+def write_json(path, obj):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def load_finetuned(path, **overrides):
+    """(TaskModel in eval mode, tokenizer, meta) from a directory written by save_finetuned."""
+    from safetensors.torch import load_file
+    p = Path(path)
+    if not (p / "finetune.json").is_file():
+        raise FileNotFoundError(f"{p}: no finetune.json (not a checkpoint written by finetune.py)")
+    meta = json.loads((p / "finetune.json").read_text())
+    task = get_task(meta["task"])
+    model = TaskModel(minimoe.load_bert(p, **overrides), task.kind, meta["num_labels"], pooling=meta.get("pooling", "cls"))
+    head = load_file(str(p / "head.safetensors"))
+    missing, unexpected = model.load_state_dict(head, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("bert.")]:
+        raise ValueError(f"{p / 'head.safetensors'}: head does not match the task {task.name} "
+                         f"(missing {[k for k in missing if not k.startswith('bert.')]}, unexpected {unexpected})")
+    return model.eval(), minimoe.load_tokenizer(p), meta
+
+
+# -----------------------------------------------------------------------------
+# Prediction and dev evaluation
+
+
+@torch.no_grad()
+def predict(model, features, batch_size=64, device="cpu", autocast=contextlib.nullcontext, pad_id=0):
+    """Predictions in the order of `features`: class ids, scores (regression), or per-token class ids
+    (NER). Rows are batched by length so that little padding is computed. `autocast`: a function
+    returning a context manager (e.g. runtime.autocast)."""
+    model.eval()
+    order = sorted(range(len(features)), key=lambda i: len(features[i].ids))
+    preds = [None] * len(features)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        batch = collate([features[i] for i in idx], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        with autocast():
+            logits = model(**batch)[0]
+        if model.kind == "reg":
+            p = logits.float().cpu().tolist()  # host sync: evaluation only
+        elif model.kind == "cls":
+            p = logits.argmax(-1).cpu().tolist()
+        else:
+            am = logits.argmax(-1).cpu()  # (B, T)
+            p = [am[j, :len(features[i].ids)].tolist() for j, i in enumerate(idx)]
+        for i, pi in zip(idx, p):
+            preds[i] = pi
+    return preds
+
+
+def evaluate(model, task, dev_sets, batch_size=64, device="cpu", autocast=contextlib.nullcontext, pad_id=0):
+    """Dev metrics: {split prefix + metric: value}. dev_sets: {split: (examples, features)}.
+    MNLI's two dev sets give m_acc and mm_acc."""
+    from eval import task_metrics  # metrics live in eval.py, which imports this file
+    out = {}
+    for split, (examples, features) in dev_sets.items():
+        preds = predict(model, features, batch_size, device, autocast, pad_id)
+        if task.kind == "ner":
+            preds = [[task.labels[t] for t in word_predictions(f.word_ids, p, len(e.a), 0)]
+                     for e, f, p in zip(examples, features, preds)]
+            golds = [e.label for e in examples]
+        else:
+            golds = [e.label for e in examples]
+        prefix = {"dev_matched": "m_", "dev_mismatched": "mm_"}.get(split, "")
+        out.update({prefix + k: v for k, v in task_metrics(task.name, preds, golds).items()})
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", required=True, help=f"one of {sorted(TASKS)}")
+    p.add_argument("--model", default=None, help="encoder: HF BERT dir or hub id, a save_bert dir, or a train_distill *.pt; "
+                   "None = the embedded all-MiniLM-L6-v2")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir; None = the --model dir (give it for a *.pt file)")
+    p.add_argument("--data_dir", default=default_data_dir(), help="GLUE/CoNLL root (DIR/glue/RTE/train.tsv, DIR/conll2003/"
+                   "train.txt) or a task folder; 'hub' = download with `datasets`")
+    p.add_argument("--train_file", default=None, help="labelled training file (overrides --data_dir)")
+    p.add_argument("--dev_file", default=None, help="labelled dev file (overrides --data_dir; one file, also for MNLI)")
+    p.add_argument("--out_dir", default=None, help="best checkpoint + log.jsonl; None = runs/finetune/TASK")
+    p.add_argument("--lr", default="3e-5", help="learning rate, or a comma-separated grid (best dev score kept)")
+    p.add_argument("--epochs", type=float, default=10, help="epochs (early stopping usually ends sooner)")
+    p.add_argument("--max_steps", type=int, default=0, help="cap on optimizer steps per learning rate (0 = none)")
+    p.add_argument("--batch_size", type=int, default=32, help="per process (DDP: global = batch_size x world size)")
+    p.add_argument("--eval_batch_size", type=int, default=64)
+    p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps with linear warmup")
+    p.add_argument("--weight_decay", type=float, default=0.01)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--load_balance_weight", type=float, default=0.01, help="weight of the MoE load-balancing loss")
+    p.add_argument("--eval_every", type=int, default=0, help="evaluate every N steps (0 = every epoch)")
+    p.add_argument("--patience", type=int, default=3, help="stop after N evaluations without a better dev score (0 = never)")
+    p.add_argument("--no_group_by_length", action="store_true", help="plain random batches (more padding, slower)")
+    p.add_argument("--no_pooler_init", action="store_true", help="random pooler even if the checkpoint has one")
+    p.add_argument("--pooling", default="cls", choices=["cls", "mean"], help="what the pooler reads: [CLS] (BERT) "
+                   "or the mean of the tokens (sentence-embedding checkpoints)")
+    p.add_argument("--max_train_examples", type=int, default=0, help="use only the first N training examples (0 = all)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default; 1 is faster "
+                   "on a CPU shared with other jobs)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (as train_distill.py)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--log_every", type=int, default=50)
+    p.add_argument("--no_save", action="store_true", help="do not write the checkpoint (log and summary only)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from train_distill import configure_optimizer, lr_lambda, setup_runtime
+    rt = setup_runtime(args.seed, args.precision)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = get_task(args.task)
+    model_path = args.model or minimoe.default_teacher()
+    out_dir = Path(args.out_dir or f"runs/finetune/{task.name}")
+    data_dir = None if args.data_dir in (None, "", "hub") else args.data_dir
+    if rt.is_master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"task {task.name} | model {model_path} | data {args.train_file or data_dir or 'hub'} | device {rt.device}")
+
+    # data
+    tok = minimoe.load_tokenizer(args.tokenizer or model_path)
+    pad_id = tok.token_to_id("[PAD]") or 0
+    train = load_examples(task, "train", data_dir, args.train_file)
+    if args.max_train_examples:
+        train = train[:args.max_train_examples]
+    dev_splits = ("dev",) if args.dev_file else task.dev
+    dev_sets = {s: load_examples(task, s, data_dir, args.dev_file) for s in dev_splits}
+    train_f = encode(task, train, tok, args.max_length)
+    dev_sets = {s: (ex, encode(task, ex, tok, args.max_length)) for s, ex in dev_sets.items()}
+    lengths = [len(f.ids) for f in train_f]
+    steps_per_epoch = len(train_batches(lengths, args.batch_size, torch.Generator(), rt.rank, rt.world_size))
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_f)} training examples make no batch on each of {rt.world_size} ranks")
+    total_steps = max(1, math.ceil(args.epochs * steps_per_epoch))
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    warmup_steps = int(args.warmup * total_steps)
+    eval_every = args.eval_every or steps_per_epoch
+    if rt.is_master:
+        print(f"train {len(train)} examples, dev {[len(ex) for ex, _ in dev_sets.values()]} | {steps_per_epoch} steps/epoch, "
+              f"{total_steps} steps per lr, eval every {eval_every}")
+
+    log = open(out_dir / "log.jsonl", "a") if rt.is_master else None
+    lrs = [float(x) for x in str(args.lr).split(",")]
+    best = dict(score=-math.inf)  # best over the whole grid: this is the checkpoint on disk
+    grid, t_start = {}, time.time()
+    for lr in lrs:
+        torch.manual_seed(args.seed)  # same head init and data order for every lr
+        raw = build_model(task, model_path, not args.no_pooler_init, args.pooling).to(rt.device)
+        model = torch.compile(raw) if args.compile else raw
+        if rt.is_ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+        opt = configure_optimizer(raw, lr, args.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total_steps, warmup_steps))
+        scaler = getattr(rt, "scaler", None)
+        gen = torch.Generator().manual_seed(args.seed)
+        run = dict(score=-math.inf, metrics=None, step=0, bad_evals=0)
+        step, stop, t0 = 0, False, time.time()
+        loss_sum = aux_sum = torch.zeros((), device=rt.device)
+        n_sum = 0
+        bar = None
+        if rt.is_master:
+            from tqdm import tqdm
+            bar = tqdm(total=total_steps, desc=f"{task.name} lr {lr:g}", dynamic_ncols=True,
+                       mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        while not stop:
+            for idx in train_batches(lengths, args.batch_size, gen, rt.rank, rt.world_size, not args.no_group_by_length):
+                batch = {k: v.to(rt.device, non_blocking=True) for k, v in collate([train_f[i] for i in idx], pad_id).items()}
+                model.train()
+                with rt.autocast():
+                    _, loss, aux = model(**batch)
+                    total = loss + args.load_balance_weight * aux
+                if scaler is not None:
+                    scaler.scale(total).backward()
+                    scaler.unscale_(opt)
+                else:
+                    total.backward()
+                if args.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                step += 1
+                loss_sum, aux_sum, n_sum = loss_sum + loss.detach(), aux_sum + aux.detach(), n_sum + 1
+                if bar is not None:
+                    bar.update(1)
+                if rt.is_master and (step % args.log_every == 0 or step == total_steps):
+                    rec = dict(event="train", lr=lr, step=step, epoch=round(step / steps_per_epoch, 3),
+                               loss=loss_sum.item() / n_sum, aux_loss=aux_sum.item() / n_sum,  # host sync: logging only
+                               lr_now=sched.get_last_lr()[0], elapsed=round(time.time() - t0, 1))
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                    loss_sum = aux_sum = torch.zeros((), device=rt.device)
+                    n_sum = 0
+                if step % eval_every == 0 or step == total_steps:
+                    stop = evaluate_and_keep(args, task, raw, tok, dev_sets, rt, pad_id, lr, step, steps_per_epoch,
+                                             run, best, log, out_dir, model_path, len(train), t0)
+                if step >= total_steps:
+                    stop = True
+                if stop:
+                    break
+        if bar is not None:
+            bar.close()
+        grid[str(lr)] = dict(score=run["score"], metrics=run["metrics"], best_step=run["step"], steps=step,
+                             wall_s=round(time.time() - t0, 1))
+        if rt.is_master:
+            print(f"lr {lr:g}: best dev {task.metric} {run['score']:.4f} at step {run['step']} "
+                  f"({step} steps, {time.time() - t0:.0f}s)")
+        del model, raw, opt
+
+    if rt.is_master:
+        summary = dict(task=task.name, metric=task.metric, best_lr=best.get("lr"), best_score=best["score"],
+                       best_metrics=best.get("metrics"), grid=grid, wall_s=round(time.time() - t_start, 1))
+        log.write(json.dumps(dict(event="summary", **summary)) + "\n")
+        log.close()
+        if (out_dir / "finetune.json").exists():  # add the grid to the kept checkpoint's metadata
+            meta = json.loads((out_dir / "finetune.json").read_text())
+            meta.update(grid=grid, wall_s=summary["wall_s"])
+            write_json(out_dir / "finetune.json", meta)
+        print(json.dumps(dict(best_lr=best.get("lr"), **(best.get("metrics") or {}))))
+    if rt.is_ddp:
+        torch.distributed.destroy_process_group()
+    return best
+
+
+def evaluate_and_keep(args, task, raw, tok, dev_sets, rt, pad_id, lr, step, steps_per_epoch, run, best, log, out_dir,
+                      model_path, n_train, t0):
+    """Dev evaluation on the master; keeps the grid-best checkpoint; returns True when patience runs out."""
+    stop = False
+    if rt.is_master:
+        metrics = evaluate(raw, task, dev_sets, args.eval_batch_size, rt.device, rt.autocast, pad_id)
+        score = metrics[task.metric]
+        improved = score > run["score"]
+        if improved:
+            run.update(score=score, metrics=metrics, step=step, bad_evals=0)
+        else:
+            run["bad_evals"] += 1
+        rec = dict(event="eval", lr=lr, step=step, epoch=round(step / steps_per_epoch, 3), dev=metrics,
+                   best=run["score"], elapsed=round(time.time() - t0, 1))
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        print(f"\nstep {step} (epoch {rec['epoch']:.2f}) dev " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if score > best["score"]:
+            best.update(score=score, metrics=metrics, lr=lr, step=step)
+            if not args.no_save:
+                meta = dict(task=task.name, kind=task.kind, labels=list(task.labels) if task.labels else None,
+                            num_labels=1 if task.kind == "reg" else len(task.labels), pooling=args.pooling, metric=task.metric,
+                            metrics=metrics, lr=lr, step=step, epoch=rec["epoch"], init=str(model_path),
+                            train_examples=n_train, args=vars(args))
+                save_finetuned(raw, out_dir, tok, meta)
+        stop = args.patience > 0 and run["bad_evals"] >= args.patience
+    if rt.is_ddp:  # every rank follows the master's early-stopping decision
+        flag = torch.tensor(int(stop), device=rt.device)
+        torch.distributed.broadcast(flag, 0)
+        stop = bool(flag.item())
+    return stop
+
+
+if __name__ == "__main__":
+    main()
