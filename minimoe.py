@@ -198,17 +198,21 @@ def load_balance(probs, expert, token_mask):
 class Groups(NamedTuple):
     """Tokens sorted by expert, the layout F.grouped_mm wants. All shapes static: no host sync."""
     order: torch.Tensor  # (N,) token index at each sorted position
-    inverse: torch.Tensor  # (N,) sorted position of each token
     offs: torch.Tensor  # (E,) int32 end of each expert's group
     expert: torch.Tensor  # (N,) expert of each sorted position
 
 
 def group_tokens(expert, E):
     order = expert.argsort(stable=True)  # (N,)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     counts = torch.zeros(E, dtype=torch.int32, device=expert.device).scatter_add_(
         0, expert, torch.ones_like(expert, dtype=torch.int32))  # (E,)
-    return Groups(order, inverse, counts.cumsum(0, dtype=torch.int32), expert[order])
+    return Groups(order, counts.cumsum(0, dtype=torch.int32), expert[order])
+
+
+def unsort(ys, g):
+    """Sorted rows (N, M) back in token order. index_copy_, because its backward is a gather
+    (the backward of ys[inverse] is an accumulating scatter, slow on CPU)."""
+    return torch.empty_like(ys).index_copy_(0, g.order, ys)
 
 
 def grouped_linear(xs, w, b, g):
@@ -220,9 +224,13 @@ def grouped_linear(xs, w, b, g):
 
 def loop_linear(xs, w, b, g):
     """The readable twin of grouped_linear: a Python loop over experts, one addmm on each expert's
-    contiguous slice of the sorted rows. The slice sizes need one host sync: fine outside compile."""
-    sizes = torch.diff(g.offs, prepend=g.offs.new_zeros(1)).tolist()  # tokens per expert
-    return torch.cat([torch.addmm(b_e, x_e, w_e) for x_e, w_e, b_e in zip(xs.split(sizes), w.unbind(0), b.unbind(0))])
+    contiguous slice of the sorted rows."""
+    return torch.cat([torch.addmm(b_e, x_e, w_e) for x_e, w_e, b_e in zip(split_groups(xs, g), w.unbind(0), b.unbind(0))])
+
+
+def split_groups(xs, g):
+    """Each expert's slice of the sorted rows. The sizes need one host sync: fine outside compile."""
+    return xs.split(torch.diff(g.offs, prepend=g.offs.new_zeros(1)).tolist())
 
 
 def resolve_dispatch(dispatch, x):
@@ -252,11 +260,11 @@ class MoEAttention(nn.Module):
         gate, expert, probs = route(self.router, xf, self.noise, self.training)
         g = group_tokens(expert, self.wqkv.shape[0])
         linear = grouped_linear if resolve_dispatch(self.dispatch, x) == "grouped" else loop_linear
-        qkv = linear(xf[g.order], self.wqkv, self.bqkv, g)[g.inverse]  # (N, 3H), each token by its expert
+        qkv = unsort(linear(xf.index_select(0, g.order), self.wqkv, self.bqkv, g), g)  # (N, 3H), by its expert
         q, k, v = qkv.view(B, T, 3 * H).split(H, dim=-1)  # (B, T, H) each
         y = merge_heads(attend(*(split_heads(t, self.nh) for t in (q, k, v)), mask,
                                self.p if self.training else 0.0, self.use_sdpa)).reshape(B * T, H)  # (N, H)
-        out = linear(y[g.order], self.wo, self.bo, g)[g.inverse]  # (N, H)
+        out = unsort(linear(y.index_select(0, g.order), self.wo, self.bo, g), g)  # (N, H)
         out = out * gate.to(out.dtype)[:, None]
         return out.view(B, T, H), (q, k, v), load_balance(probs, expert, token_mask.reshape(-1))
 
@@ -303,10 +311,14 @@ class MoEFeedForward(nn.Module):
         x = x.reshape(-1, H)  # (N, H)
         token_mask = torch.ones(x.shape[0], device=x.device) if mask is None else mask.reshape(-1)  # (N,)
         gate, expert, probs = route(self.router, x, self.noise, self.training)
-        g = group_tokens(expert, self.w1.shape[0])  # tokens sorted by expert
-        linear = grouped_linear if resolve_dispatch(self.dispatch, x) == "grouped" else loop_linear
-        h = F.gelu(linear(x[g.order], self.w1, self.b1, g))  # (N, I), sorted by expert
-        y = linear(h, self.w2, self.b2, g)[g.inverse]  # (N, H), back in token order
+        g = group_tokens(expert, self.w1.shape[0])
+        xs = x.index_select(0, g.order)  # (N, H), tokens sorted by expert
+        if resolve_dispatch(self.dispatch, x) == "grouped":  # one grouped GEMM per projection
+            ys = grouped_linear(F.gelu(grouped_linear(xs, self.w1, self.b1, g)), self.w2, self.b2, g)  # (N, H)
+        else:  # the readable loop: each expert's FFN on its contiguous slice of the sorted tokens
+            experts = zip(split_groups(xs, g), *(p.unbind(0) for p in (self.w1, self.b1, self.w2, self.b2)))
+            ys = torch.cat([torch.addmm(b2, F.gelu(torch.addmm(b1, xe, w1)), w2) for xe, w1, b1, w2, b2 in experts])
+        y = unsort(ys, g)  # (N, H), back in token order
         y = y * gate.to(y.dtype)[:, None]  # the gate makes the router trainable
         return y.view(shape), load_balance(probs, expert, token_mask)
 

@@ -472,7 +472,7 @@ def configure_optimizer(model, lr, weight_decay=0.01):
             is_bias = name.rsplit(".", 1)[-1].startswith("b")  # bias, b1, b2, bqkv, bo
             (decay if p.ndim >= 2 and not is_bias else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in decay + no_decay)
+    fused = all(p.device.type in ("cuda", "cpu") for p in decay + no_decay)  # one kernel per step (bench.py)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6, fused=fused or None)
 
 
