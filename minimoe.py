@@ -230,7 +230,7 @@ def loop_linear(xs, w, b, g):
 
 def split_groups(xs, g):
     """Each expert's slice of the sorted rows. The sizes need one host sync: fine outside compile."""
-    return xs.split(torch.diff(g.offs, prepend=g.offs.new_zeros(1)).tolist())
+    return xs.split(torch.diff(g.offs, prepend=g.offs.new_zeros(1)).tolist())  # sync-ok: loop path only
 
 
 def resolve_dispatch(dispatch, x):
@@ -560,7 +560,8 @@ def save_bert(model, out_dir, tokenizer=None):
     from safetensors.torch import save_file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {rename(k, to_ours=False): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {rename(k, to_ours=False): v.detach().contiguous().cpu()  # sync-ok: saving, not a forward
+             for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors.tmp"), metadata={"format": "pt"})
     os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
     os.chmod(out / "model.safetensors", 0o644)
