@@ -716,9 +716,6 @@ def main(argv=None):
     for m in raw.values():
         m.to(rt.device).train()
     models = dict(raw)  # what the loop calls: compiled and/or DDP-wrapped; `raw` is what is saved
-    if args.compile and rt.device.type != "cuda":  # compiled grouped_mm wants bf16 off CUDA: use the expert loop
-        for mod in (mod for m in raw.values() for mod in m.modules() if hasattr(mod, "dispatch")):
-            mod.dispatch = "loop"
     if args.compile:
         teacher = torch.compile(teacher)
         models = {k: torch.compile(m) for k, m in models.items()}
