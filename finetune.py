@@ -20,7 +20,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import minimoe
+from train_distill import configure_optimizer, hub_reachable, lr_lambda, setup_runtime
 
 # -----------------------------------------------------------------------------
 # Tasks
@@ -189,18 +189,6 @@ def find_file(task, split, data_dir):
                 return r / name
     raise FileNotFoundError(f"no {split} file for {task.name} under {d} (looked for {names[0]} in "
                             f"{', '.join(str(r) for r in roots)})")
-
-
-def hub_reachable(timeout=3.0):
-    """Fail fast offline: datasets would otherwise retry for minutes."""
-    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
-        return True  # let the proxy decide
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def load_hub(task, split):
@@ -535,7 +523,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from train_distill import configure_optimizer, lr_lambda, setup_runtime
     rt = setup_runtime(args.seed, args.precision)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -14,12 +14,11 @@ Shape legend: B batch, T tokens per sequence, N = B·T tokens, H hidden, I exper
 E experts, nh attention heads, hd head size, R relation heads.
 """
 import json
-import math
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn

@@ -153,7 +153,10 @@ def read_wiki_dump(path, min_words=8):
 
 
 def hub_reachable(timeout=3.0):
-    """Can we open a connection to the Hugging Face Hub? (load_dataset itself retries for ~25 s offline.)"""
+    """Can we open a connection to the Hugging Face Hub? (load_dataset itself retries for ~25 s offline.)
+    Behind an HTTPS proxy a direct connection says nothing: let the proxy decide."""
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return True
     host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
