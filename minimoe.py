@@ -47,6 +47,14 @@ class BertConfig:
     router_noise: float = 0.1  # eps of the U(-eps, eps) noise added to router logits in training
     dispatch: str = "auto"  # MoE dispatch: "loop" (readable oracle), "grouped" (grouped GEMM), "auto"
     use_sdpa: bool = True  # F.scaled_dot_product_attention; False = the manual softmax path
+    # where the relations come from (distillation only): "layer" = the Q/K/V of the relation layer
+    # (MiniLMv2, the original's dense MiniLM); "extra" = an extra Q/K/V projection of the final hidden
+    # states (the original's MiniMoE: every layer, the last one's experts included, is trained);
+    # "auto" = "extra" for students with experts, "layer" for dense ones (the original's pairing)
+    relation_head: str = "auto"
+    # "split": experts cut from one BERT-init FFN of width E·I, the first 2/3 of each expert's neurons
+    # shared by all (the original's "moefy"); "independent": every expert drawn on its own
+    expert_init: str = "split"
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -55,6 +63,13 @@ class BertConfig:
             raise ValueError(f"num_experts and num_attn_experts must be >= 1, got {self.num_experts}, {self.num_attn_experts}")
         if self.dispatch not in ("auto", "loop", "grouped"):
             raise ValueError(f"dispatch must be 'auto', 'loop' or 'grouped', got {self.dispatch!r}")
+        if self.relation_head not in ("auto", "layer", "extra"):
+            raise ValueError(f"relation_head must be 'auto', 'layer' or 'extra', got {self.relation_head!r}")
+        if self.expert_init not in ("split", "independent"):
+            raise ValueError(f"expert_init must be 'split' or 'independent', got {self.expert_init!r}")
+        if self.relation_head == "auto":  # resolved once, so that a saved config says what was trained
+            has_experts = self.num_experts > 1 or self.num_attn_experts > 1
+            self.relation_head = "extra" if has_experts else "layer"
 
     @classmethod
     def preset(cls, name, **overrides):
@@ -65,7 +80,8 @@ class BertConfig:
 
     @classmethod
     def from_hf(cls, d, **overrides):
-        """From a Hugging Face BERT config.json dict (ours carry the MiniMoE fields too)."""
+        """From a Hugging Face BERT config.json dict: ours carry the MiniMoE fields; the authors' MiniMoE
+        checkpoints (architectures ["MoEBertMiniLM"]) say "moe": "A,E" and intermediate_size = E·I."""
         if d.get("model_type", "bert") != "bert":
             raise ValueError(f"not a BERT config: model_type is {d.get('model_type')!r} (only BERT encoders are supported)")
         if d.get("hidden_act", "gelu") != "gelu" or d.get("position_embedding_type", "absolute") != "absolute":
@@ -82,7 +98,19 @@ class BertConfig:
                   attention_dropout=d.get("attention_probs_dropout_prob", 0.1),
                   pad_token_id=d.get("pad_token_id") or 0, initializer_range=d.get("initializer_range", 0.02),
                   num_experts=d.get("num_experts", 1), num_attn_experts=d.get("num_attn_experts", 1),
-                  router_noise=d.get("router_noise", 0.1))
+                  router_noise=d.get("router_noise", 0.1), expert_init=d.get("expert_init", "split"),
+                  # configs without the field: HF BERTs and our older students used the layer's Q/K/V
+                  relation_head=d.get("relation_head", "layer"))
+        if "moe" in d:  # the authors' layout: one wide FFN config, E experts of intermediate_size / E each
+            try:
+                attn_experts, ffn_experts = (int(n) for n in str(d["moe"]).split(","))
+            except ValueError:
+                raise ValueError(f"config 'moe' should read 'A,E' (e.g. '1,4'), got {d['moe']!r}") from None
+            if attn_experts != 1:
+                raise ValueError(f"the authors' attention experts (moe {d['moe']!r}) slice heads, a layout this "
+                                 "implementation does not map; only 'moe': '1,E' checkpoints load")
+            kw.update(num_experts=ffn_experts, intermediate_size=d["intermediate_size"] // ffn_experts,
+                      relation_head="extra" if "MoEBertMiniLM" in d.get("architectures", []) else "layer")
         return cls(**{**kw, **overrides})
 
     def to_hf(self):
@@ -95,7 +123,8 @@ class BertConfig:
                     max_position_embeddings=self.max_position_embeddings, type_vocab_size=self.type_vocab_size,
                     initializer_range=self.initializer_range, layer_norm_eps=self.layer_norm_eps,
                     pad_token_id=self.pad_token_id, position_embedding_type="absolute",
-                    num_experts=self.num_experts, num_attn_experts=self.num_attn_experts, router_noise=self.router_noise)
+                    num_experts=self.num_experts, num_attn_experts=self.num_attn_experts, router_noise=self.router_noise,
+                    relation_head=self.relation_head, expert_init=self.expert_init)
 
 
 # students of the paper (12 heads, 4·H per expert) and the two teachers
@@ -329,9 +358,46 @@ class MoEFeedForward(nn.Module):
         self.w2.copy_(ffn.fc2.weight.T.expand_as(self.w2))
         self.b2.copy_(ffn.fc2.bias.expand_as(self.b2))
 
+    @torch.no_grad()
+    def split_init_(self, std):
+        """The original's expert init ("moefy"): draw one BERT-init FFN of width E·I and give expert e the
+        neurons `split_neurons(E, I)[e]`: 2/3·I neurons shared by every expert, the rest its own. At init
+        the experts are 2/3 the same function; training makes them differ. The router gets PyTorch's
+        default Linear init, as in the original."""
+        E, H, I = self.w1.shape
+        fc1 = torch.randn(E * I, H, device=self.w1.device) * std  # (E·I, H) rows are neurons
+        fc2 = torch.randn(H, E * I, device=self.w1.device) * std  # (H, E·I) columns are neurons
+        idx = split_neurons(E, I).to(self.w1.device)  # (E, I)
+        self.w1.copy_(fc1[idx].transpose(1, 2))  # (E, I, H) -> (E, H, I)
+        self.w2.copy_(fc2[:, idx].permute(1, 2, 0))  # (H, E, I) -> (E, I, H)
+        self.b1.zero_(), self.b2.zero_()
+        self.router.reset_parameters()
+
+
+def split_neurons(E, I):
+    """(E, I) neuron indices into a wide FFN of E·I neurons: the first S = 2/3·I are shared by all
+    experts; expert e then takes every E-th of the remaining ones, starting at S + e, until it has I."""
+    shared = 2 * I // 3
+    rest = torch.arange(shared, E * I)  # (E·I - S,)
+    return torch.stack([torch.cat([torch.arange(shared), rest[e::E]])[:I] for e in range(E)])  # (E, I)
+
 
 # -----------------------------------------------------------------------------
 # The encoder
+
+
+class RelationHead(nn.Module):
+    """The original MiniMoE student's extra self-attention projection: Q, K, V of the final hidden
+    states, used only by the relation loss (relation_head="extra"). With it the relations depend on
+    every layer of the student, so the last layer's experts, router and LayerNorms train too."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        H = cfg.hidden_size
+        self.q, self.k, self.v = (nn.Linear(H, H) for _ in range(3))
+
+    def forward(self, x):  # (B, T, H) -> three (B, T, H)
+        return self.q(x), self.k(x), self.v(x)
 
 
 class EncoderLayer(nn.Module):
@@ -356,7 +422,7 @@ class EncoderLayer(nn.Module):
 
 class BertOutput(NamedTuple):
     last_hidden_state: torch.Tensor  # (B, T, H)
-    qkv: tuple  # (q, k, v) of the relation layer, each (B, T, H)
+    qkv: tuple  # (q, k, v) of the relation layer, or of the extra relation head; each (B, T, H)
     aux_loss: torch.Tensor  # () load-balancing loss averaged over routers; exactly 0 when dense
     router_stats: torch.Tensor  # (L, E) fraction of real tokens per FFN expert; (0,) when dense
     attn_router_stats: torch.Tensor  # (L, A) the same for attention experts; (0,) without them
@@ -370,10 +436,12 @@ class Bert(nn.Module):
         self.config = config
         self.emb = Embeddings(config)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
+        self.relation_proj = RelationHead(config) if config.relation_head == "extra" else None
         self.apply(self._init_weights)
 
     def _init_weights(self, m):
-        """BERT init: N(0, 0.02) weights, zero biases, unit LayerNorm; every expert drawn independently."""
+        """BERT init: N(0, 0.02) weights, zero biases, unit LayerNorm. FFN experts: split from one wide
+        FFN (expert_init="split") or drawn independently; attention experts: independently."""
         std = self.config.initializer_range
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=std)
@@ -381,6 +449,8 @@ class Bert(nn.Module):
                 nn.init.zeros_(m.bias)
             elif m.padding_idx is not None:
                 nn.init.zeros_(m.weight[m.padding_idx])
+        elif isinstance(m, MoEFeedForward) and self.config.expert_init == "split":
+            m.split_init_(std)  # after its router (a child, visited first) got the normal init
         elif isinstance(m, (MoEFeedForward, MoEAttention)):
             for name, p in m.named_parameters(recurse=False):
                 nn.init.normal_(p, std=std) if name.startswith("w") else nn.init.zeros_(p)
@@ -406,6 +476,8 @@ class Bert(nn.Module):
         auxes = attn_aux + ffn_aux
         aux_loss = torch.stack([a.loss for a in auxes]).mean() if auxes else x.new_zeros((), dtype=torch.float32)
         n = attention_mask.sum().clamp_min(1)
+        if self.relation_proj is not None:  # the original MiniMoE: relations of the final hidden states
+            qkv = self.relation_proj(x)
         ffn_stats = torch.stack([a.counts for a in ffn_aux]) / n if ffn_aux else x.new_zeros(0)  # (L, E)
         attn_stats = torch.stack([a.counts for a in attn_aux]) / n if attn_aux else x.new_zeros(0)  # (L, A)
         return BertOutput(x, qkv, aux_loss, ffn_stats, attn_stats)
@@ -443,6 +515,9 @@ NAME_MAP = [
     ("encoder.layer.{i}.output.LayerNorm.", "layers.{i}.ln2."),
     ("encoder.layer.{i}.moe_attention.", "layers.{i}.attn."),  # MiniMoE attention experts
     ("encoder.layer.{i}.moe.", "layers.{i}.ffn."),  # MiniMoE FFN experts
+    ("relation.query.", "relation_proj.q."),  # the extra relation head (relation_head="extra")
+    ("relation.key.", "relation_proj.k."),
+    ("relation.value.", "relation_proj.v."),
 ]
 
 
@@ -456,17 +531,48 @@ def rename(name, to_ours):
     return None
 
 
+def authors_to_hf(state, where):
+    """The authors' MiniMoE checkpoints (GeneZC/bert-base-minimoe-*: MoEBertMiniLM.save_pretrained) ->
+    our HF-layout names. Their experts are F.linear weights stacked on a first axis:
+    intermediate.dense (E, I, H) and output.dense (E, H, I); the router is ffn_gate (E, H); attn_gate
+    (1, H) is unused with one attention expert; the extra relation head is self.query/key/value."""
+    out = {}
+    for name, t in state.items():
+        m = re.match(r"(?:bert\.)?encoder\.layer\.(\d+)\.(.*)", name)
+        rest = m.group(2) if m else ""
+        if name.startswith("self."):  # the extra relation head: self.{query,key,value}.{weight,bias}
+            out["relation." + name[len("self."):]] = t
+        elif rest.startswith("attn_gate."):
+            if t.shape[0] != 1:
+                raise ValueError(f"{where}: {name} has {t.shape[0]} attention experts; the authors' head-sliced "
+                                 "attention experts are not supported")
+        elif rest.startswith("ffn_gate."):
+            if t.shape[0] > 1:
+                out[f"encoder.layer.{m.group(1)}.moe.router.{rest.split('.')[-1]}"] = t
+        elif rest in ("intermediate.dense.weight", "output.dense.weight") and t.ndim == 3:
+            w = "w1" if rest.startswith("intermediate") else "w2"
+            out[f"encoder.layer.{m.group(1)}.moe.{w}"] = t.transpose(1, 2)  # (E, out, in) -> (E, in, out)
+        elif rest in ("intermediate.dense.bias", "output.dense.bias") and t.ndim == 2:
+            out[f"encoder.layer.{m.group(1)}.moe.{'b1' if rest.startswith('intermediate') else 'b2'}"] = t
+        else:
+            out[name] = t
+    return out
+
+
 def hf_to_ours(state, where):
-    """HF BERT state dict (with or without 'bert.', old gamma/beta names) -> ours; heads dropped."""
+    """HF BERT state dict (with or without 'bert.', old gamma/beta names, the authors' MiniMoE layout)
+    -> ours; pooler and pretraining heads dropped."""
     if any(k.startswith(("emb.", "layers.")) for k in state):
         return dict(state)  # already ours (a training checkpoint)
+    if any(k.startswith("self.") or ".ffn_gate." in k for k in state):
+        state = authors_to_hf(state, where)
     out = {}
     for name, t in state.items():
         name = name.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         if name.endswith("position_ids") or name.startswith(("pooler.", "cls.")):
             continue  # buffers and pretraining heads
         new = rename(name, to_ours=True)
-        if new is None and name.startswith(("embeddings.", "encoder.")):
+        if new is None and name.startswith(("embeddings.", "encoder.", "relation.")):
             raise ValueError(f"{where}: unexpected tensor {name!r} for a BERT encoder")
         if new is not None:
             out[new] = t
@@ -527,7 +633,8 @@ def load_bert(path_or_id, **overrides):
         try:
             ckpt = torch.load(p, map_location="cpu", weights_only=True)
             names = {f.name for f in fields(BertConfig)}
-            cfg = BertConfig(**{**{k: v for k, v in ckpt["config"].items() if k in names}, **overrides})
+            saved = {"relation_head": "layer", **ckpt["config"]}  # checkpoints from before the field: layer
+            cfg = BertConfig(**{**{k: v for k, v in saved.items() if k in names}, **overrides})
             state, where = ckpt["model"], p
         except Exception as e:
             raise ValueError(f"{p}: not a MiniMoE training checkpoint ({type(e).__name__}: {e})") from None
@@ -626,23 +733,35 @@ def relation_logprobs(x, R, key_bias):
     return (x @ x.transpose(-2, -1)).add_(key_bias).log_softmax(-1)  # (B, R, T, T)
 
 
-def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=32):
+def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=32, dropout=0.0,
+                  per_sequence=False):
     """MiniLMv2 (Wang et al. 2021, eq. 1-3): for Q-Q, K-K and V-V, KL(teacher || student) between the
     relation distributions of R heads, averaged over real query rows and heads; mean of the three.
     Teacher and student widths may differ (768 vs 384): each is split into R heads of its own size.
-    The teacher side carries no gradient."""
+    The teacher side carries no gradient.
+
+    dropout > 0 reproduces the original code's quirk (off by default): dropout on the student's relation
+    probabilities, then KL against log(p + 1e-7). A dropped entry costs p_t·log(p_t / 1e-7), so that
+    loss is noisier and larger than the KL it stands for. Pass it in training only.
+    per_sequence=True returns ((B,) KL summed over each pair's rows and heads, (B,) its row count),
+    so that a mean over any subset of pairs (a bootstrap resample) is sums.sum() / rows.sum()."""
     mask = attention_mask.bool()  # (B, T)
     key_bias = (~mask).float()[:, None, None, :] * torch.finfo(torch.float32).min  # (B, 1, 1, T)
-    rows = mask.sum().clamp_min(1) * num_relation_heads
-    loss = 0.0
+    kl_sums = 0.0
     for t, s in zip(teacher_qkv, student_qkv):
         with torch.no_grad():
             lt = relation_logprobs(t, num_relation_heads, key_bias)  # (B, R, T, T)
             pt = lt.exp()  # exactly 0 on padding keys
             neg_entropy = (pt * lt).sum(-1)  # (B, R, T)
-        kl = neg_entropy - (pt * relation_logprobs(s, num_relation_heads, key_bias)).sum(-1)  # (B, R, T)
-        loss = loss + (kl * mask[:, None, :]).sum() / rows
-    return loss / 3
+        ls = relation_logprobs(s, num_relation_heads, key_bias)  # (B, R, T, T)
+        if dropout > 0:
+            ls = torch.log(F.dropout(ls.exp(), dropout) + 1e-7)
+        kl = neg_entropy - (pt * ls).sum(-1)  # (B, R, T)
+        kl_sums = kl_sums + (kl * mask[:, None, :]).sum((1, 2))  # (B,)
+    rows = mask.sum(1) * num_relation_heads  # (B,)
+    if per_sequence:
+        return kl_sums / 3, rows
+    return kl_sums.sum() / rows.sum().clamp_min(1) / 3
 
 
 # -----------------------------------------------------------------------------
@@ -651,15 +770,17 @@ def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=3
 
 def count_params(cfg):
     """Parameters of the encoder + a pooler (the paper's totals include BERT's pooler), all experts
-    (total) and those one token uses (active)."""
+    (total) and those one token uses (active). The extra relation head is used only in distillation and
+    is counted apart (relation_head); `encoder` is every parameter of a `Bert`, head included."""
     H, I, L, E, A = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_experts, cfg.num_attn_experts
     emb = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * H + 2 * H
     attn, ffn, lns, pooler = 4 * (H * H + H), 2 * H * I + I + H, 4 * H, H * H + H
     routers = (H * E + E if E > 1 else 0) + (H * A + A if A > 1 else 0)
     layer_total, layer_active = A * attn + E * ffn + lns + routers, attn + ffn + lns + routers
+    relation_head = 3 * (H * H + H) if cfg.relation_head == "extra" else 0  # distillation only
     return dict(total=emb + L * layer_total + pooler, non_embedding=L * layer_total,
                 active=emb + L * layer_active + pooler, active_non_embedding=L * layer_active,
-                encoder=emb + L * layer_total)
+                relation_head=relation_head, encoder=emb + L * layer_total + relation_head)
 
 
 def count_flops(cfg, seq_len=128):
