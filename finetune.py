@@ -388,7 +388,7 @@ def pretrained_pooler(path):
 
 def build_model(task, path, init_pooler=True, pooling="cls"):
     """A TaskModel (in train mode) from any encoder checkpoint that minimoe.load_bert reads."""
-    bert = minimoe.load_bert(path)
+    bert = minimoe.load_bert(path, relation_head="layer")  # an extra relation head serves distillation only
     model = TaskModel(bert, task.kind, 1 if task.kind == "reg" else len(task.labels), pooling=pooling)
     pooler = pretrained_pooler(path) if init_pooler and model.pooler is not None else None
     if pooler is not None and pooler["weight"].shape == model.pooler.weight.shape:

@@ -627,7 +627,8 @@ def resolve_path(path_or_id):
 def load_bert(path_or_id, **overrides):
     """A `Bert` (in eval mode) from a HF BERT directory or hub id, a directory written by save_bert,
     or a training checkpoint file (*.pt: {"config": dict, "model": state_dict}). `overrides` set
-    config fields such as dispatch="grouped" or hidden_dropout=0.0."""
+    config fields such as dispatch="grouped" or hidden_dropout=0.0; relation_head="layer" drops a
+    student's extra relation head (it serves distillation only)."""
     p = resolve_path(path_or_id)
     if p.is_file():
         try:
@@ -649,6 +650,8 @@ def load_bert(path_or_id, **overrides):
         state, where = read_weights(p), p
     model = Bert(cfg)
     state, own = hf_to_ours(state, where), model.state_dict()
+    if model.relation_proj is None:  # relation_head="layer" asked of a student with the extra head: drop it
+        state = {k: v for k, v in state.items() if not k.startswith("relation_proj.")}
     if missing := [k for k in own if k not in state]:
         raise ValueError(f"{where}: missing tensors for this config: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if extra := [k for k in state if k not in own]:

@@ -50,6 +50,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -527,32 +528,159 @@ def checkpoints(ckpt_dir):
 # The distillation loss
 
 
-def distill_loss(teacher_qkv, student, batch, num_relation_heads=32, load_balance_weight=0.01):
-    """MiniMoE's objective: MiniLMv2 relation loss (teacher's vs student's last-layer Q-Q, K-K, V-V)
-    + load_balance_weight x Switch load-balancing loss. Returns (loss, relation, load balance, BertOutput)."""
+def distill_loss(teacher_qkv, student, batch, num_relation_heads=32, load_balance_weight=0.01, relation_dropout=0.0):
+    """MiniMoE's objective: MiniLMv2 relation loss (teacher's relations vs the student's, from its last layer
+    or its extra relation head) + load_balance_weight x Switch load-balancing loss.
+    Returns (loss, relation, load balance, BertOutput)."""
     out = student(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    rel = relation_loss(teacher_qkv, out.qkv, batch["attention_mask"], num_relation_heads)
+    rel = relation_loss(teacher_qkv, out.qkv, batch["attention_mask"], num_relation_heads, relation_dropout)
     return rel + load_balance_weight * out.aux_loss, rel, out.aux_loss, out
 
 
 @torch.no_grad()
 def evaluate(teacher, students, pairs, args, rt, pad_id):
-    """Held-out relation loss of each student (eval mode: no dropout, no router noise), averaged over pairs."""
-    totals = {name: torch.zeros((), device=rt.device) for name in students}
+    """Held-out relation loss of each student (eval mode: no dropout, no router noise): the mean over all
+    real query rows of all pairs. Also returns each pair's (KL sum, rows), for paired bootstrap intervals."""
+    sums = {name: [] for name in students}
+    rows = []
     for m in students.values():
         m.eval()
     for i in range(0, len(pairs), args.micro_batch_size):
-        rows = pairs[i:i + args.micro_batch_size]
-        batch = {k: v.to(rt.device) for k, v in collate(rows, pad_id).items()}
+        batch = {k: v.to(rt.device) for k, v in collate(pairs[i:i + args.micro_batch_size], pad_id).items()}
         with rt.autocast():
             t_qkv = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                             relation_layer=args.teacher_layer).qkv
             for name, m in students.items():
-                _, rel, _, _ = distill_loss(t_qkv, m, batch, args.num_relation_heads)
-                totals[name] += rel.float() * len(rows["input_ids"])
+                s_qkv = m(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).qkv
+                kl, n = relation_loss(t_qkv, s_qkv, batch["attention_mask"], args.num_relation_heads,
+                                      per_sequence=True)
+                sums[name].append(kl.float())
+        rows.append(n)
     for m in students.values():
         m.train()
-    return {name: t.item() / len(pairs) for name, t in totals.items()}  # .item(): an evaluation point
+    rows = torch.cat(rows).double()  # (P,)
+    per_pair = {name: torch.cat(v).double() for name, v in sums.items()}  # (P,) each
+    means = {name: (v.sum() / rows.sum()).item() for name, v in per_pair.items()}  # .item(): an evaluation point
+    return means, {"rows": rows.tolist(), **{name: v.tolist() for name, v in per_pair.items()}}
+
+
+# -----------------------------------------------------------------------------
+# Students: specs, configs, per-student RNG streams, what a run publishes
+
+
+STUDENT_SPEC = re.compile(r"(?P<name>[A-Za-z][\w.-]*)=(?P<attn>\d+),(?P<ffn>\d+)"
+                          r"(?::(?P<head>auto|layer|extra))?(?:@(?P<size>\d+L-\d+H))?")
+
+
+def parse_student(text, default_size, default_head):
+    """'NAME=A,E[:HEAD][@SIZE]' -> a spec dict, e.g. moe4=1,4 | minilm=1,1:layer | ta=1,1@4L-384H."""
+    m = STUDENT_SPEC.fullmatch(text)
+    if not m:
+        raise ValueError(f"--students {text!r}: expected NAME=A,E[:auto|layer|extra][@PRESET], e.g. moe4=1,4, "
+                         "minilm=1,1:layer, ta=1,1@4L-384H")
+    attn, ffn = int(m["attn"]), int(m["ffn"])
+    if attn < 1 or ffn < 1:
+        raise ValueError(f"--students {text!r}: expert counts must be >= 1")
+    return dict(name=m["name"], size=m["size"] or default_size, own_size=bool(m["size"]), attn_experts=attn, ffn_experts=ffn,
+                relation_head=m["head"] or default_head, out=f"{m['name']}/student")
+
+
+def student_config(spec, args, tcfg):
+    """A student's BertConfig: its size ('LL-HH', a preset's heads or --heads, FFN 4·H; --layers/--hidden
+    override the --student size, not a size given in --students), the teacher's vocabulary, its experts
+    and relation head."""
+    layers, hidden = (int(x) for x in re.fullmatch(r"(\d+)L-(\d+)H", spec["size"]).groups())
+    if not spec.get("own_size"):
+        layers, hidden = args.layers or layers, args.hidden or hidden
+    heads = args.heads or minimoe.PRESETS.get(spec["size"], {}).get("num_heads", 12)
+    size = dict(num_layers=layers, hidden_size=hidden, intermediate_size=4 * hidden, num_heads=heads)
+    drop = {} if args.dropout is None else dict(hidden_dropout=args.dropout, attention_dropout=args.dropout,
+                                                router_noise=args.dropout)
+    return BertConfig(**size, **drop, vocab_size=tcfg.vocab_size, pad_token_id=tcfg.pad_token_id,
+                      type_vocab_size=tcfg.type_vocab_size, num_attn_experts=spec["attn_experts"],
+                      num_experts=spec["ffn_experts"], relation_head=spec["relation_head"],
+                      expert_init=args.expert_init)
+
+
+def describe(cfg):
+    """e.g. 'MiniMoE 1,4E 3L-384H, extra relation head' or 'MiniLM 3L-384H, layer relation head'."""
+    moe = cfg.num_experts > 1 or cfg.num_attn_experts > 1
+    kind = f"MiniMoE {cfg.num_attn_experts},{cfg.num_experts}E" if moe else "MiniLM"
+    return f"{kind} {cfg.num_layers}L-{cfg.hidden_size}H, {cfg.relation_head} relation head"
+
+
+def checkpoint_students(ckpt):
+    """{name: {config, model, optimizer, scheduler}} of a checkpoint (also those written before
+    multi-student runs: the student at the top level, the dense baseline under "dense")."""
+    if "students" in ckpt:
+        return ckpt["students"]
+    old = {"student": {k: ckpt[k] for k in ("config", "model", "optimizer", "scheduler")}}
+    return {**old, **({"dense": ckpt["dense"]} if "dense" in ckpt else {})}
+
+
+def torch_rng_state():
+    """The torch generators that dropout and router noise draw from (CPU, and CUDA when present)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_torch_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_memory_mb(rt):
+    """Peak resident memory of this process (Linux/macOS), and peak CUDA memory allocated on a GPU."""
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 ** 2)
+    cuda = torch.cuda.max_memory_allocated(rt.device) / 2 ** 20 if rt.device.type == "cuda" else None
+    return {"peak_rss_mb": round(rss), "peak_cuda_mb": None if cuda is None else round(cuda)}
+
+
+def new_results(args, argv, tcfg, cfgs, outs):
+    """What results.json publishes: the command, the students, and (filled in as the run goes) held-out
+    relation loss per evaluation, expert load per log point, tokens/s, wall time, peak memory."""
+    command = ["python", "train_distill.py", *(sys.argv[1:] if argv is None else argv)]
+    return {"command": " ".join(shlex.quote(a) for a in command), "args": {k: v for k, v in vars(args).items()},
+            "teacher": {"path": args.teacher, "config": asdict(tcfg)},
+            "students": {k: {"describe": describe(cfg), "out": outs[k], "config": asdict(cfg),
+                             "params": minimoe.count_params(cfg), "heldout": [], "expert_load": []}
+                         for k, cfg in cfgs.items()},
+            "tok_per_s": [], "step": 0, "wall_s": 0.0, "heldout_pairs": None, "final": None, "per_pair": None}
+
+
+def resumed_results(path, fresh, step):
+    """results.json of the run being resumed, cut back to the checkpoint's step."""
+    if not path.exists():
+        return fresh
+    old = json.loads(path.read_text())
+    for k, st in old.get("students", {}).items():
+        if k in fresh["students"]:
+            fresh["students"][k]["heldout"] = [x for x in st["heldout"] if x[0] <= step]
+            fresh["students"][k]["expert_load"] = [x for x in st["expert_load"] if x[0] <= step]
+    fresh["tok_per_s"] = [x for x in old.get("tok_per_s", []) if x[0] <= step]
+    return fresh
+
+
+def record_eval(results, step, means, per_pair, wall_s, rt):
+    for k, v in means.items():
+        results["students"][k]["heldout"].append([step, v])
+    results.update(step=step, wall_s=round(wall_s, 1), heldout_pairs=len(per_pair["rows"]), final=means,
+                   per_pair={k: [round(x, 6) for x in v] for k, v in per_pair.items()}, **peak_memory_mb(rt))
+
+
+def write_json(path, obj):
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def truncate_log(path, step):
+    """Drop log.jsonl records after `step` (a resumed run logs those steps again)."""
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
 
 
 # -----------------------------------------------------------------------------
@@ -577,7 +705,7 @@ def parse_args(argv=None):
     g.add_argument("--teacher", default=None, help="HF BERT dir or hub id, or our student dir or checkpoint file "
                    "(MiniLM w/ TA); default: the embedded all-MiniLM-L6-v2")
     g.add_argument("--tokenizer", default=None, help="default: the teacher's")
-    g.add_argument("--student", default="3L-384H", help=f"size preset, one of {', '.join(minimoe.PRESETS)} "
+    g.add_argument("--student", default="3L-384H", help=f"size LL-HH, e.g. a preset: {', '.join(minimoe.PRESETS)} "
                    "(%(default)s)")
     g.add_argument("--layers", type=int, default=None, help="override the preset's layers")
     g.add_argument("--hidden", type=int, default=None, help="override the preset's width (FFN: 4 x hidden)")
@@ -591,6 +719,20 @@ def parse_args(argv=None):
     g.add_argument("--compare_dense", action=argparse.BooleanOptionalAction, default=None,
                    help="also train the dense student of the same size on the same batches "
                    "(default: on for the embedded demo, off otherwise)")
+    g.add_argument("--students", nargs="+", default=None, metavar="NAME=A,E[:HEAD][@SIZE]",
+                   help="train several students on the same batches and one teacher forward, e.g. "
+                   "minilm=1,1:layer moe4=1,4 ta=1,1@4L-384H (A,E: attention,FFN experts; HEAD: auto|layer|extra; "
+                   "SIZE: a preset, default --student); each is saved to out_dir/NAME/student")
+    g.add_argument("--relation_head", default="auto", choices=["auto", "layer", "extra"],
+                   help="where the students' relations come from: the last layer's Q/K/V (layer, MiniLMv2), or an "
+                   "extra Q/K/V head on the final hidden states (extra, the original MiniMoE); auto: extra with "
+                   "experts, layer when dense (%(default)s)")
+    g.add_argument("--expert_init", default="split", choices=["split", "independent"],
+                   help="split: experts cut from one wide FFN, 2/3 of their neurons shared (the original's); "
+                   "independent: each expert drawn on its own (%(default)s)")
+    g.add_argument("--relation_dropout", type=float, default=0.0,
+                   help="dropout on the students' relation probabilities, as the original code (0.1 there); "
+                   "makes the training loss noisy and larger than the KL (%(default)s)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=3e-4, help="peak AdamW lr (%(default)s)")
     g.add_argument("--weight_decay", type=float, default=0.01, help="(%(default)s)")
@@ -629,7 +771,23 @@ def parse_args(argv=None):
     except ValueError:
         p.error(f"--experts wants 'attention,ffn', e.g. 1,4; got {args.experts!r}")
     dense_student = args.attn_experts == 1 and args.ffn_experts == 1
-    args.compare_dense = (demo if args.compare_dense is None else args.compare_dense) and not dense_student
+    if not re.fullmatch(r"\d+L-\d+H", args.student):
+        p.error(f"--student {args.student!r}: a size such as 3L-384H (presets: {', '.join(minimoe.PRESETS)})")
+    if args.students:  # explicit students; --compare_dense is the shorthand for "student" + "dense"
+        try:
+            specs = [parse_student(t, args.student, args.relation_head) for t in args.students]
+        except ValueError as e:
+            p.error(str(e))
+        if len({s["name"] for s in specs}) != len(specs):
+            p.error("--students: names must be unique")
+    else:
+        args.compare_dense = (demo if args.compare_dense is None else args.compare_dense) and not dense_student
+        specs = [dict(name="student", size=args.student, attn_experts=args.attn_experts, ffn_experts=args.ffn_experts,
+                      relation_head=args.relation_head, out="student")]
+        if args.compare_dense:  # the paper's MiniLM: dense, relations of its last layer (unless told otherwise)
+            specs.append(dict(name="dense", size=args.student, attn_experts=1, ffn_experts=1,
+                              relation_head=args.relation_head, out="student_dense"))
+    args.student_specs = specs
     return args
 
 
@@ -677,7 +835,7 @@ def main(argv=None):
         raise SystemExit(f"only {len(train)} train pairs, fewer than one batch of {args.batch_size}")
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
 
-    # ---- the student (and the dense baseline), on the teacher's vocabulary; or those of a checkpoint
+    # ---- the students: each with its own init, dropout stream, optimizer and output directory
     resume = None
     if args.resume:
         path = checkpoints(ckpt_dir)[-1] if args.resume == "latest" and checkpoints(ckpt_dir) else args.resume
@@ -687,68 +845,70 @@ def main(argv=None):
             resume = torch.load(path, map_location="cpu", weights_only=True)
             log(f"resuming from {path} (step {resume['step']})")
     if resume:  # the resumed run's students and schedule, whatever the flags say
-        cfg, args.compare_dense = BertConfig(**resume["config"]), "dense" in resume
+        saved = checkpoint_students(resume)
+        cfgs = {k: BertConfig(**{"relation_head": "layer", **st["config"]}) for k, st in saved.items()}
+        outs = resume.get("out_dirs", {"student": "student", "dense": "student_dense"})
         if resume["total_steps"] != total_steps:
             log(f"note: the checkpoint's run had {resume['total_steps']} steps, this one {total_steps}")
     else:
-        size = dict(minimoe.PRESETS[args.student]) if args.student in minimoe.PRESETS else {}
-        if not size:
-            raise SystemExit(f"--student {args.student!r}: choose one of {list(minimoe.PRESETS)}")
-        if args.hidden:
-            size.update(hidden_size=args.hidden, intermediate_size=4 * args.hidden)
-        size.update({k: v for k, v in (("num_layers", args.layers), ("num_heads", args.heads)) if v})
-        drop = {} if args.dropout is None else dict(hidden_dropout=args.dropout, attention_dropout=args.dropout,
-                                                    router_noise=args.dropout)
-        cfg = BertConfig(**size, **drop, vocab_size=tcfg.vocab_size, pad_token_id=tcfg.pad_token_id,
-                         type_vocab_size=tcfg.type_vocab_size, num_attn_experts=args.attn_experts,
-                         num_experts=args.ffn_experts)
-    for name, width in (("teacher", tcfg.hidden_size), ("student", cfg.hidden_size)):
-        if width % args.num_relation_heads:
-            raise SystemExit(f"--num_relation_heads {args.num_relation_heads} does not divide the {name}'s "
-                             f"width {width}")
-    raw = {"student": Bert(cfg)}
-    if args.compare_dense:
-        raw["dense"] = Bert(BertConfig(**{**asdict(cfg), "num_experts": 1, "num_attn_experts": 1}))
+        cfgs = {s["name"]: student_config(s, args, tcfg) for s in args.student_specs}
+        outs = {s["name"]: s["out"] for s in args.student_specs}
+    for k, cfg in cfgs.items():
+        for name, width in (("teacher", tcfg.hidden_size), (f"student {k}", cfg.hidden_size)):
+            if width % args.num_relation_heads:
+                raise SystemExit(f"--num_relation_heads {args.num_relation_heads} does not divide the {name}'s "
+                                 f"width {width}")
+    raw, rngs = {}, {}  # `raw` is what is saved; rngs: each student's torch RNG state between its turns
+    for k, cfg in cfgs.items():
+        torch.manual_seed(args.seed + rt.rank)  # the same init and dropout stream as a run of its own
+        raw[k] = Bert(cfg)
+        rngs[k] = torch_rng_state()
     if args.init_from and not resume:
         init = load_bert(args.init_from)
         try:
-            for m in raw.values():  # a MiniMoE copies each dense FFN into all its experts
-                m.upcycle_from(init) if m is not raw.get("dense") else m.load_state_dict(init.state_dict())
+            for m in raw.values():  # shared weights copied; a MiniMoE copies each dense FFN into all its experts
+                m.upcycle_from(init)
         except RuntimeError as e:
-            raise SystemExit(f"--init_from {args.init_from}: does not fit the student ({str(e)[:300]})") from None
+            raise SystemExit(f"--init_from {args.init_from}: does not fit the students ({str(e)[:300]})") from None
     for m in raw.values():
         m.to(rt.device).train()
-    models = dict(raw)  # what the loop calls: compiled and/or DDP-wrapped; `raw` is what is saved
+    models = dict(raw)  # what the loop calls: compiled and/or DDP-wrapped
     if args.compile:
         teacher = torch.compile(teacher)
         models = {k: torch.compile(m) for k, m in models.items()}
-    if rt.is_ddp:  # the relations read only the last layer's Q, K, V: its FFN (and more) gets no gradient
+    if rt.is_ddp:  # with the layer relation head the last layer's FFN (and more) gets no gradient
         models = {k: DDP(m, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
                          find_unused_parameters=True) for k, m in models.items()}
-    counts = minimoe.count_params(cfg)
-    log(f"teacher {args.teacher}: {tcfg.num_layers}L-{tcfg.hidden_size}H; student {cfg.num_layers}L-{cfg.hidden_size}H "
-        f"experts {cfg.num_attn_experts},{cfg.num_experts}: {counts['total'] / 1e6:.1f}M params, "
-        f"{counts['active'] / 1e6:.1f}M active per token" + ("; plus the dense baseline" if args.compare_dense else ""))
+    log(f"teacher {args.teacher}: {tcfg.num_layers}L-{tcfg.hidden_size}H")
+    for k, cfg in cfgs.items():
+        log(f"student {k}: {describe(cfg)}, {minimoe.count_params(cfg)['total'] / 1e6:.1f}M params, "
+            f"{minimoe.count_params(cfg)['active'] / 1e6:.1f}M active per token -> {out_dir / outs[k]}")
 
     # ---- optimizer and schedule: AdamW, 1% linear warmup, linear decay (one per student)
     optimizers = {k: configure_optimizer(m, args.lr, args.weight_decay) for k, m in raw.items()}
     schedule = functools.partial(lr_lambda, total_steps=total_steps, warmup_steps=int(args.warmup * total_steps))
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, schedule) for k, o in optimizers.items()}
-    step = 0
+    step, elapsed = 0, 0.0
+    results = new_results(args, argv, tcfg, cfgs, outs)
     if resume:
         for k in raw:
-            state = resume if k == "student" else resume["dense"]
-            raw[k].load_state_dict(state["model"])
-            optimizers[k].load_state_dict(state["optimizer"])
-            schedulers[k].load_state_dict(state["scheduler"])
+            raw[k].load_state_dict(saved[k]["model"])
+            optimizers[k].load_state_dict(saved[k]["optimizer"])
+            schedulers[k].load_state_dict(saved[k]["scheduler"])
         if rt.scaler and resume.get("scaler"):
             rt.scaler.load_state_dict(resume["scaler"])
-        step = resume["step"]
-        rngs = resume["rng"]
-        if len(rngs) == W:
-            set_rng_state(rngs[rt.rank])
+        step, elapsed = resume["step"], resume.get("elapsed", 0.0)
+        if len(resume["rng"]) == W:
+            mine = resume["rng"][rt.rank]
+            set_rng_state(mine.get("process", mine))
+            rngs.update(mine.get("students", {}))
         else:  # another world size: fresh, but distinct and reproducible, streams
             torch.manual_seed(args.seed + rt.rank + 1000 * step)
+            rngs = {k: (torch.manual_seed(args.seed + rt.rank + 1000 * step + i), torch_rng_state())[1]
+                    for i, k in enumerate(raw)}
+        results = resumed_results(out_dir / "results.json", results, step)
+        if rt.is_master:  # steps logged after the checkpoint will be logged again
+            truncate_log(out_dir / "log.jsonl", step)
     elif rt.is_master:
         if old := checkpoints(ckpt_dir):
             log(f"fresh run: removing {len(old)} old checkpoints in {ckpt_dir} (use --resume to continue them)")
@@ -762,19 +922,20 @@ def main(argv=None):
         f"{rt.amp_dtype or torch.float32}")
 
     def save_checkpoint(step):
-        rngs = [None] * W
+        mine = {"process": rng_state(), "students": rngs}
+        rng_all = [None] * W
         if rt.is_ddp:
-            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(rng_all, mine)
         else:
-            rngs = [rng_state()]
+            rng_all = [mine]
         if not rt.is_master:
             return
         state = {k: {"config": asdict(raw[k].config), "model": raw[k].state_dict(),
                      "optimizer": optimizers[k].state_dict(), "scheduler": schedulers[k].state_dict()} for k in raw}
-        ckpt = {**state.pop("student"), **state, "step": step, "total_steps": total_steps, "rng": rngs,
-                "scaler": rt.scaler.state_dict() if rt.scaler else None, "args": vars(args),
-                "data_position": {"epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
-                                  "pairs_seen": step * args.batch_size}}
+        first = next(iter(state))  # config + model at the top level: the file is a valid --teacher / load_bert
+        ckpt = {"students": state, "out_dirs": outs, "config": state[first]["config"], "model": state[first]["model"],
+                "step": step, "total_steps": total_steps, "rng": rng_all, "elapsed": elapsed + time.time() - t_start,
+                "scaler": rt.scaler.state_dict() if rt.scaler else None, "args": vars(args)}
         atomic_save(ckpt, ckpt_dir / f"step_{step:07d}.pt")
         for f in checkpoints(ckpt_dir)[:-args.keep_last]:
             f.unlink()
@@ -783,14 +944,14 @@ def main(argv=None):
         with open(out_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    # ---- the loop: teacher forward once, each student forward/backward on the same micro-batches
+    # ---- the loop: teacher forward once per micro-batch, then each student's forward/backward on it
     batches = global_batches(len(train), args.batch_size, args.seed, start_step=step)
     sums = {k: torch.zeros(3, device=rt.device) for k in raw}  # relation, load balance, tokens since the last log
     moe_shape = {k: (m.config.num_layers, m.config.num_experts) if m.config.num_experts > 1 else (0,)
                  for k, m in raw.items()}
     new_loads = lambda: {k: torch.zeros(moe_shape[k], device=rt.device) for k in raw}  # noqa: E731
     loads = new_loads()  # summed router_stats: (MoE layers, experts) fraction of real tokens per FFN expert
-    last_eval, t0, n_micro = None, time.time(), 0
+    last_eval, t0, t_start, n_micro = None, time.time(), time.time(), 0
     bar = tqdm(total=total_steps, initial=step, disable=not rt.is_master, dynamic_ncols=True, desc="distill")
     while step < total_steps:
         idx = next(batches)
@@ -803,17 +964,19 @@ def main(argv=None):
                 t_qkv = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                                 relation_layer=args.teacher_layer).qkv
             for k, model in models.items():
+                set_torch_rng_state(rngs[k])  # this student's dropout and router noise, as if it ran alone
                 sync = contextlib.nullcontext() if not rt.is_ddp or k_acc == accum - 1 else model.no_sync()
                 with sync:
                     with rt.autocast():
                         loss, rel, lb, out = distill_loss(t_qkv, model, batch, args.num_relation_heads,
-                                                          args.load_balance_weight)
+                                                          args.load_balance_weight, args.relation_dropout)
                     (rt.scaler.scale(loss / accum) if rt.scaler else loss / accum).backward()
+                rngs[k] = torch_rng_state()
                 sums[k] += torch.stack([rel.detach().float(), lb.detach().float(),
                                         batch["attention_mask"].sum().float()])
                 loads[k] += out.router_stats.detach()
             n_micro += 1
-        lr = optimizers["student"].param_groups[0]["lr"]  # the lr of this step, for the log
+        lr = next(iter(optimizers.values())).param_groups[0]["lr"]  # the lr of this step, for the log
         for k in raw:
             if rt.scaler:
                 rt.scaler.unscale_(optimizers[k])
@@ -831,53 +994,58 @@ def main(argv=None):
             if rt.is_ddp:
                 for t in list(sums.values()) + [v for v in loads.values() if v.numel()]:
                     dist.all_reduce(t)
-            s = {k: (v / (n_micro * W)).tolist() for k, v in sums.items()}
             dt = time.time() - t0
-            rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
-                   "loss": s["student"][0] + args.load_balance_weight * s["student"][1], "rel": s["student"][0],
-                   "lb": s["student"][1], "tok_per_s": s["student"][2] * n_micro * W / dt}
-            if loads["student"].numel():
-                load = (loads["student"] / (n_micro * W)).tolist()
-                rec["expert_load"] = [[round(x, 4) for x in layer] for layer in load]
-            if "dense" in raw:
-                rec["dense_rel"] = s["dense"][0]
+            rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr}
+            for i, k in enumerate(raw):  # the first student's fields plain, the others' prefixed "name_"
+                rel, lb, tokens = (sums[k] / (n_micro * W)).tolist()
+                pre = "" if i == 0 else f"{k}_"
+                rec.update({f"{pre}loss": rel + args.load_balance_weight * lb, f"{pre}rel": rel, f"{pre}lb": lb})
+                if i == 0:
+                    rec["tok_per_s"] = tokens * n_micro * W / dt
+                if loads[k].numel():
+                    load = (loads[k] / (n_micro * W)).tolist()
+                    rec[f"{pre}expert_load"] = [[round(x, 4) for x in layer] for layer in load]
             if rt.is_master:
                 write_log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", rel=f"{rec['rel']:.4f}", lb=f"{rec['lb']:.3f}",
-                                lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}",
-                                **({"dense_rel": f"{rec['dense_rel']:.4f}"} if "dense" in raw else {}))
+                bar.set_postfix(tok_s=f"{rec['tok_per_s']:.0f}", lr=f"{rec['lr']:.2e}",
+                                **{k: f"{rec[('' if i == 0 else k + '_') + 'rel']:.4f}" for i, k in enumerate(raw)})
+                results["tok_per_s"].append([step, rec["tok_per_s"]])
+                for i, k in enumerate(raw):
+                    if (key := ("" if i == 0 else f"{k}_") + "expert_load") in rec:
+                        results["students"][k]["expert_load"].append([step, rec[key]])
             sums = {k: torch.zeros(3, device=rt.device) for k in raw}
             loads = new_loads()
         if rt.is_master and (step % args.eval_every == 0 or step == total_steps):
-            last_eval = (step, evaluate(teacher, raw, heldout, args, rt, pad_id))
-            write_log({"step": step, "heldout_rel": last_eval[1]})
-            bar.write(f"step {step}: held-out relation loss " +
-                      ", ".join(f"{k} {v:.4f}" for k, v in last_eval[1].items()))
+            means, per_pair = evaluate(teacher, raw, heldout, args, rt, pad_id)
+            last_eval = (step, means)
+            write_log({"step": step, "heldout_rel": means})
+            bar.write(f"step {step}: held-out relation loss " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+            record_eval(results, step, means, per_pair, elapsed + time.time() - t_start, rt)
+            write_json(out_dir / "results.json", results)
         if step % args.save_every == 0 or step == total_steps:
             save_checkpoint(step)
         if step % args.log_every == 0:  # restart the clock: tokens/s leaves evaluation and saving out
             t0, n_micro = time.time(), 0
     bar.close()
 
-    # ---- save: the student(s) as HF-layout directories, and what they reached on held-out pairs
+    # ---- save: the students as HF-layout directories, and what they reached on held-out pairs
     result = None
     if rt.is_master:
         if last_eval is None or last_eval[0] != step:
-            last_eval = (step, evaluate(teacher, raw, heldout, args, rt, pad_id))
+            means, per_pair = evaluate(teacher, raw, heldout, args, rt, pad_id)
+            last_eval = (step, means)
+            record_eval(results, step, means, per_pair, elapsed + time.time() - t_start, rt)
+            write_json(out_dir / "results.json", results)
         result = last_eval[1]
         for k, m in raw.items():
-            save_bert(m, out_dir / ("student" if k == "student" else "student_dense"), tokenizer)
-        moe = cfg.num_experts > 1 or cfg.num_attn_experts > 1
-        kind = f"MiniMoE {cfg.num_attn_experts},{cfg.num_experts}E" if moe else "dense MiniLM"
-        print(f"saved {kind} student {cfg.num_layers}L-{cfg.hidden_size}H to {out_dir / 'student'}"
-              + (f" (dense baseline: {out_dir / 'student_dense'})" if "dense" in raw else ""))
-        print(f"held-out relation loss after {step} steps ({len(heldout)} pairs): {kind} {result['student']:.4f}"
-              + (f" | dense MiniLM {result['dense']:.4f}" if "dense" in raw else ""))
+            save_bert(m, out_dir / outs[k], tokenizer)
+            print(f"saved {k} ({describe(m.config)}) to {out_dir / outs[k]}")
+        print(f"held-out relation loss after {step} steps ({len(heldout)} pairs): "
+              + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
     if rt.is_ddp:
         dist.barrier()
         dist.destroy_process_group()
     return result
-
 
 if __name__ == "__main__":
     main()

@@ -268,8 +268,10 @@ def test_run_checkpoints_and_exports(tmp_path, tiny_setup):
     ckpts = td.checkpoints(out / "checkpoints")
     assert [c.name for c in ckpts] == ["step_0000003.pt", "step_0000004.pt"]
     ckpt = torch.load(ckpts[-1], weights_only=True)
-    assert ckpt["step"] == 4 and ckpt["config"]["num_experts"] == 4 and ckpt["dense"]["config"]["num_experts"] == 1
-    assert {"optimizer", "scheduler", "rng", "data_position", "args"} <= set(ckpt)
+    assert ckpt["step"] == 4 and ckpt["config"]["num_experts"] == 4
+    assert ckpt["students"]["dense"]["config"]["num_experts"] == 1
+    assert ckpt["config"]["relation_head"] == "extra" and ckpt["students"]["dense"]["config"]["relation_head"] == "layer"
+    assert {"optimizer", "scheduler"} <= set(ckpt["students"]["student"]) and {"rng", "args", "out_dirs"} <= set(ckpt)
     ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102, 2009, 102]])
     a, b = mm.load_bert(ckpts[-1]), mm.load_bert(out / "student")
     assert torch.equal(a(ids).last_hidden_state, b(ids).last_hidden_state)
@@ -357,3 +359,81 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_setup):
     for a, b in zip(runs["one"], runs["two"]):
         assert abs(a["loss"] - b["loss"]) < 1e-5 * max(1.0, a["loss"]), (a, b)
     assert runs["one"][2]["loss"] != runs["one"][0]["loss"]
+
+
+# ----------------------------------------------------------------------------- many students, one teacher
+
+STUDENTS = ["--students", "minilm=1,1:layer", "minilm_xh=1,1:extra", "moe3=1,3", "ta=1,1@3L-32H"]
+
+
+def test_many_students_share_one_teacher_forward_and_each_equals_its_own_run(tmp_path, tiny_setup, monkeypatch):
+    calls = []
+    real_load = td.load_bert
+
+    def counting_teacher(path, **kw):
+        model = real_load(path, **kw)
+        forward = model.forward
+        model.forward = lambda *a, **k: (calls.append(a[0].shape), forward(*a, **k))[1]
+        return model
+
+    monkeypatch.setattr(td, "load_bert", counting_teacher)
+    common = ("--max_steps", "3", "--micro_batch_size", "4", "--log_every", "1", "--eval_every", "100")
+    together = td.main(tiny_args(tiny_setup, tmp_path / "all", *common, *STUDENTS))
+    res = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert len(calls) == 3 * 2 + -(-res["heldout_pairs"] // 4)  # 2 micro-batches a step, then the evaluation
+    assert set(together) == {"minilm", "minilm_xh", "moe3", "ta"}
+    assert mm.load_bert(tmp_path / "all" / "ta" / "student").config.num_layers == 3  # @3L-32H: --layers 2 does not override it
+    assert mm.load_bert(tmp_path / "all" / "moe3" / "student").config.relation_head == "extra"
+    assert mm.load_bert(tmp_path / "all" / "minilm" / "student").relation_proj is None
+    monkeypatch.setattr(td, "load_bert", real_load)
+
+    log = [r for r in read_log(tmp_path / "all") if "loss" in r]
+    assert {"rel", "minilm_xh_rel", "moe3_rel", "moe3_expert_load", "ta_lb"} <= set(log[0])
+    for name in ("moe3", "minilm_xh"):  # alone, with the same seed: the same losses and held-out result
+        spec = next(s for s in STUDENTS if s.startswith(name + "="))
+        alone = td.main(tiny_args(tiny_setup, tmp_path / name, *common, "--students", spec))
+        assert abs(alone[name] - together[name]) < 1e-5
+        for a, b in zip(log, [r for r in read_log(tmp_path / name) if "loss" in r]):
+            assert abs(a[f"{name}_loss"] - b["loss"]) < 1e-5
+    # results.json: curves, per-pair held-out losses for paired bootstraps, the command
+    assert res["final"] == together and "--students" in res["command"] and res["peak_rss_mb"] > 0
+    pp = res["per_pair"]
+    assert len(pp["rows"]) == res["heldout_pairs"] == len(pp["moe3"])
+    assert abs(sum(pp["moe3"]) / sum(pp["rows"]) - together["moe3"]) < 1e-5
+    assert res["students"]["moe3"]["heldout"] == [[3, together["moe3"]]]
+
+
+def test_resume_restores_every_student_exactly(tmp_path, tiny_setup, monkeypatch):
+    args = lambda out: tiny_args(tiny_setup, out, "--max_steps", "5", "--log_every", "1", "--save_every", "2",  # noqa
+                                 "--eval_every", "100", *STUDENTS[:4])
+    td.main(args(tmp_path / "a"))
+    full = [r for r in read_log(tmp_path / "a") if "loss" in r]
+    real_save = td.atomic_save
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if Path(path).name == "step_0000004.pt":
+            raise Killed
+
+    monkeypatch.setattr(td, "atomic_save", save_then_die)
+    with pytest.raises(Killed):
+        td.main(args(tmp_path / "b"))
+    monkeypatch.setattr(td, "atomic_save", real_save)
+    td.main(args(tmp_path / "b") + ["--resume"])
+    resumed = [r for r in read_log(tmp_path / "b") if "loss" in r]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]  # no step logged twice
+    for a, b in zip(full, resumed):
+        for key in ("loss", "minilm_xh_loss", "moe3_loss", "moe3_lb"):
+            assert abs(a[key] - b[key]) < 1e-6, (key, a, b)
+    for name in ("minilm", "minilm_xh", "moe3"):
+        sa, sb = (mm.load_bert(tmp_path / r / name / "student") for r in "ab")
+        for (n, p), q in zip(sa.state_dict().items(), sb.state_dict().values()):
+            assert torch.allclose(p, q, atol=1e-6), (name, n)
+
+
+def test_bad_student_specs_fail_clearly(tiny_setup, tmp_path, capsys):
+    for bad, msg in ((["x"], "expected NAME=A,E"), (["a=1,2@9L"], "expected NAME=A,E"), (["a=1,2", "a=1,1"], "unique"),
+                     (["a=0,2"], ">= 1")):
+        with pytest.raises(SystemExit):
+            td.parse_args(tiny_args(tiny_setup, tmp_path, "--students", *bad))
+        assert msg in capsys.readouterr().err
