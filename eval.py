@@ -6,6 +6,7 @@ Evaluate finetuned checkpoints (GLUE, CoNLL-2003), print the GLUE table, report 
     python eval.py --tasks all --runs runs/finetune            # Markdown GLUE table (+ JSON) over a run directory
     python eval.py --compute --ckpt runs/finetune/rte          # params, FLOPs/token, latency, throughput, memory
     python eval.py --compute --preset 3L-384H --num_experts 4  # the same for a config (random weights)
+    python eval.py --plot out/study out/study_ta --out_dir results  # distillation runs: table, CIs, plots
 
 Metrics are plain numpy (no sklearn/scipy/seqeval at run time; the tests use them as oracles):
 accuracy, binary F1, Matthews correlation, Pearson, Spearman (average ranks for ties), and
@@ -188,6 +189,135 @@ def find_runs(root, tasks):
 
 
 # -----------------------------------------------------------------------------
+# Distillation runs (train_distill.py's results.json): held-out relation loss, paired bootstrap, plots
+
+
+def paired_bootstrap(kl_a, kl_b, rows, n_boot=2000, seed=0):
+    """Difference of held-out relation loss a - b (each the mean over all real query rows: sum of the
+    pairs' KL sums / sum of their rows) and its 95% percentile interval over pairs resampled with
+    replacement. Paired: both students are scored on the same resampled pairs."""
+    a, b, r = (np.asarray(x, dtype=np.float64) for x in (kl_a, kl_b, rows))
+    idx = np.random.default_rng(seed).integers(0, len(r), (n_boot, len(r)))  # (n_boot, P) resampled pairs
+    diffs = (a[idx].sum(1) - b[idx].sum(1)) / r[idx].sum(1)  # (n_boot,)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float((a.sum() - b.sum()) / r.sum()), float(lo), float(hi)
+
+
+def load_runs(run_dirs):
+    """{student: (run dir, its results.json, the student's entry)} over several runs, in run order."""
+    students = {}
+    for d in run_dirs:
+        f = Path(d) / "results.json"
+        if not f.is_file():
+            raise SystemExit(f"{f}: not found (expected a train_distill.py output directory)")
+        res = json.loads(f.read_text())
+        for name, st in res["students"].items():
+            students[name] = (Path(d), res, st)
+    return students
+
+
+def study_report(run_dirs, baseline="minilm"):
+    """Rows of the study table: each student's final held-out relation loss and, against the baseline
+    (scored on the same held-out pairs), the difference with its paired-bootstrap 95% interval."""
+    students = load_runs(run_dirs)
+    if baseline not in students:
+        raise SystemExit(f"--baseline {baseline!r} is none of the students: {list(students)}")
+    _, base_res, _ = students[baseline]
+    rows = []
+    for name, (d, res, st) in students.items():
+        cfg = st["config"]
+        row = dict(student=name, describe=st["describe"], run=str(d), experts=cfg["num_experts"],
+                   layers=cfg["num_layers"], params_m=round(st["params"]["total"] / 1e6, 1),
+                   steps=res["step"], wall_min=round(res["wall_s"] / 60, 1), teacher=res["teacher"]["path"],
+                   eval_teacher=res.get("eval_teacher", res["teacher"]["path"]),
+                   heldout=res["final"][name], pairs=res["heldout_pairs"])
+        same_pairs = res["per_pair"]["rows"] == base_res["per_pair"]["rows"] and \
+            row["eval_teacher"] == base_res.get("eval_teacher", base_res["teacher"]["path"])
+        if name != baseline and same_pairs:
+            diff, lo, hi = paired_bootstrap(res["per_pair"][name], base_res["per_pair"][baseline], res["per_pair"]["rows"])
+            row.update(diff=diff, ci=[lo, hi], significant=bool(lo > 0 or hi < 0))
+        rows.append(row)
+    return rows
+
+
+def study_markdown(rows, baseline):
+    lines = [f"| student | model | params | distilled from | steps | wall (min) | held-out relation KL | "
+             f"Δ vs {baseline} [95% CI] |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        delta = "–" if "diff" not in r else f"{r['diff']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]" + \
+            (" *" if r["significant"] else "")
+        teacher = Path(r["teacher"]).parent.name if Path(r["teacher"]).name == "student" else Path(r["teacher"]).name
+        lines.append(f"| {r['student']} | {r['describe']} | {r['params_m']}M | {teacher} | {r['steps']} | "
+                     f"{r['wall_min']} | {r['heldout']:.4f} | {delta} |")
+    return "\n".join(lines)
+
+
+def study_plots(run_dirs, out_dir, baseline="minilm"):
+    """Three PNGs: held-out relation KL vs step (all students); final held-out KL vs the number of
+    experts (3L students with the extra head, MiniLM as a line); per-layer expert load over training."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot draws with matplotlib, an optional dependency: pip install matplotlib") from None
+    students, out = load_runs(run_dirs), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (_, _, st) in students.items():
+        steps, kl = zip(*st["heldout"])
+        ax.plot(steps, kl, marker="o", ms=3, label=f"{name}: {st['describe']}")
+    ax.set(xlabel="step", ylabel="held-out relation KL (nats)", title="Held-out relation loss during distillation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    paths.append(out / "study_heldout.png")
+    fig.savefig(paths[-1], dpi=130, bbox_inches="tight")
+    plt.close(fig)
+
+    moe = {n: v for n, v in students.items() if v[2]["config"]["relation_head"] == "extra"
+           and v[2]["config"]["num_layers"] == students[baseline][2]["config"]["num_layers"]}
+    if moe:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        pts = sorted((v[2]["config"]["num_experts"], v[1]["final"][n], n) for n, v in moe.items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="extra relation head (MiniMoE when E > 1)")
+        for e, kl, n in pts:
+            ax.annotate(n, (e, kl), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(students[baseline][1]["final"][baseline], color="gray", ls="--", label=f"{baseline} (layer head)")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="FFN experts E", ylabel="final held-out relation KL", title="Experts vs held-out relation loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        paths.append(out / "study_experts.png")
+        fig.savefig(paths[-1], dpi=130, bbox_inches="tight")
+        plt.close(fig)
+
+    routed = {n: v[2] for n, v in students.items() if v[2]["expert_load"]}
+    if routed:
+        L = max(len(st["expert_load"][0][1]) for st in routed.values())
+        fig, axes = plt.subplots(len(routed), L, figsize=(3.2 * L, 2.3 * len(routed)), squeeze=False, sharey=True)
+        for i, (name, st) in enumerate(routed.items()):
+            steps = [s for s, _ in st["expert_load"]]
+            load = np.array([x for _, x in st["expert_load"]])  # (log points, L, E) fraction of real tokens
+            for layer in range(load.shape[1]):
+                ax = axes[i][layer]
+                for e in range(load.shape[2]):
+                    ax.plot(steps, load[:, layer, e], lw=1)
+                ax.axhline(1 / load.shape[2], color="gray", ls=":", lw=0.8)
+                ax.set_title(f"{name} layer {layer}", fontsize=8)
+                ax.tick_params(labelsize=7)
+        fig.supxlabel("step")
+        fig.supylabel("fraction of tokens per expert")
+        paths.append(out / "study_expert_load.png")
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return paths
+
+
+# -----------------------------------------------------------------------------
 # Compute report
 
 
@@ -263,11 +393,29 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--plot", nargs="+", default=None, metavar="RUN_DIR",
+                   help="train_distill.py output dirs: study table with paired-bootstrap CIs, and plots")
+    p.add_argument("--out_dir", default="results", help="where --plot writes its table and PNGs")
+    p.add_argument("--baseline", default="minilm", help="the student --plot compares the others with")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plot:  # distillation runs: no torch needed
+        rows = study_report(args.plot, args.baseline)
+        table = study_markdown(rows, args.baseline)
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        command = "python eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        (out / "study_table.md").write_text(f"<!-- generated by: {command} -->\n{table}\n\n"
+                                            "Δ: paired bootstrap over held-out pairs (2000 resamples); * = the "
+                                            "95% interval excludes 0.\n")
+        (out / "study_table.json").write_text(json.dumps(dict(command=command, rows=rows), indent=1))
+        print(table)
+        for path in study_plots(args.plot, out, args.baseline):
+            print(f"wrote {path}", file=sys.stderr)
+        return rows
     from train_distill import setup_runtime
 
     import torch

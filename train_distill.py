@@ -643,7 +643,7 @@ def new_results(args, argv, tcfg, cfgs, outs):
     relation loss per evaluation, expert load per log point, tokens/s, wall time, peak memory."""
     command = ["python", "train_distill.py", *(sys.argv[1:] if argv is None else argv)]
     return {"command": " ".join(shlex.quote(a) for a in command), "args": {k: v for k, v in vars(args).items()},
-            "teacher": {"path": args.teacher, "config": asdict(tcfg)},
+            "teacher": {"path": args.teacher, "config": asdict(tcfg)}, "eval_teacher": args.eval_teacher or args.teacher,
             "students": {k: {"describe": describe(cfg), "out": outs[k], "config": asdict(cfg),
                              "params": minimoe.count_params(cfg), "heldout": [], "expert_load": []}
                          for k, cfg in cfgs.items()},
@@ -705,6 +705,9 @@ def parse_args(argv=None):
     g.add_argument("--teacher", default=None, help="HF BERT dir or hub id, or our student dir or checkpoint file "
                    "(MiniLM w/ TA); default: the embedded all-MiniLM-L6-v2")
     g.add_argument("--tokenizer", default=None, help="default: the teacher's")
+    g.add_argument("--eval_teacher", default=None, help="measure the held-out relation loss against this teacher "
+                   "instead (MiniLM w/ TA: the TA's own teacher, so that every student is scored alike); "
+                   "'default': the embedded all-MiniLM-L6-v2")
     g.add_argument("--student", default="3L-384H", help=f"size LL-HH, e.g. a preset: {', '.join(minimoe.PRESETS)} "
                    "(%(default)s)")
     g.add_argument("--layers", type=int, default=None, help="override the preset's layers")
@@ -763,6 +766,8 @@ def parse_args(argv=None):
     demo = args.corpus is None  # the embedded no-argument run
     args.corpus = args.corpus or gensim_wiki_sample()
     args.teacher = args.teacher or minimoe.default_teacher()
+    if args.eval_teacher == "default":
+        args.eval_teacher = minimoe.default_teacher()
     args.batch_size = args.batch_size or (DEMO_BATCH_SIZE if demo else 128)
     if args.max_steps is None and args.epochs is None:
         args.max_steps, args.epochs = (DEMO_MAX_STEPS, None) if demo else (None, 5)
@@ -805,6 +810,12 @@ def main(argv=None):
 
     # ---- the frozen teacher and its tokenizer, which the student shares
     teacher = load_bert(args.teacher).to(rt.device).eval().requires_grad_(False)
+    eval_teacher = teacher  # held-out relation loss against this one (--eval_teacher: e.g. the TA's own teacher)
+    if args.eval_teacher:
+        eval_teacher = load_bert(args.eval_teacher).to(rt.device).eval().requires_grad_(False)
+        if eval_teacher.config.vocab_size != teacher.config.vocab_size:
+            raise SystemExit(f"--eval_teacher {args.eval_teacher}: vocabulary of {eval_teacher.config.vocab_size} "
+                             f"tokens, the teacher's has {teacher.config.vocab_size}; they must share a tokenizer")
     tcfg = teacher.config
     tokenizer = load_tokenizer(args.tokenizer or args.teacher)
     pad_id = tokenizer.token_to_id("[PAD]") or 0
@@ -1016,7 +1027,7 @@ def main(argv=None):
             sums = {k: torch.zeros(3, device=rt.device) for k in raw}
             loads = new_loads()
         if rt.is_master and (step % args.eval_every == 0 or step == total_steps):
-            means, per_pair = evaluate(teacher, raw, heldout, args, rt, pad_id)
+            means, per_pair = evaluate(eval_teacher, raw, heldout, args, rt, pad_id)
             last_eval = (step, means)
             write_log({"step": step, "heldout_rel": means})
             bar.write(f"step {step}: held-out relation loss " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
@@ -1032,7 +1043,7 @@ def main(argv=None):
     result = None
     if rt.is_master:
         if last_eval is None or last_eval[0] != step:
-            means, per_pair = evaluate(teacher, raw, heldout, args, rt, pad_id)
+            means, per_pair = evaluate(eval_teacher, raw, heldout, args, rt, pad_id)
             last_eval = (step, means)
             record_eval(results, step, means, per_pair, elapsed + time.time() - t_start, rt)
             write_json(out_dir / "results.json", results)
