@@ -14,7 +14,9 @@ layer, the extra relation head and `Bert`; the MiniLMv2 relation loss; parameter
 last, checkpoint I/O (Hugging Face and the authors' layouts, tokenizer, default teacher).
 
 Shape legend: B batch, T tokens per sequence, N = B·T tokens, H hidden, I expert FFN size,
-E experts, nh attention heads, hd head size, R relation heads.
+E experts, A attention experts, nh attention heads, hd head size, R relation heads.
+Masks: `key_mask` (B, 1, 1, T) bool, True = a real key (attention); `token_mask` (B, T) or (N,),
+1 = a real token (router statistics and losses).
 """
 import json
 import os
@@ -160,12 +162,12 @@ class Embeddings(nn.Module):
         return self.drop(self.ln(x))
 
 
-def attend(q, k, v, mask, dropout_p, use_sdpa):
-    """Softmax attention over real keys. q, k, v (B, nh, T, hd); mask (B, 1, 1, T) bool, True = key is real."""
+def attend(q, k, v, key_mask, dropout_p, use_sdpa):
+    """Softmax attention over real keys. q, k, v (B, nh, T, hd); key_mask (B, 1, 1, T) bool, True = real."""
     if use_sdpa:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
     att = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, nh, T, T)
-    att = (att + (~mask).to(att.dtype) * torch.finfo(att.dtype).min).softmax(-1)  # padding keys -> 0
+    att = (att + (~key_mask).to(att.dtype) * torch.finfo(att.dtype).min).softmax(-1)  # padding keys -> 0
     return F.dropout(att, dropout_p) @ v  # (B, nh, T, hd)
 
 
@@ -188,9 +190,9 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(H, H) for _ in range(4))
         self.nh, self.p, self.use_sdpa = cfg.num_heads, cfg.attention_dropout, cfg.use_sdpa
 
-    def forward(self, x, mask, token_mask):  # x (B, T, H)
+    def forward(self, x, key_mask):  # x (B, T, H), key_mask (B, 1, 1, T)
         q, k, v = self.q(x), self.k(x), self.v(x)  # (B, T, H) each
-        y = attend(*(split_heads(t, self.nh) for t in (q, k, v)), mask, self.p if self.training else 0.0, self.use_sdpa)
+        y = attend(*(split_heads(t, self.nh) for t in (q, k, v)), key_mask, self.p if self.training else 0.0, self.use_sdpa)
         return self.o(merge_heads(y)), (q, k, v), None
 
 
@@ -206,7 +208,7 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x, token_mask=None):  # (B, T, H)
+    def forward(self, x, token_mask=None):  # (B, T, H); token_mask unused: MoEFeedForward's signature
         return self.fc2(F.gelu(self.fc1(x))), None
 
 
@@ -271,10 +273,16 @@ def split_groups(xs, g):
     return xs.split(torch.diff(g.offs, prepend=g.offs.new_zeros(1)).tolist())  # sync-ok: loop path only
 
 
+def loop_experts(fn, xs, g, *weights):
+    """The readable dispatch, a Python loop over experts: fn(x_e, *weights_e) on expert e's contiguous
+    slice x_e of the sorted rows xs (N, K); each of `weights` is stacked on a first axis of size E."""
+    slices = zip(split_groups(xs, g), *(w.unbind(0) for w in weights))
+    return torch.cat([fn(x_e, *weights_e) for x_e, *weights_e in slices])  # (N, M)
+
+
 def loop_linear(xs, w, b, g):
-    """The readable twin of grouped_linear: a Python loop over experts, one addmm on each expert's
-    contiguous slice of the sorted rows."""
-    return torch.cat([torch.addmm(b_e, x_e, w_e) for x_e, w_e, b_e in zip(split_groups(xs, g), w.unbind(0), b.unbind(0))])
+    """The loop twin of grouped_linear: one addmm per expert."""
+    return loop_experts(lambda x_e, w_e, b_e: torch.addmm(b_e, x_e, w_e), xs, g, w, b)
 
 
 def grouped_linear(xs, w, b, g):
@@ -304,31 +312,37 @@ def split_neurons(E, I):
     return torch.stack([torch.cat([torch.arange(shared), rest[e::E]])[:I] for e in range(E)])  # (E, I)
 
 
+def expert_ffn(x_e, w1, b1, w2, b2):
+    """One expert's FFN on its slice of the sorted tokens (N_e, H) -> (N_e, H)."""
+    return torch.addmm(b2, F.gelu(torch.addmm(b1, x_e, w1)), w2)
+
+
 class MoEFeedForward(nn.Module):
     """Mixture of minimal experts (the paper's Section 3): E FFNs of the dense size, top-1 routing,
     y = gate · FFN_e(x) per token, no capacity factor (no token is dropped)."""
 
-    def __init__(self, hidden, intermediate, num_experts, router_noise=0.1, dispatch="auto"):
+    def __init__(self, cfg):
         super().__init__()
-        E, H, I = num_experts, hidden, intermediate
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         self.router = nn.Linear(H, E)
         self.w1, self.b1 = nn.Parameter(torch.empty(E, H, I)), nn.Parameter(torch.zeros(E, I))
         self.w2, self.b2 = nn.Parameter(torch.empty(E, I, H)), nn.Parameter(torch.zeros(E, H))
-        self.noise, self.dispatch = router_noise, dispatch
+        self.noise, self.dispatch = cfg.router_noise, cfg.dispatch
 
-    def forward(self, x, mask=None):
-        """x (B, T, H), mask (B, T) with 1 = real token -> (y (B, T, H), MoEAux)."""
+    def forward(self, x, token_mask=None):
+        """x (B, T, H), token_mask (B, T) with 1 = real token (None: all real) -> (y (B, T, H), MoEAux)."""
         shape, H = x.shape, x.shape[-1]
         x = x.reshape(-1, H)  # (N, H)
-        token_mask = torch.ones(x.shape[0], device=x.device) if mask is None else mask.reshape(-1)  # (N,)
+        if token_mask is None:
+            token_mask = torch.ones(x.shape[0], device=x.device)
+        token_mask = token_mask.reshape(-1)  # (N,)
         gate, expert, probs = route(self.router, x, self.noise, self.training)
         g = group_tokens(expert, self.w1.shape[0])
         xs = x.index_select(0, g.order)  # (N, H), tokens sorted by expert
         if resolve_dispatch(self.dispatch, x) == "grouped":  # one grouped GEMM per projection
             ys = grouped_linear(F.gelu(grouped_linear(xs, self.w1, self.b1, g)), self.w2, self.b2, g)  # (N, H)
-        else:  # the readable loop: each expert's FFN on its contiguous slice of the sorted tokens
-            experts = zip(split_groups(xs, g), *(p.unbind(0) for p in (self.w1, self.b1, self.w2, self.b2)))
-            ys = torch.cat([torch.addmm(b2, F.gelu(torch.addmm(b1, xe, w1)), w2) for xe, w1, b1, w2, b2 in experts])
+        else:  # whole FFN per slice (loop_linear twice would concatenate and re-split (N, I) in between)
+            ys = loop_experts(expert_ffn, xs, g, self.w1, self.b1, self.w2, self.b2)  # (N, H)
         y = unsort(ys, g)  # (N, H), back in token order
         y = y * gate.to(y.dtype)[:, None]  # the gate makes the router trainable
         return y.view(shape), load_balance(probs, expert, token_mask)
@@ -374,7 +388,7 @@ class MoEAttention(nn.Module):
         self.nh, self.p, self.use_sdpa = cfg.num_heads, cfg.attention_dropout, cfg.use_sdpa
         self.noise, self.dispatch = cfg.router_noise, cfg.dispatch
 
-    def forward(self, x, mask, token_mask):  # x (B, T, H)
+    def forward(self, x, key_mask):  # x (B, T, H), key_mask (B, 1, 1, T)
         B, T, H = x.shape
         xf = x.reshape(B * T, H)  # (N, H)
         gate, expert, probs = route(self.router, xf, self.noise, self.training)
@@ -382,11 +396,12 @@ class MoEAttention(nn.Module):
         linear = grouped_linear if resolve_dispatch(self.dispatch, x) == "grouped" else loop_linear
         qkv = unsort(linear(xf.index_select(0, g.order), self.wqkv, self.bqkv, g), g)  # (N, 3H), by its expert
         q, k, v = qkv.view(B, T, 3 * H).split(H, dim=-1)  # (B, T, H) each
-        y = merge_heads(attend(*(split_heads(t, self.nh) for t in (q, k, v)), mask,
+        y = merge_heads(attend(*(split_heads(t, self.nh) for t in (q, k, v)), key_mask,
                                self.p if self.training else 0.0, self.use_sdpa)).reshape(B * T, H)  # (N, H)
         out = unsort(linear(y.index_select(0, g.order), self.wo, self.bo, g), g)  # (N, H)
         out = out * gate.to(out.dtype)[:, None]
-        return out.view(B, T, H), (q, k, v), load_balance(probs, expert, token_mask.reshape(-1))
+        token_mask = key_mask.reshape(-1)  # (N,), the same real tokens as the real keys
+        return out.view(B, T, H), (q, k, v), load_balance(probs, expert, token_mask)
 
     @torch.no_grad()
     def upcycle_from_dense(self, attn):
@@ -408,13 +423,12 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.attn = MoEAttention(cfg) if cfg.num_attn_experts > 1 else SelfAttention(cfg)
         self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.ffn = (MoEFeedForward(cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.router_noise,
-                                   cfg.dispatch) if cfg.num_experts > 1 else FeedForward(cfg))
+        self.ffn = MoEFeedForward(cfg) if cfg.num_experts > 1 else FeedForward(cfg)
         self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x, mask, token_mask):  # x (B, T, H)
-        a, qkv, attn_aux = self.attn(x, mask, token_mask)
+    def forward(self, x, key_mask, token_mask):  # x (B, T, H), key_mask (B, 1, 1, T), token_mask (B, T)
+        a, qkv, attn_aux = self.attn(x, key_mask)
         x = self.ln1(x + self.drop(a))
         f, ffn_aux = self.ffn(x, token_mask)
         x = self.ln2(x + self.drop(f))
@@ -478,12 +492,12 @@ class Bert(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T), True = real key
+        key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T), True = real key
         x = self.emb(input_ids, token_type_ids)  # (B, T, H)
         rel = relation_layer % len(self.layers)
         attn_aux, ffn_aux = [], []
         for i, layer in enumerate(self.layers):
-            x, qkv_i, a_aux, f_aux = layer(x, mask, attention_mask)
+            x, qkv_i, a_aux, f_aux = layer(x, key_mask, attention_mask)
             if i == rel:
                 qkv = qkv_i
             attn_aux += [a_aux] if a_aux is not None else []
@@ -537,8 +551,8 @@ def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=3
     loss is noisier and larger than the KL it stands for. Pass it in training only.
     per_sequence=True returns ((B,) KL summed over each pair's rows and heads, (B,) its row count),
     so that a mean over any subset of pairs (a bootstrap resample) is sums.sum() / rows.sum()."""
-    mask = attention_mask.bool()  # (B, T)
-    key_bias = (~mask).float()[:, None, None, :] * torch.finfo(torch.float32).min  # (B, 1, 1, T)
+    token_mask = attention_mask.bool()  # (B, T)
+    key_bias = (~token_mask).float()[:, None, None, :] * torch.finfo(torch.float32).min  # (B, 1, 1, T)
     kl_sums = 0.0
     for t, s in zip(teacher_qkv, student_qkv):
         with torch.no_grad():
@@ -549,8 +563,8 @@ def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=3
         if dropout > 0:
             ls = torch.log(F.dropout(ls.exp(), dropout) + 1e-7)
         kl = neg_entropy - (pt * ls).sum(-1)  # (B, R, T)
-        kl_sums = kl_sums + (kl * mask[:, None, :]).sum((1, 2))  # (B,)
-    rows = mask.sum(1) * num_relation_heads  # (B,)
+        kl_sums = kl_sums + (kl * token_mask[:, None, :]).sum((1, 2))  # (B,)
+    rows = token_mask.sum(1) * num_relation_heads  # (B,)
     if per_sequence:
         return kl_sums / 3, rows
     return kl_sums.sum() / rows.sum().clamp_min(1) / 3
