@@ -256,7 +256,7 @@ def measure(device):
 
     def make_ffn(name):
         torch.manual_seed(args.seed)  # the same expert weights for every dispatch
-        m = mm.FeedForward(scfg) if name == "dense" else mm.MoEFeedForward(H, I, E, router_noise=0.1, dispatch=name)
+        m = mm.FeedForward(scfg) if name == "dense" else mm.MoEFeedForward(cfg("3L-384H", num_experts=E, dispatch=name))
         return ffn_step(compiled(bert_init(m).to(device)))
 
     fns = {}

