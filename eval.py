@@ -7,6 +7,9 @@ Evaluate finetuned checkpoints (GLUE, CoNLL-2003), print the GLUE table, report 
     python eval.py --compute --ckpt runs/finetune/rte          # params, FLOPs/token, latency, throughput, memory
     python eval.py --compute --preset 3L-384H --num_experts 4  # the same for a config (random weights)
     python eval.py --plot out/study out/study_ta --out_dir results  # distillation runs: table, CIs, plots
+    python eval.py --svd out/study/moe4/student                 # experts' singular-value spectra (+ a plot)
+    python eval.py --compress out/study/moe4/student --rank 128 --basis shared --out out/moe4_r128
+    python eval.py --tradeoff out/study/moe4/student --ranks 64,128,256 --corpus WIKI  # params vs held-out KL
 
 Metrics are plain numpy (no sklearn/scipy/seqeval at run time; the tests use them as oracles):
 accuracy, binary F1, Matthews correlation, Pearson, Spearman (average ranks for ties), and
@@ -318,6 +321,89 @@ def study_plots(run_dirs, out_dir, baseline="minilm"):
 
 
 # -----------------------------------------------------------------------------
+# Compressing the experts (the paper's future work): spectra, low-rank students, the trade-off
+
+
+def expert_spectra(model):
+    """Singular values of every FFN expert matrix of a MiniMoE, and of its difference from the layer's
+    mean expert (what a shared basis leaves to the experts): [{layer, matrix, S (E, k), S_delta (E, k)}]."""
+    import torch
+    out = []
+    for i, layer in enumerate(model.layers):
+        ffn = layer.ffn
+        if getattr(ffn, "w1", None) is None or ffn.w1.ndim != 3:
+            continue
+        for name in ("w1", "w2"):
+            w = getattr(ffn, name).detach().double()  # (E, in, out)
+            out.append(dict(layer=i, matrix=name, S=torch.linalg.svdvals(w), S_delta=torch.linalg.svdvals(w - w.mean(0))))
+    if not out:
+        raise SystemExit("--svd: the model has no full-rank FFN experts (a dense or already compressed student)")
+    return out
+
+
+def energy_rank(S, energy):
+    """(E,) smallest ranks keeping `energy` of each row's sum of S^2."""
+    S2 = S ** 2
+    return (((S2.cumsum(-1) / S2.sum(-1, keepdim=True)) < energy).sum(-1) + 1).clamp_max(S.shape[-1])
+
+
+def svd_report(path, out_dir=None):
+    """Print, per layer and matrix, the ranks that keep 90% / 99% of the spectral energy of each expert
+    and of its difference from the mean expert; plot the cumulative energy curves."""
+    import minimoe
+    model = minimoe.load_bert(path)
+    spectra = expert_spectra(model)
+    rows = []
+    print("layer matrix  rank@90% own (per expert) | delta      rank@99% own | delta      (of min(H, I) = "
+          f"{spectra[0]['S'].shape[-1]})")
+    for sp in spectra:
+        r = {k: energy_rank(sp[s], e).tolist() for k, s, e in (("own90", "S", 0.9), ("delta90", "S_delta", 0.9),
+                                                                 ("own99", "S", 0.99), ("delta99", "S_delta", 0.99))}
+        rows.append(dict(layer=sp["layer"], matrix=sp["matrix"], **r))
+        print(f"{sp['layer']:>5} {sp['matrix']:>6}  {r['own90']} | {r['delta90']}   {r['own99']} | {r['delta99']}")
+    if out_dir:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(2, len(spectra) // 2, figsize=(3.4 * len(spectra) // 2, 5.5), squeeze=False)
+        for k, sp in enumerate(spectra):
+            ax = axes[k % 2][k // 2]
+            for e in range(sp["S"].shape[0]):
+                for S, ls in ((sp["S"][e], "-"), (sp["S_delta"][e], "--")):
+                    ax.plot((S ** 2).cumsum(0) / (S ** 2).sum(), ls=ls, lw=1, color=f"C{e}")
+            ax.set_title(f"layer {sp['layer']} {sp['matrix']}", fontsize=8)
+            ax.set_ylim(0, 1.01)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+        fig.supxlabel("rank r")
+        fig.supylabel("spectral energy kept (solid: expert, dashed: expert - mean)")
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        fig.savefig(Path(out_dir) / "svd_spectra.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        print(f"wrote {Path(out_dir) / 'svd_spectra.png'}", file=sys.stderr)
+    return rows
+
+
+def heldout_relation_loss(students, teacher_path, corpus, eval_pairs=1000, batch_size=32, num_relation_heads=32,
+                          cache_dir="~/.cache/minimoe", seed=776):
+    """Held-out relation loss of {name: Bert} against a teacher on train_distill's held-out pairs of a
+    corpus (the same pairs as a distillation run with the same corpus, seed and --eval_pairs)."""
+    from types import SimpleNamespace
+
+    import minimoe
+    import train_distill
+    tok = minimoe.load_tokenizer(teacher_path)
+    pairs = train_distill.build_pairs(corpus, tok, cache_dir, seed=seed)["heldout"]
+    pairs = pairs.select(range(min(eval_pairs, len(pairs))))
+    rt = train_distill.setup_runtime(seed)
+    teacher = minimoe.load_bert(teacher_path).to(rt.device)
+    args = SimpleNamespace(micro_batch_size=batch_size, teacher_layer=-1, num_relation_heads=num_relation_heads)
+    means, per_pair = train_distill.evaluate(teacher, {k: m.to(rt.device) for k, m in students.items()}, pairs, args,
+                                             rt, tok.token_to_id("[PAD]") or 0)
+    return means, per_pair
+
+
+# -----------------------------------------------------------------------------
 # Compute report
 
 
@@ -397,6 +483,24 @@ def parse_args(argv=None):
                    help="train_distill.py output dirs: study table with paired-bootstrap CIs, and plots")
     p.add_argument("--out_dir", default="results", help="where --plot writes its table and PNGs")
     p.add_argument("--baseline", default="minilm", help="the student --plot compares the others with")
+    p.add_argument("--svd", default=None, metavar="STUDENT", help="singular-value spectra of a MiniMoE's experts "
+                   "(printed; plotted into --out_dir)")
+    p.add_argument("--compress", default=None, metavar="STUDENT", help="write a low-rank MiniMoE (--rank, --basis) "
+                   "to --out")
+    p.add_argument("--tradeoff", default=None, metavar="STUDENT", help="held-out relation loss of the student "
+                   "compressed at each of --ranks and --basis, against --teacher on --corpus's held-out pairs")
+    p.add_argument("--rank", type=int, default=None, help="--compress: rank of every expert factor")
+    p.add_argument("--energy", type=float, default=None, help="--compress: the smallest rank that keeps this "
+                   "fraction of every expert's spectral energy (instead of --rank)")
+    p.add_argument("--ranks", default="32,64,128,256", help="--tradeoff: ranks to try")
+    p.add_argument("--basis", default="per_expert", help="per_expert | shared (experts = mean + low-rank delta); "
+                   "--tradeoff takes a comma-separated list")
+    p.add_argument("--out", default=None, help="--compress: output directory")
+    p.add_argument("--teacher", default=None, help="--tradeoff: the teacher (default: the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--corpus", default=None, help="--tradeoff: the distillation corpus (its held-out pairs)")
+    p.add_argument("--reference", nargs="*", default=[], help="--tradeoff: other students to score alike "
+                   "(e.g. the dense MiniLM)")
+    p.add_argument("--eval_pairs", type=int, default=1000, help="--tradeoff: held-out pairs")
     return p.parse_args(argv)
 
 
@@ -416,6 +520,22 @@ def main(argv=None):
         for path in study_plots(args.plot, out, args.baseline):
             print(f"wrote {path}", file=sys.stderr)
         return rows
+    if args.svd:
+        return svd_report(args.svd, args.out_dir)
+    if args.compress:
+        import minimoe
+        model = minimoe.load_bert(args.compress)
+        if (args.rank is None) == (args.energy is None):
+            raise SystemExit("--compress needs --rank R or --energy F")
+        rank = args.rank or minimoe.rank_for_energy(model, args.energy, args.basis)
+        small = minimoe.compress_experts(model, rank, args.basis)
+        out = Path(args.out or f"{args.compress.rstrip('/')}_{args.basis}_r{rank}")
+        minimoe.save_bert(small, out, minimoe.load_tokenizer(args.compress))
+        before, after = (sum(p.numel() for p in m.parameters()) for m in (model, small))
+        print(f"rank {rank} ({args.basis}): {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters; wrote {out}")
+        return out
+    if args.tradeoff:
+        return tradeoff(args, argv)
     from train_distill import setup_runtime
 
     import torch
@@ -476,6 +596,54 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(rep, indent=2))
     return rep
+
+
+def tradeoff(args, argv):
+    """Parameters kept vs held-out relation loss for the student compressed at each rank and basis
+    (plus the uncompressed student and --reference students): results/tradeoff.json and a plot."""
+    import minimoe
+    if not args.corpus:
+        raise SystemExit("--tradeoff needs --corpus (the distillation corpus, for its held-out pairs)")
+    teacher = args.teacher or minimoe.default_teacher()
+    model = minimoe.load_bert(args.tradeoff)
+    students = {"uncompressed": model, **{Path(r).parent.name if Path(r).name == "student" else Path(r).name:
+                                          minimoe.load_bert(r) for r in args.reference}}
+    for basis in args.basis.split(","):
+        for rank in (int(r) for r in args.ranks.split(",")):
+            students[f"{basis} r{rank}"] = minimoe.compress_experts(model, rank, basis)
+    means, _ = heldout_relation_loss(students, teacher, args.corpus, args.eval_pairs)
+    rows = [dict(student=k, params=sum(p.numel() for n, p in m.named_parameters() if not n.startswith("relation_proj")),
+                 heldout=means[k]) for k, m in students.items()]
+    command = "python eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tradeoff.json").write_text(json.dumps(dict(command=command, rows=rows), indent=1))
+    lines = [f"<!-- generated by: {command} -->", "| student | params (M) | held-out relation KL |", "|---|---|---|"]
+    lines += [f"| {r['student']} | {r['params'] / 1e6:.2f} | {r['heldout']:.4f} |" for r in rows]
+    (out / "tradeoff.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[1:]))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return rows
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for basis in args.basis.split(","):
+        pts = [r for r in rows if r["student"].startswith(basis + " ")]
+        ax.plot([r["params"] / 1e6 for r in pts], [r["heldout"] for r in pts], marker="o", label=f"{basis} low rank")
+    for r in rows:
+        if " r" not in r["student"]:
+            ax.scatter(r["params"] / 1e6, r["heldout"], marker="*", s=80, zorder=3)
+            ax.annotate(r["student"], (r["params"] / 1e6, r["heldout"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set(xlabel="parameters (M, without the relation head)", ylabel="held-out relation KL",
+           title="Compressing the experts: size vs held-out relation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(out / "tradeoff.png", dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return rows
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ Masks: `key_mask` (B, 1, 1, T) bool, True = a real key (attention); `token_mask`
 import json
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -60,6 +60,8 @@ class BertConfig:
     # "split": experts cut from one BERT-init FFN of width E·I, the first 2/3 of each expert's neurons
     # shared by all (the original's "moefy"); "independent": every expert drawn on its own
     expert_init: str = "split"
+    expert_rank: int = 0  # 0: full-rank experts; r > 0: rank-r factorised experts (compress_experts)
+    expert_basis: str = "per_expert"  # with expert_rank: "per_expert" factors, or "shared" mean + low-rank deltas
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -73,6 +75,9 @@ class BertConfig:
             raise ValueError(f"relation_head must be 'auto', 'layer' or 'extra', got {self.relation_head!r}")
         if self.expert_init not in ("split", "independent"):
             raise ValueError(f"expert_init must be 'split' or 'independent', got {self.expert_init!r}")
+        if self.expert_rank < 0 or self.expert_basis not in ("per_expert", "shared"):
+            raise ValueError(f"expert_rank must be >= 0 and expert_basis 'per_expert' or 'shared', got "
+                             f"{self.expert_rank!r}, {self.expert_basis!r}")
         if self.relation_head == "auto":  # resolved once, so that a saved config says what was trained
             has_experts = self.num_experts > 1 or self.num_attn_experts > 1
             self.relation_head = "extra" if has_experts else "layer"
@@ -106,6 +111,7 @@ class BertConfig:
                   pad_token_id=hf.get("pad_token_id") or 0, initializer_range=hf.get("initializer_range", 0.02),
                   num_experts=hf.get("num_experts", 1), num_attn_experts=hf.get("num_attn_experts", 1),
                   router_noise=hf.get("router_noise", 0.1), expert_init=hf.get("expert_init", "split"),
+                  expert_rank=hf.get("expert_rank", 0), expert_basis=hf.get("expert_basis", "per_expert"),
                   # configs without the field: HF BERTs and our older students used the layer's Q/K/V
                   relation_head=hf.get("relation_head", "layer"))
         if "moe" in hf:  # the authors' layout: one wide FFN config, E experts of intermediate_size / E each
@@ -132,7 +138,8 @@ class BertConfig:
                     initializer_range=self.initializer_range, layer_norm_eps=self.layer_norm_eps,
                     pad_token_id=self.pad_token_id, position_embedding_type="absolute",
                     num_experts=self.num_experts, num_attn_experts=self.num_attn_experts,
-                    router_noise=self.router_noise, relation_head=self.relation_head, expert_init=self.expert_init)
+                    router_noise=self.router_noise, relation_head=self.relation_head, expert_init=self.expert_init,
+                    expert_rank=self.expert_rank, expert_basis=self.expert_basis)
 
 
 # students of the paper (12 heads, 4·H per expert) and the two teachers
@@ -388,6 +395,118 @@ class MoEFeedForward(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# Compressed experts (the paper's future work): low-rank factors per expert, or a shared mean plus
+# low-rank deltas. Built from a trained MiniMoE by compress_experts; eval.py --svd/--compress/--tradeoff.
+
+
+class LowRankMoEFeedForward(nn.Module):
+    """A MiniMoE FFN whose expert matrices are factorised, w ≈ base + U·V with U (in, r) and V (r, out):
+    the paper's future work ("every expert can be more or less pruned from a SVD perspective").
+    basis="per_expert": base = 0, each expert's own rank-r factors.
+    basis="shared": base = the experts' mean matrix (one per projection, shared by all experts) and U·V a
+    rank-r factorisation of each expert's difference from it; experts that began as split copies of one
+    wide FFN differ by a low-rank amount only if training made them so (eval.py --svd measures it).
+    The forward multiplies by U then V, r·(in + out) multiply-adds a row instead of in·out: the low-rank
+    form is never re-densified. Built by `compress_experts`; routing is that of MoEFeedForward."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, H, I, r = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.expert_rank
+        self.router = nn.Linear(H, E)
+        self.u1 = nn.Parameter(torch.zeros(E, H, r))  # expert e's first projection: (mean +) u1[e] @ v1[e]
+        self.v1 = nn.Parameter(torch.zeros(E, r, I))
+        self.b1 = nn.Parameter(torch.zeros(E, I))
+        self.u2 = nn.Parameter(torch.zeros(E, I, r))
+        self.v2 = nn.Parameter(torch.zeros(E, r, H))
+        self.b2 = nn.Parameter(torch.zeros(E, H))
+        self.shared = cfg.expert_basis == "shared"
+        if self.shared:  # the experts' mean matrices
+            self.w1 = nn.Parameter(torch.zeros(H, I))
+            self.w2 = nn.Parameter(torch.zeros(I, H))
+        self.noise = cfg.router_noise
+        self.dispatch = cfg.dispatch
+
+    def forward(self, x, token_mask=None):
+        """x (B, T, H), token_mask (B, T) with 1 = real token (None: all real) -> (y (B, T, H), MoEAux)."""
+        shape, H = x.shape, x.shape[-1]
+        x = x.reshape(-1, H)  # (N, H)
+        if token_mask is None:
+            token_mask = torch.ones(x.shape[0], device=x.device)
+        token_mask = token_mask.reshape(-1)  # (N,)
+        gate, expert, probs = route(self.router, x, self.noise, self.training)
+        groups = group_tokens(expert, self.u1.shape[0])
+        xs = x.index_select(0, groups.order)  # (N, H), tokens sorted by expert
+        mean1, mean2 = (self.w1, self.w2) if self.shared else (None, None)
+        hs = self.project(xs, self.u1, self.v1, self.b1, mean1, groups)  # (N, I)
+        ys = self.project(F.gelu(hs), self.u2, self.v2, self.b2, mean2, groups)  # (N, H)
+        y = unsort(ys, groups) * gate.to(ys.dtype)[:, None]  # (N, H), token order, scaled by the gate
+        return y.view(shape), load_balance(probs, expert, token_mask)
+
+    def project(self, xs, u, v, b, base, groups):
+        """Sorted rows xs (N, K) -> xs @ (base + U[e] V[e]) + b[e] for each row's expert e: (N, M)."""
+        if resolve_dispatch(self.dispatch, xs) == "grouped":
+            pad = -u.shape[2] % 8  # grouped_mm wants 16-byte strides: zero-pad r to a multiple of 8
+            u, v = F.pad(u, (0, pad)), F.pad(v, (0, 0, 0, pad))  # (E, K, r'), (E, r', M): the same product
+            no_bias = u.new_zeros(u.shape[0], u.shape[2])  # (E, r'): nothing added between U and V
+            ys = grouped_linear(grouped_linear(xs, u, no_bias, groups), v, b, groups)  # (N, M)
+        else:  # the readable loop: (x_e U_e) V_e + b_e on each expert's slice
+            ys = loop_experts(lambda x_e, u_e, v_e, b_e: torch.addmm(b_e, x_e @ u_e, v_e), xs, groups, u, v, b)
+        return ys if base is None else ys + xs @ base.to(ys.dtype)  # the shared part: one GEMM for all rows
+
+    def dense_weights(self):
+        """The reconstructed (E, H, I) and (E, I, H) expert matrices: the test oracle and eval.py's reference."""
+        w1, w2 = self.u1 @ self.v1, self.u2 @ self.v2
+        return (w1 + self.w1, w2 + self.w2) if self.shared else (w1, w2)
+
+
+def low_rank(w, rank):
+    """Truncated SVD of a stack of matrices w (E, K, M): U·diag(S) (E, K, r) and Vh (E, r, M), with the
+    singular values (E, min(K, M)). ||w - U V||_F^2 is the sum of the discarded S^2 (Eckart–Young)."""
+    U, S, Vh = torch.linalg.svd(w.double(), full_matrices=False)  # (E, K, k), (E, k), (E, k, M)
+    return (U[..., :rank] * S[:, None, :rank]).to(w.dtype), Vh[:, :rank].to(w.dtype), S
+
+
+def rank_for_energy(model, energy, basis="per_expert"):
+    """The smallest rank that keeps `energy` of the spectral energy (sum of S^2) of every expert matrix."""
+    need = 1
+    for layer in model.layers:
+        if isinstance(layer.ffn, MoEFeedForward):
+            for w in (layer.ffn.w1.detach(), layer.ffn.w2.detach()):
+                w = w - w.mean(0) if basis == "shared" else w
+                S2 = torch.linalg.svdvals(w.double()) ** 2  # (E, k)
+                kept = S2.cumsum(-1) / S2.sum(-1, keepdim=True).clamp_min(1e-30)  # (E, k)
+                need = max(need, min(int((kept < energy).sum(-1).max()) + 1, S2.shape[-1]))
+    return need
+
+
+@torch.no_grad()
+def compress_experts(model, rank, basis="per_expert"):
+    """A copy of a trained MiniMoE `Bert` whose FFN experts are rank-`rank` factorisations
+    (LowRankMoEFeedForward); everything else is copied unchanged. At full rank it is the same model."""
+    if basis not in ("per_expert", "shared"):
+        raise ValueError(f"basis must be 'per_expert' or 'shared', got {basis!r}")
+    if model.config.num_experts < 2 or model.config.expert_rank:
+        raise ValueError("compress_experts takes a MiniMoE student with full-rank FFN experts")
+    max_rank = min(model.config.hidden_size, model.config.intermediate_size)
+    if not 1 <= rank <= max_rank:
+        raise ValueError(f"rank must be in [1, {max_rank}], got {rank}")
+    out = Bert(replace(model.config, expert_rank=rank, expert_basis=basis))
+    out.load_state_dict({k: v for k, v in model.state_dict().items()
+                         if not re.match(r"layers\.\d+\.ffn\.[wb][12]$", k)}, strict=False)
+    for mine, theirs in zip(out.layers, model.layers):
+        for i in (1, 2):
+            w = getattr(theirs.ffn, f"w{i}")  # (E, in, out)
+            base = w.mean(0) if basis == "shared" else None
+            u, v, _ = low_rank(w - base if basis == "shared" else w, rank)
+            getattr(mine.ffn, f"u{i}").copy_(u)
+            getattr(mine.ffn, f"v{i}").copy_(v)
+            getattr(mine.ffn, f"b{i}").copy_(getattr(theirs.ffn, f"b{i}"))
+            if basis == "shared":
+                getattr(mine.ffn, f"w{i}").copy_(base)
+    return out.train(model.training)
+
+
+# -----------------------------------------------------------------------------
 # Attention experts (an extension: the paper's experts are FFNs)
 
 
@@ -447,7 +566,10 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.attn = MoEAttention(cfg) if cfg.num_attn_experts > 1 else SelfAttention(cfg)
         self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.ffn = MoEFeedForward(cfg) if cfg.num_experts > 1 else FeedForward(cfg)
+        if cfg.num_experts == 1:
+            self.ffn = FeedForward(cfg)
+        else:
+            self.ffn = LowRankMoEFeedForward(cfg) if cfg.expert_rank else MoEFeedForward(cfg)
         self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.hidden_dropout)
 
@@ -610,7 +732,12 @@ def count_params(cfg):
     emb = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * H + 2 * H
     attn, ffn, lns, pooler = 4 * (H * H + H), 2 * H * I + I + H, 4 * H, H * H + H
     routers = (H * E + E if E > 1 else 0) + (H * A + A if A > 1 else 0)
-    layer_total, layer_active = A * attn + E * ffn + lns + routers, attn + ffn + lns + routers
+    if cfg.expert_rank and E > 1:  # factorised experts: r·(H + I) per projection, plus the shared means
+        r = cfg.expert_rank
+        moe_ffn = E * (2 * r * (H + I) + I + H) + (2 * H * I if cfg.expert_basis == "shared" else 0)
+    else:
+        moe_ffn = E * ffn
+    layer_total, layer_active = A * attn + moe_ffn + lns + routers, attn + ffn + lns + routers
     relation_head = 3 * (H * H + H) if cfg.relation_head == "extra" else 0  # distillation only
     return dict(total=emb + L * layer_total + pooler, non_embedding=L * layer_total,
                 active=emb + L * layer_active + pooler, active_non_embedding=L * layer_active,
