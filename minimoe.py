@@ -646,7 +646,20 @@ def load_bert(path_or_id, **overrides):
             hf = json.loads((p / "config.json").read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{p / 'config.json'}: invalid JSON: {e}") from None
-        cfg = BertConfig.from_hf(hf, **overrides)
+        if not isinstance(hf, dict):
+            raise ValueError(f"{p / 'config.json'}: expected a JSON object of BERT settings, got a {type(hf).__name__}")
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size", "num_experts", "num_attn_experts")
+        rates = ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps", "initializer_range", "router_noise")
+        bad = [f"{k}={hf[k]!r}" for k in sizes if k in hf and (type(hf[k]) is not int or hf[k] < 1)]
+        bad += [f"{k}={hf[k]!r}" for k in rates if k in hf and type(hf[k]) not in (int, float)]
+        if bad:
+            raise ValueError(f"{p / 'config.json'}: bad value(s) {', '.join(bad)}: sizes must be positive integers and "
+                             "rates numbers; fix the file")
+        try:
+            cfg = BertConfig.from_hf(hf, **overrides)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{p / 'config.json'}: {e}") from None
         state, where = read_weights(p), p
     model = Bert(cfg)
     state, own = hf_to_ours(state, where), model.state_dict()
@@ -659,6 +672,10 @@ def load_bert(path_or_id, **overrides):
     for k, t in state.items():
         if t.shape != own[k].shape:
             raise ValueError(f"{where}: tensor {k!r} has shape {tuple(t.shape)} but the config expects {tuple(own[k].shape)}")
+        if t.is_floating_point() and not torch.isfinite(t).all():  # a diverged run's weights, or a damaged file
+            weights = "model.safetensors" if (where / "model.safetensors").exists() else "pytorch_model.bin"
+            file = where if where.is_file() else where / weights
+            raise ValueError(f"{file}: tensor {k!r} has non-finite values (NaN/inf); use another checkpoint")
     model.load_state_dict(state)
     return model.eval()
 
