@@ -661,6 +661,11 @@ def load_bert(path_or_id, **overrides):
         except (TypeError, ValueError) as e:
             raise ValueError(f"{p / 'config.json'}: {e}") from None
         state, where = read_weights(p), p
+    for k, t in state.items():  # a diverged run's weights, or a damaged file: named as in the file
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            weights = "model.safetensors" if (where / "model.safetensors").exists() else "pytorch_model.bin"
+            raise ValueError(f"{where if where.is_file() else where / weights}: tensor {k!r} has non-finite values "
+                             "(NaN/inf); use another checkpoint")
     model = Bert(cfg)
     state, own = hf_to_ours(state, where), model.state_dict()
     if model.relation_proj is None:  # relation_head="layer" asked of a student with the extra head: drop it
@@ -672,10 +677,6 @@ def load_bert(path_or_id, **overrides):
     for k, t in state.items():
         if t.shape != own[k].shape:
             raise ValueError(f"{where}: tensor {k!r} has shape {tuple(t.shape)} but the config expects {tuple(own[k].shape)}")
-        if t.is_floating_point() and not torch.isfinite(t).all():  # a diverged run's weights, or a damaged file
-            weights = "model.safetensors" if (where / "model.safetensors").exists() else "pytorch_model.bin"
-            file = where if where.is_file() else where / weights
-            raise ValueError(f"{file}: tensor {k!r} has non-finite values (NaN/inf); use another checkpoint")
     model.load_state_dict(state)
     return model.eval()
 
