@@ -48,16 +48,24 @@ import train_distill as td
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
 parser.add_argument("--quick", action="store_true", help="tiny models, 1 thread, 2 rounds (seconds): for the test")
-parser.add_argument("--repeats", type=int, default=7, help="timed rounds of the light sections")
-parser.add_argument("--heavy", type=int, default=3, help="timed rounds of the sections of seconds per call")
-parser.add_argument("--warmup", type=int, default=1, help="interleaved warm-up rounds of the light sections")
-parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, all cores; --quick: 1)")
+parser.add_argument("--repeats", type=td.POSITIVE_INT, default=7, help="timed rounds of the light sections")
+parser.add_argument("--heavy", type=td.POSITIVE_INT, default=3, help="timed rounds of the sections of seconds per call")
+parser.add_argument("--warmup", type=td.NONNEGATIVE_INT, default=1, help="interleaved warm-up rounds of the light sections")
+parser.add_argument("--threads", type=td.POSITIVE_INT, default=None, help="torch CPU threads (default: torch's, all cores; --quick: 1)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the models in the CUDA section")
-parser.add_argument("--peak_tflops", type=float, default=None, help="peak dense bf16 TFLOP/s for MFU (default: by GPU name)")
+parser.add_argument("--peak_tflops", type=td.POSITIVE, default=None, help="peak dense bf16 TFLOP/s for MFU (default: by GPU name)")
 parser.add_argument("--skip_cpu", action="store_true", help="the CUDA section only (no top-level CPU ratios then)")
 parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of one call of each variant")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
+if args.json:  # a bad path fails now, not after minutes of timing
+    json_dir = os.path.dirname(os.path.abspath(args.json))
+    try:
+        os.makedirs(json_dir, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--json {args.json}: cannot create {json_dir} ({e.strerror})")
+    if os.path.isdir(args.json) or not os.access(json_dir, os.W_OK):
+        parser.error(f"--json {args.json}: not a writable file path")
 if args.threads or args.quick:
     torch.set_num_threads(args.threads or 1)  # on a loaded machine, tiny ops wait on descheduled OpenMP threads
 

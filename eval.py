@@ -181,9 +181,14 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, file=None, batch_size=6
 
 
 def find_runs(root, tasks):
-    """{task: run dir} under root: the finetune.json of each task with the best stored dev score."""
+    """{task: run dir} under root: the finetune.json of each task with the best stored dev score (hidden
+    directories, such as a save in progress, left out)."""
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"--runs {root}: no such directory (give the --out_dir parent of finetune.py runs)")
     found = {}
     for f in sorted(Path(root).rglob("finetune.json")):
+        if any(part.startswith(".") for part in f.relative_to(root).parts):
+            continue
         meta = json.loads(f.read_text())
         t = meta.get("task")
         if t in tasks and (t not in found or meta["metrics"][meta["metric"]] > found[t][1]):
@@ -461,6 +466,7 @@ def compute_report(bert, batch_size=32, seq_len=128, iters=10, warmup=3, device=
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     from finetune import default_data_dir
+    from train_distill import NONNEGATIVE_INT, POSITIVE_INT
     p.add_argument("--ckpt", default=None, help="finetuned checkpoint dir (finetune.py); for --compute any encoder")
     p.add_argument("--tasks", default=None, help="'all' or comma-separated tasks: GLUE table over --runs")
     p.add_argument("--runs", nargs="+", default=["runs/finetune"], help="run directories, one table row each")
@@ -470,15 +476,16 @@ def parse_args(argv=None):
                    "CoNLL (GLUE test files have no labels)")
     p.add_argument("--file", default=None, help="any labelled file in the task's format")
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--batch_size", type=int, default=64, help="evaluation batch size")
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=64, help="evaluation batch size")
     p.add_argument("--compute", action="store_true", help="compute report instead of task metrics")
     p.add_argument("--preset", default=None, help="--compute for a config: e.g. 3L-384H (random weights)")
-    p.add_argument("--num_experts", type=int, default=1, help="with --preset")
-    p.add_argument("--compute_batch", type=int, default=32, help="batch size of the latency measurement")
-    p.add_argument("--seq_len", type=int, default=128, help="sequence length of the latency measurement")
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--num_experts", type=POSITIVE_INT, default=1, help="with --preset")
+    p.add_argument("--compute_batch", type=POSITIVE_INT, default=32, help="batch size of the latency measurement")
+    p.add_argument("--seq_len", type=POSITIVE_INT, default=128, help="sequence length of the latency measurement")
+    p.add_argument("--iters", type=POSITIVE_INT, default=10)
     p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--threads", type=NONNEGATIVE_INT, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--debug", action="store_true", help="a traceback for every error, user errors included")
     p.add_argument("--plot", nargs="+", default=None, metavar="RUN_DIR",
                    help="train_distill.py output dirs: study table with paired-bootstrap CIs, and plots")
     p.add_argument("--out_dir", default="results", help="where --plot writes its table and PNGs")
@@ -489,7 +496,7 @@ def parse_args(argv=None):
                    "to --out")
     p.add_argument("--tradeoff", default=None, metavar="STUDENT", help="held-out relation loss of the student "
                    "compressed at each of --ranks and --basis, against --teacher on --corpus's held-out pairs")
-    p.add_argument("--rank", type=int, default=None, help="--compress: rank of every expert factor")
+    p.add_argument("--rank", type=POSITIVE_INT, default=None, help="--compress: rank of every expert factor")
     p.add_argument("--energy", type=float, default=None, help="--compress: the smallest rank that keeps this "
                    "fraction of every expert's spectral energy (instead of --rank)")
     p.add_argument("--ranks", default="32,64,128,256", help="--tradeoff: ranks to try")
@@ -500,7 +507,7 @@ def parse_args(argv=None):
     p.add_argument("--corpus", default=None, help="--tradeoff: the distillation corpus (its held-out pairs)")
     p.add_argument("--reference", nargs="*", default=[], help="--tradeoff: other students to score alike "
                    "(e.g. the dense MiniLM)")
-    p.add_argument("--eval_pairs", type=int, default=1000, help="--tradeoff: held-out pairs")
+    p.add_argument("--eval_pairs", type=POSITIVE_INT, default=1000, help="--tradeoff: held-out pairs")
     return p.parse_args(argv)
 
 
@@ -647,4 +654,5 @@ def tradeoff(args, argv):
 
 
 if __name__ == "__main__":
-    main()
+    from train_distill import run_script
+    run_script(main)

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import minimoe
-from train_distill import configure_optimizer, hub_reachable, lr_lambda, setup_runtime
+from train_distill import (FRACTION, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, configure_optimizer,
+                           hub_reachable, lock_out_dir, lr_lambda, number, run_script, setup_runtime)
 
 # -----------------------------------------------------------------------------
 # Tasks
@@ -90,8 +92,18 @@ def read_lines(path, keep_blank=False):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8-sig", newline="\n") as f:  # utf-8-sig: MRPC's header has a BOM
-        lines = [(n, line.rstrip("\r\n")) for n, line in enumerate(f, 1)]
+    lines = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # utf-8-sig: MRPC's header has a BOM
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid UTF-8 (byte {raw[e.start]:#04x}, the line's byte "
+                                 f"{e.start + 1}); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            lines.append((n, line.rstrip("\r\n")))  # a \r inside a line is text (some GLUE rows have one)
+    if len(lines) == 1 and "\r" in lines[0][1]:
+        raise ValueError(f"{path}: lines end in a bare carriage return (old Mac line endings); convert them to \\n "
+                         "(e.g. tr '\\r' '\\n' < old > new)")
     if not any(s.strip() for _, s in lines):
         raise ValueError(f"{path}: file is empty")
     return lines if keep_blank else [(n, s) for n, s in lines if s.strip()]
@@ -106,7 +118,7 @@ def read_glue(task, path):
         header = head.split("\t")
         want = [c for c in (ca, cb, cl) if c is not None]
         if missing := [c for c in want if c not in header]:
-            raise ValueError(f"{path}:1: header lacks column(s) {missing} for {task.name} (header: {header})")
+            raise ValueError(f"{path}:1: header lacks column(s) {missing} for {task.name} (header: {str(header)[:200]})")
         ca, cl = header.index(ca), header.index(cl)
         cb = header.index(cb) if cb is not None else None
         ncol = len(header)
@@ -398,14 +410,33 @@ def build_model(task, path, init_pooler=True, pooling="cls"):
 
 def save_finetuned(model, out_dir, tok, meta):
     """A finetuned checkpoint directory: the encoder (minimoe.save_bert: config.json, model.safetensors,
-    tokenizer files), head.safetensors, and finetune.json (task, labels, dev metrics, recipe)."""
+    tokenizer files), head.safetensors, and finetune.json (task, labels, dev metrics, recipe).
+    Atomic as a set: written to out_dir/.saving (finetune.json last), then moved in by commit_saved.
+    A save killed before that finetune.json exists leaves the previous set as it was; one killed while
+    moving is finished by the next commit_saved (load_finetuned, a later save)."""
     from safetensors.torch import save_file
     out = Path(out_dir)
-    minimoe.save_bert(model.bert, out, tokenizer=tok)
-    save_file(model.head_state(), str(out / "head.safetensors.tmp"))
-    os.replace(out / "head.safetensors.tmp", out / "head.safetensors")
-    os.chmod(out / "head.safetensors", 0o644)  # safetensors writes 0600
-    write_json(out / "finetune.json", meta)
+    commit_saved(out)  # an earlier save that was killed while moving in
+    tmp = out / ".saving"
+    shutil.rmtree(tmp, ignore_errors=True)  # or one killed while writing: dropped
+    minimoe.save_bert(model.bert, tmp, tokenizer=tok)
+    save_file(model.head_state(), str(tmp / "head.safetensors"))
+    os.chmod(tmp / "head.safetensors", 0o644)  # safetensors writes 0600
+    write_json(tmp / "finetune.json", meta)  # the set is complete from here on
+    commit_saved(out)
+
+
+def commit_saved(out):
+    """Move a complete set of files from out/.saving into out, finetune.json last. From the moment the
+    old finetune.json is removed until the new one lands, `out` is no checkpoint (load_finetuned would
+    finish the move first), so its files never mix two saves."""
+    tmp = Path(out) / ".saving"
+    if not (tmp / "finetune.json").is_file():
+        return
+    (Path(out) / "finetune.json").unlink(missing_ok=True)
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "finetune.json"):
+        os.replace(f, Path(out) / f.name)
+    tmp.rmdir()
 
 
 def write_json(path, obj):
@@ -418,6 +449,7 @@ def load_finetuned(path, **overrides):
     """(TaskModel in eval mode, tokenizer, meta) from a directory written by save_finetuned."""
     from safetensors.torch import load_file
     p = Path(path)
+    commit_saved(p)  # a save that was killed while moving its files in
     if not (p / "finetune.json").is_file():
         raise FileNotFoundError(f"{p}: no finetune.json (not a checkpoint written by finetune.py)")
     meta = json.loads((p / "finetune.json").read_text())
@@ -495,30 +527,36 @@ def parse_args(argv=None):
     p.add_argument("--dev_file", default=None, help="labelled dev file (overrides --data_dir; one file, also for MNLI)")
     p.add_argument("--out_dir", default=None, help="best checkpoint + log.jsonl; None = runs/finetune/TASK")
     p.add_argument("--lr", default="3e-5", help="learning rate, or a comma-separated grid (best dev score kept)")
-    p.add_argument("--epochs", type=float, default=10, help="epochs (early stopping usually ends sooner)")
-    p.add_argument("--max_steps", type=int, default=0, help="cap on optimizer steps per learning rate (0 = none)")
-    p.add_argument("--batch_size", type=int, default=32, help="per process (DDP: global = batch_size x world size)")
-    p.add_argument("--eval_batch_size", type=int, default=64)
-    p.add_argument("--max_length", type=int, default=128)
-    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps with linear warmup")
-    p.add_argument("--weight_decay", type=float, default=0.01)
-    p.add_argument("--grad_clip", type=float, default=1.0)
-    p.add_argument("--load_balance_weight", type=float, default=0.01, help="weight of the MoE load-balancing loss")
-    p.add_argument("--eval_every", type=int, default=0, help="evaluate every N steps (0 = every epoch)")
-    p.add_argument("--patience", type=int, default=3, help="stop after N evaluations without a better dev score (0 = never)")
+    p.add_argument("--epochs", type=POSITIVE, default=10, help="epochs (early stopping usually ends sooner)")
+    p.add_argument("--max_steps", type=NONNEGATIVE_INT, default=0, help="cap on optimizer steps per learning rate (0 = none)")
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=32, help="per process (DDP: global = batch_size x world size)")
+    p.add_argument("--eval_batch_size", type=POSITIVE_INT, default=64)
+    p.add_argument("--max_length", type=number(int, low=3), default=128)
+    p.add_argument("--warmup", type=FRACTION, default=0.1, help="fraction of steps with linear warmup")
+    p.add_argument("--weight_decay", type=NONNEGATIVE, default=0.01)
+    p.add_argument("--grad_clip", type=NONNEGATIVE, default=1.0)
+    p.add_argument("--load_balance_weight", type=NONNEGATIVE, default=0.01, help="weight of the MoE load-balancing loss")
+    p.add_argument("--eval_every", type=NONNEGATIVE_INT, default=0, help="evaluate every N steps (0 = every epoch)")
+    p.add_argument("--patience", type=NONNEGATIVE_INT, default=3, help="stop after N evaluations without a better dev score (0 = never)")
     p.add_argument("--no_group_by_length", action="store_true", help="plain random batches (more padding, slower)")
     p.add_argument("--no_pooler_init", action="store_true", help="random pooler even if the checkpoint has one")
     p.add_argument("--pooling", default="cls", choices=["cls", "mean"], help="what the pooler reads: [CLS] (BERT) "
                    "or the mean of the tokens (sentence-embedding checkpoints)")
-    p.add_argument("--max_train_examples", type=int, default=0, help="use only the first N training examples (0 = all)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default; 1 is faster "
+    p.add_argument("--max_train_examples", type=NONNEGATIVE_INT, default=0, help="use only the first N training examples (0 = all)")
+    p.add_argument("--threads", type=NONNEGATIVE_INT, default=0, help="CPU threads for torch (0 = torch's default; 1 is faster "
                    "on a CPU shared with other jobs)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (as train_distill.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--log_every", type=int, default=50)
+    p.add_argument("--log_every", type=POSITIVE_INT, default=50)
     p.add_argument("--no_save", action="store_true", help="do not write the checkpoint (log and summary only)")
-    return p.parse_args(argv)
+    p.add_argument("--debug", action="store_true", help="a traceback for every error, user errors included")
+    args = p.parse_args(argv)
+    try:
+        args.lrs = [NONNEGATIVE(x) for x in str(args.lr).split(",")]
+    except argparse.ArgumentTypeError as e:
+        p.error(f"argument --lr: each learning rate {e}")
+    return args
 
 
 def main(argv=None):
@@ -531,7 +569,7 @@ def main(argv=None):
     out_dir = Path(args.out_dir or f"runs/finetune/{task.name}")
     data_dir = None if args.data_dir in (None, "", "hub") else args.data_dir
     if rt.is_master:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        lock_out_dir(out_dir, "finetune run")  # creates it; refuses a file, or a directory another run uses
         print(f"task {task.name} | model {model_path} | data {args.train_file or data_dir or 'hub'} | device {rt.device}")
 
     # data
@@ -545,6 +583,7 @@ def main(argv=None):
     train_f = encode(task, train, tok, args.max_length)
     dev_sets = {s: (ex, encode(task, ex, tok, args.max_length)) for s, ex in dev_sets.items()}
     lengths = [len(f.ids) for f in train_f]
+    longest = max(lengths + [len(f.ids) for _, fs in dev_sets.values() for f in fs])
     steps_per_epoch = len(train_batches(lengths, args.batch_size, torch.Generator(), rt.rank, rt.world_size))
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_f)} training examples make no batch on each of {rt.world_size} ranks")
@@ -558,12 +597,16 @@ def main(argv=None):
               f"{total_steps} steps per lr, eval every {eval_every}")
 
     log = open(out_dir / "log.jsonl", "a") if rt.is_master else None
-    lrs = [float(x) for x in str(args.lr).split(",")]
+    lrs = args.lrs
     best = dict(score=-math.inf)  # best over the whole grid: this is the checkpoint on disk
     grid, t_start = {}, time.time()
     for lr in lrs:
         torch.manual_seed(args.seed)  # same head init and data order for every lr
         raw = build_model(task, model_path, not args.no_pooler_init, args.pooling).to(rt.device)
+        if longest > raw.bert.config.max_position_embeddings:
+            raise SystemExit(f"--max_length {args.max_length}: examples of up to {longest} tokens, but {model_path} has "
+                             f"{raw.bert.config.max_position_embeddings} positions; pass --max_length "
+                             f"{raw.bert.config.max_position_embeddings} (longer examples are then truncated)")
         model = torch.compile(raw) if args.compile else raw
         if rt.is_ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -624,15 +667,17 @@ def main(argv=None):
                     break
         if bar is not None:
             bar.close()
-        grid[str(lr)] = dict(score=run["score"], metrics=run["metrics"], best_step=run["step"], steps=step,
+        grid[str(lr)] = dict(score=run["score"] if math.isfinite(run["score"]) else None, metrics=run["metrics"],
+                             best_step=run["step"], steps=step, diverged_at=run.get("diverged"),
                              wall_s=round(time.time() - t0, 1))
         if rt.is_master:
             print(f"lr {lr:g}: best dev {task.metric} {run['score']:.4f} at step {run['step']} "
-                  f"({step} steps, {time.time() - t0:.0f}s)")
+                  f"({step} steps, {time.time() - t0:.0f}s)" + (", then diverged" if run.get("diverged") else ""))
         del model, raw, opt
 
     if rt.is_master:
-        summary = dict(task=task.name, metric=task.metric, best_lr=best.get("lr"), best_score=best["score"],
+        kept = best.get("lr") is not None
+        summary = dict(task=task.name, metric=task.metric, best_lr=best.get("lr"), best_score=best["score"] if kept else None,
                        best_metrics=best.get("metrics"), grid=grid, wall_s=round(time.time() - t_start, 1))
         log.write(json.dumps(dict(event="summary", **summary)) + "\n")
         log.close()
@@ -643,6 +688,9 @@ def main(argv=None):
         print(json.dumps(dict(best_lr=best.get("lr"), **(best.get("metrics") or {}))))
     if rt.is_ddp:
         torch.distributed.destroy_process_group()
+    if rt.is_master and best.get("lr") is None:  # only the master evaluates
+        raise SystemExit(f"no learning rate of --lr {args.lr} gave a model with finite weights and dev score (see "
+                         f"{out_dir / 'log.jsonl'}); nothing was saved. Try lower learning rates.")
     return best
 
 
@@ -650,9 +698,18 @@ def evaluate_and_keep(args, task, raw, tok, dev_sets, rt, pad_id, lr, step, step
                       model_path, n_train, t0):
     """Dev evaluation on the master; keeps the grid-best checkpoint; returns True when patience runs out."""
     stop = False
-    if rt.is_master:
+    # a diverged model (NaN weights predict class 0 everywhere: a majority-class score) is never evaluated nor kept
+    diverged = rt.is_master and not all(torch.isfinite(p).all() for p in raw.parameters())  # host sync: eval only
+    if diverged:
+        run["diverged"] = step
+        log.write(json.dumps(dict(event="diverged", lr=lr, step=step)) + "\n")
+        print(f"\nlr {lr:g}: non-finite (NaN/inf) weights at step {step}: this learning rate diverged and is dropped")
+        stop = True
+    elif rt.is_master:
         metrics = evaluate(raw, task, dev_sets, args.eval_batch_size, rt.device, rt.autocast, pad_id)
         score = metrics[task.metric]
+        if not math.isfinite(score):  # e.g. the correlation of constant predictions: the worst score
+            score = -math.inf
         improved = score > run["score"]
         if improved:
             run.update(score=score, metrics=metrics, step=step, bad_evals=0)
@@ -680,4 +737,4 @@ def evaluate_and_keep(args, task, raw, tok, dev_sets, rt, pad_id, lr, step, step
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -912,8 +912,29 @@ def load_bert(path_or_id, **overrides):
             hf_config = json.loads((path / "config.json").read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path / 'config.json'}: invalid JSON: {e}") from None
-        cfg = BertConfig.from_hf(hf_config, **overrides)
+        if not isinstance(hf_config, dict):
+            raise ValueError(f"{path / 'config.json'}: expected a JSON object of BERT settings, "
+                             f"got a {type(hf_config).__name__}")
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size", "num_experts", "num_attn_experts")
+        rates = ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps", "initializer_range",
+                 "router_noise")
+        bad = [f"{k}={hf_config[k]!r}" for k in sizes if k in hf_config
+               and (type(hf_config[k]) is not int or hf_config[k] < 1)]
+        bad += [f"{k}={hf_config[k]!r}" for k in rates if k in hf_config and type(hf_config[k]) not in (int, float)]
+        if bad:
+            raise ValueError(f"{path / 'config.json'}: bad value(s) {', '.join(bad)}: sizes must be positive "
+                             "integers and rates numbers; fix the file")
+        try:
+            cfg = BertConfig.from_hf(hf_config, **overrides)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path / 'config.json'}: {e}") from None
         state, where = read_weights(path), path
+    for name, tensor in state.items():  # a diverged run's weights, or a damaged file: named as in the file
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            weights = "model.safetensors" if (where / "model.safetensors").exists() else "pytorch_model.bin"
+            raise ValueError(f"{where if where.is_file() else where / weights}: tensor {name!r} has non-finite "
+                             "values (NaN/inf); use another checkpoint")
     model = Bert(cfg)
     state, own = hf_to_ours(state, where), model.state_dict()
     if model.relation_proj is None:  # relation_head="layer" asked of a student with the extra head: drop it

@@ -35,11 +35,12 @@ plain-text files or directories (one sentence or paragraph per line, a blank lin
 
 Outputs in --out_dir: student/ (config.json + model.safetensors + tokenizer; load_bert, finetune.py and a
 later run's --teacher read it; a dense student is a plain HF BERT directory), student_dense/ with
---compare_dense, checkpoints/step_*.pt (the last --keep_last; --resume continues a killed run; a checkpoint file
-also serves as --teacher), log.jsonl (loss, relation and load-balance losses, lr, tokens/s, per-layer expert load,
-held-out relation loss).
+--compare_dense, checkpoints/step_*.pt (the last --keep_last, each with a .sha256; --resume continues a killed
+run; a checkpoint file also serves as --teacher), log.jsonl (loss, relation and load-balance losses, lr, tokens/s,
+per-layer expert load, held-out relation loss), and .lock while a run uses the directory.
 """
 import argparse
+import atexit
 import bz2
 import contextlib
 import functools
@@ -333,10 +334,15 @@ def build_pairs(corpus, tokenizer, cache_dir, max_seq_length=128, short_seq_prob
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(corpus).name or corpus)[:60]
     final = Path(cache_dir).expanduser() / f"pairs-{name}-{key}"
     if (final / "dataset_dict.json").exists():
-        return datasets.load_from_disk(str(final))
+        return load_pairs(final)
 
     final.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    host = socket.gethostname()
+    for old in final.parent.glob(".build-*"):  # left by a killed build: ".build-HOST-PID-random"
+        if (m := re.fullmatch(r"\.build-(.+)-(\d+)-[^-]+", old.name)) and m[1] == host and not pid_alive(int(m[2])):
+            warn(f"removing {old}, left by an interrupted pair build")
+            shutil.rmtree(old, ignore_errors=True)
+    build = Path(tempfile.mkdtemp(prefix=f".build-{host}-{os.getpid()}-", dir=final.parent))
     try:
         features = datasets.Features({"sentences": datasets.Sequence(datasets.Value("string"))})
         nproc = min(num_proc or os.cpu_count() or 1, len(sources))  # one reader per file (e.g. dump parts)
@@ -381,7 +387,44 @@ def build_pairs(corpus, tokenizer, cache_dir, max_seq_length=128, short_seq_prob
                 raise
     finally:
         shutil.rmtree(build, ignore_errors=True)
-    return datasets.load_from_disk(str(final))
+    return load_pairs(final)
+
+
+def load_pairs(path):
+    """The cached pairs, memory-mapped; a clear error when the cache was damaged (a truncated Arrow file)."""
+    import datasets
+    try:
+        pairs = datasets.load_from_disk(str(path))
+        for split in pairs.values():  # reading the last row touches the end of every Arrow file
+            split[len(split) - 1]
+    except Exception as e:
+        raise ValueError(f"the pair cache {path} is damaged ({type(e).__name__}: {str(e)[:200]}); "
+                         f"delete the cache directory {path} and run again") from None
+    return pairs
+
+
+def vocab_hash(tokenizer):
+    """sha256 of a tokenizer's vocabulary (token -> id): two tokenizers with the same hash map text alike."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+
+
+def check_tokenizer(tokenizer, tokenizer_path, teacher_path, tcfg):
+    """Refuse a tokenizer that does not fit the teacher (the student ships with it): another size than the
+    teacher's embedding table, or, given with --tokenizer, another vocabulary than the teacher's own."""
+    n = tokenizer.get_vocab_size()
+    if n != tcfg.vocab_size:
+        raise SystemExit(f"the tokenizer has {n} tokens but the teacher's embedding table {tcfg.vocab_size} rows: pass "
+                         "the teacher's own tokenizer (--tokenizer), or --force_tokenizer if this is intended")
+    if tokenizer_path:
+        try:
+            own = load_tokenizer(teacher_path)
+        except (OSError, ValueError):  # the teacher has no tokenizer files to compare with
+            return
+        if vocab_hash(own) != vocab_hash(tokenizer):
+            raise SystemExit(f"--tokenizer {tokenizer_path}: its vocabulary differs from the teacher's own "
+                             f"({teacher_path}; same size, other tokens or ids): drop --tokenizer, or pass "
+                             "--force_tokenizer if this is intended")
 
 
 def collate(rows, pad_id, length=None):
@@ -488,17 +531,82 @@ def lr_lambda(step, total_steps, warmup_steps):
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def atomic_save(obj, path):
+def atomic_save(obj, path, checksum=False):
     """torch.save to a temporary file in the same directory, fsync, then os.replace: a reader (or a
-    killed run) sees the old file or the complete new one, never half of one."""
+    killed run) sees the old file or the complete new one, never half of one. A failed save (disk full)
+    removes its temporary file. checksum: also write PATH.sha256 (`sha256sum -c` reads it), before the
+    rename, so that every checkpoint in place has one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if checksum:
+            write_text_atomic(checksum_path(path), f"{sha256_file(tmp)}  {path.name}\n")
+        os.replace(tmp, path)
+    except BaseException:  # also a KeyboardInterrupt: leave no temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path, text):
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def checksum_path(path):
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+def sha256_file(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def nonfinite_tensor(state):
+    """Name of the first floating-point tensor of a state dict with a NaN or inf, else None."""
+    return next((k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+
+def load_checkpoint(path):
+    """torch.load of a training checkpoint, checked first against its .sha256 (when it has one), and
+    its students' weights checked to be finite: a ValueError naming the file otherwise."""
+    path = Path(path)
+    if checksum_path(path).exists():
+        want = checksum_path(path).read_text().split()[0]
+        if sha256_file(path) != want:
+            raise ValueError(f"{path}: the sha256 checksum does not match {checksum_path(path).name} "
+                             "(the file is damaged or truncated)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        students = checkpoint_students(ckpt)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    for name, st in students.items():
+        if bad := nonfinite_tensor(st["model"]):
+            raise ValueError(f"{path}: tensor {bad!r} of student {name} is not finite (NaN or inf)")
+    return ckpt
+
+
+def find_resume_checkpoint(ckpt_dir, resume):
+    """(path, checkpoint) for --resume: the file given, or ("latest") the newest intact one of ckpt_dir,
+    a damaged newer one reported and skipped; (None, None) when ckpt_dir has no checkpoint."""
+    if resume != "latest":
+        return Path(resume), load_checkpoint(resume)
+    found = checkpoints(ckpt_dir)
+    for path in reversed(found):
+        try:
+            return path, load_checkpoint(path)
+        except ValueError as e:
+            warn(f"{e}: falling back to the previous checkpoint")
+    if found:
+        raise SystemExit(f"--resume: none of the {len(found)} checkpoints in {ckpt_dir} is intact; start a new run "
+                         "with --overwrite (or in another --out_dir)")
+    return None, None
 
 
 def rng_state():
@@ -522,6 +630,80 @@ def set_rng_state(state):
 def checkpoints(ckpt_dir):
     """step_*.pt files of a run, oldest first."""
     return sorted(Path(ckpt_dir).glob("step_*.pt"))
+
+
+def remove_checkpoint(path):
+    Path(path).unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
+
+
+def pid_alive(pid):
+    """Does process `pid` exist on this host?"""
+    try:
+        os.kill(pid, 0)  # signal 0: only asks
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        pass
+    return True
+
+
+def lock_out_dir(out_dir, what="run"):
+    """Create out_dir (an error now, not after hours of tokenising, if it cannot be written) and take its
+    lock file `.lock` ({"pid", "host"}): a second run on the same directory is refused; a lock left by a
+    dead process of this host (or by an earlier main() of this process) is taken over. The lock is
+    released at exit."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SystemExit(f"--out_dir {out_dir}: exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out_dir {out_dir}: cannot be created ({e.strerror})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out_dir {out_dir}: not writable")
+    lock, me = out_dir / ".lock", {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: only one process creates it
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text())
+                pid, host = int(owner["pid"]), owner["host"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise SystemExit(f"{lock}: unreadable lock file; delete it if no {what} uses {out_dir}") from None
+            if host == me["host"] and (pid == me["pid"] or not pid_alive(pid)):
+                if pid != me["pid"]:
+                    warn(f"{lock}: taking over the lock of process {pid}, which is no longer running")
+                lock.unlink(missing_ok=True)
+                continue
+            raise SystemExit(f"{out_dir} is in use by another {what} (pid {pid} on {host}, lock file {lock}); wait "
+                             "for it, use another --out_dir, or delete the lock file if that process is gone") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        atexit.register(release_lock, lock)
+        return lock
+    raise SystemExit(f"{lock}: could not take the lock")
+
+
+def release_lock(lock):
+    """Remove the lock file if it is still this process's."""
+    try:
+        if json.loads(Path(lock).read_text())["pid"] == os.getpid():
+            Path(lock).unlink()
+    except (OSError, ValueError, KeyError):
+        pass
+
+
+def remove_stale_temp_files(out_dir):
+    """Temporary files that a killed or failed save left in a run's directory (its lock is ours, so no
+    other process writes there), and checksums whose checkpoint is gone."""
+    ckpt_dir = Path(out_dir) / "checkpoints"
+    for f in [*ckpt_dir.glob(".step_*.tmp*"), *Path(out_dir).glob(".*.json*.tmp*"), *ckpt_dir.glob("step_*.pt.sha256")]:
+        if f.name.endswith(".sha256") and f.with_name(f.name[:-len(".sha256")]).exists():
+            continue
+        warn(f"removing {f}, left by an interrupted save")
+        f.unlink(missing_ok=True)
 
 
 # -----------------------------------------------------------------------------
@@ -677,14 +859,64 @@ def write_json(path, obj):
 
 
 def truncate_log(path, step):
-    """Drop log.jsonl records after `step` (a resumed run logs those steps again)."""
+    """Drop log.jsonl records after `step` (a resumed run logs those steps again), and a last line cut
+    short by a kill."""
+    def before(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
     if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and before(ln)]
+        write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
 # -----------------------------------------------------------------------------
 # The script
+
+
+def number(kind=int, low=None, high=None, above=None):
+    """An argparse type: a finite int or float with low <= x <= high, or x > above; argparse shows a
+    refusal as "argument --batch_size: must be an integer >= 1, got '0'"."""
+    what = "an integer" if kind is int else "a number"
+    lower = f">= {low}" if low is not None else f"> {above}" if above is not None else ""
+    bound = " and ".join(b for b in (lower, f"<= {high}" if high is not None else "") if b)
+
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not math.isfinite(x) or (low is not None and x < low) or (high is not None and x > high) or \
+                (above is not None and x <= above):
+            raise argparse.ArgumentTypeError(f"must be {what} {bound}, got {text!r}")
+        return x
+    return parse
+
+
+POSITIVE_INT, NONNEGATIVE_INT = number(int, low=1), number(int, low=0)
+POSITIVE, NONNEGATIVE, FRACTION = number(float, above=0), number(float, low=0), number(float, low=0, high=1)
+
+
+# flags that --resume may change: how long training goes on (--max_steps, --epochs: the lr schedule is
+# stretched to the new end), logging, evaluation and saving, where things are, and how the hardware runs
+# a batch (--micro_batch_size, --precision, --compile: the same batches, other rounding). Every other
+# flag (data, model, loss, optimisation, seed) must equal the checkpoint's, or --resume refuses.
+RESUME_MAY_CHANGE = ("max_steps", "epochs", "log_every", "eval_every", "eval_pairs", "save_every", "keep_last",
+                     "num_proc", "cache_dir", "out_dir", "micro_batch_size", "precision", "compile")
+NOT_COMPARED = RESUME_MAY_CHANGE + ("resume", "overwrite", "debug", "prepare_only", "force_tokenizer",
+                                    "student_specs", "attn_experts", "ffn_experts")  # the last three: derived
+
+
+def check_resume_args(saved, args, path):
+    """Refuse to resume with flags that break an exact resume: those that differ from the checkpoint's
+    stored args (flags it does not know, from a later version, pass)."""
+    changed = [f"--{k} {saved[k]!r} (now {v!r})" for k, v in vars(args).items()
+               if k in saved and k not in NOT_COMPARED and saved[k] != v]
+    if changed:
+        raise SystemExit(f"--resume: {path} was trained with other values of " + ", ".join(changed) +
+                         ". Rerun with the checkpoint's values, or start a new run (another --out_dir, or --overwrite). "
+                         "Flags that may change on resume: " + ", ".join("--" + k for k in RESUME_MAY_CHANGE))
 
 
 def parse_args(argv=None):
@@ -694,12 +926,15 @@ def parse_args(argv=None):
                    "a HF dataset id 'name[:config]'; default: gensim's Wikipedia sample (the embedded demo)")
     g.add_argument("--cache_dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "minimoe"),
                    help="where tokenised segment pairs are cached (%(default)s)")
-    g.add_argument("--max_seq_length", type=int, default=128, help="tokens per pair (%(default)s)")
-    g.add_argument("--short_seq_prob", type=float, default=0.1, help="chance of a shorter pair, as BERT (%(default)s)")
-    g.add_argument("--min_sentence_words", type=int, default=8, help="shorter sentences are dropped (%(default)s)")
-    g.add_argument("--heldout", type=float, default=0.05, help="fraction of documents held out, at most 1000 "
-                   "(%(default)s)")
-    g.add_argument("--num_proc", type=int, default=None, help="processes for reading and tokenising (all cores)")
+    g.add_argument("--max_seq_length", type=number(int, low=8), default=128, help="tokens per pair (%(default)s)")
+    g.add_argument("--short_seq_prob", type=FRACTION, default=0.1,
+                   help="chance of a shorter pair, as BERT (%(default)s)")
+    g.add_argument("--min_sentence_words", type=POSITIVE_INT, default=8,
+                   help="shorter sentences are dropped (%(default)s)")
+    g.add_argument("--heldout", type=number(float, above=0, high=1), default=0.05,
+                   help="fraction of documents held out, at most 1000 (%(default)s)")
+    g.add_argument("--num_proc", type=POSITIVE_INT, default=None,
+                   help="processes for reading and tokenising (all cores)")
     g.add_argument("--prepare_only", action="store_true", help="build the pair cache and exit")
     g = p.add_argument_group("models")
     g.add_argument("--teacher", default=None, help="HF BERT dir or hub id, or our student dir or checkpoint file "
@@ -710,14 +945,15 @@ def parse_args(argv=None):
                    "'default': the embedded all-MiniLM-L6-v2")
     g.add_argument("--student", default="3L-384H", help=f"size LL-HH, e.g. a preset: {', '.join(minimoe.PRESETS)} "
                    "(%(default)s)")
-    g.add_argument("--layers", type=int, default=None, help="override the preset's layers")
-    g.add_argument("--hidden", type=int, default=None, help="override the preset's width (FFN: 4 x hidden)")
-    g.add_argument("--heads", type=int, default=None, help="override the preset's attention heads")
+    g.add_argument("--layers", type=POSITIVE_INT, default=None, help="override the preset's layers")
+    g.add_argument("--hidden", type=POSITIVE_INT, default=None, help="override the preset's width (FFN: 4 x hidden)")
+    g.add_argument("--heads", type=POSITIVE_INT, default=None, help="override the preset's attention heads")
     g.add_argument("--experts", default="1,4", help="attention,FFN experts; 1,1 is the dense MiniLM (%(default)s)")
-    g.add_argument("--dropout", type=float, default=None, help="student dropout and router noise (config: 0.1)")
-    g.add_argument("--num_relation_heads", type=int, default=32, help="MiniLMv2 relation heads (%(default)s)")
+    g.add_argument("--dropout", type=FRACTION, default=None, help="student dropout and router noise (config: 0.1)")
+    g.add_argument("--num_relation_heads", type=POSITIVE_INT, default=32,
+                   help="MiniLMv2 relation heads (%(default)s)")
     g.add_argument("--teacher_layer", type=int, default=-1, help="teacher layer distilled (%(default)s: last)")
-    g.add_argument("--load_balance_weight", type=float, default=0.01, help="(%(default)s)")
+    g.add_argument("--load_balance_weight", type=NONNEGATIVE, default=0.01, help="(%(default)s)")
     g.add_argument("--init_from", default=None, help="a dense student (dir or checkpoint) to upcycle")
     g.add_argument("--compare_dense", action=argparse.BooleanOptionalAction, default=None,
                    help="also train the dense student of the same size on the same batches "
@@ -733,35 +969,44 @@ def parse_args(argv=None):
     g.add_argument("--expert_init", default="split", choices=["split", "independent"],
                    help="split: experts cut from one wide FFN, 2/3 of their neurons shared (the original's); "
                    "independent: each expert drawn on its own (%(default)s)")
-    g.add_argument("--relation_dropout", type=float, default=0.0,
+    g.add_argument("--relation_dropout", type=FRACTION, default=0.0,
                    help="dropout on the students' relation probabilities, as the original code (0.1 there); "
                    "makes the training loss noisy and larger than the KL (%(default)s)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=3e-4, help="peak AdamW lr (%(default)s)")
-    g.add_argument("--weight_decay", type=float, default=0.01, help="(%(default)s)")
-    g.add_argument("--warmup", type=float, default=0.01, help="fraction of steps of linear warmup (%(default)s)")
-    g.add_argument("--grad_clip", type=float, default=5.0, help="max grad norm (%(default)s)")
-    g.add_argument("--batch_size", type=int, default=None, help=f"global batch in pairs; the paper: 1024 "
+    g.add_argument("--lr", type=NONNEGATIVE, default=3e-4, help="peak AdamW lr (%(default)s)")
+    g.add_argument("--weight_decay", type=NONNEGATIVE, default=0.01, help="(%(default)s)")
+    g.add_argument("--warmup", type=FRACTION, default=0.01, help="fraction of steps of linear warmup (%(default)s)")
+    g.add_argument("--grad_clip", type=POSITIVE, default=5.0, help="max grad norm (%(default)s)")
+    g.add_argument("--batch_size", type=POSITIVE_INT, default=None, help=f"global batch in pairs; the paper: 1024 "
                    f"(default: {DEMO_BATCH_SIZE} for the demo, 128 otherwise)")
-    g.add_argument("--micro_batch_size", type=int, default=None, help="pairs per rank per forward; gradient "
-                   "accumulation = batch_size / (micro_batch_size x ranks) (default: no accumulation)")
-    g.add_argument("--max_steps", type=int, default=None, help=f"optimizer steps (default: {DEMO_MAX_STEPS} for "
-                   "the demo, otherwise --epochs)")
-    g.add_argument("--epochs", type=float, default=None, help="passes over the pairs (default: 5, the paper's)")
+    g.add_argument("--micro_batch_size", type=POSITIVE_INT, default=None, help="pairs per rank per forward; "
+                   "gradient accumulation = batch_size / (micro_batch_size x ranks) (default: no accumulation)")
+    g.add_argument("--max_steps", type=POSITIVE_INT, default=None, help=f"optimizer steps (default: {DEMO_MAX_STEPS} "
+                   "for the demo, otherwise --epochs)")
+    g.add_argument("--epochs", type=POSITIVE, default=None, help="passes over the pairs (default: 5, the paper's)")
     g.add_argument("--seed", type=int, default=776, help="(%(default)s, the original's)")
     g = p.add_argument_group("runtime and output")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on CUDA if supported, else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the teacher and student(s)")
     g.add_argument("--out_dir", default="out", help="(%(default)s)")
-    g.add_argument("--log_every", type=int, default=10, help="steps between log lines (%(default)s)")
-    g.add_argument("--eval_every", type=int, default=50, help="steps between held-out evaluations (%(default)s)")
-    g.add_argument("--eval_pairs", type=int, default=128, help="held-out pairs evaluated (%(default)s)")
-    g.add_argument("--save_every", type=int, default=100, help="steps between checkpoints (%(default)s)")
-    g.add_argument("--keep_last", type=int, default=3, help="checkpoints kept (%(default)s)")
+    g.add_argument("--log_every", type=POSITIVE_INT, default=10, help="steps between log lines (%(default)s)")
+    g.add_argument("--eval_every", type=POSITIVE_INT, default=50,
+                   help="steps between held-out evaluations (%(default)s)")
+    g.add_argument("--eval_pairs", type=POSITIVE_INT, default=128, help="held-out pairs evaluated (%(default)s)")
+    g.add_argument("--save_every", type=POSITIVE_INT, default=100, help="steps between checkpoints (%(default)s)")
+    g.add_argument("--keep_last", type=POSITIVE_INT, default=3, help="checkpoints kept (%(default)s)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from a checkpoint file (no value: the latest in out_dir/checkpoints)")
+                   help="continue from a checkpoint file (no value: the newest intact one in out_dir/checkpoints). "
+                   "The flags must be the checkpoint's, except " + ", ".join("--" + k for k in RESUME_MAY_CHANGE))
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an --out_dir that holds a previous run "
+                   "(its checkpoints are deleted)")
+    g.add_argument("--force_tokenizer", action="store_true", help="accept a --tokenizer whose vocabulary differs "
+                   "from the teacher's")
+    g.add_argument("--debug", action="store_true", help="a traceback for every error, user errors included")
     args = p.parse_args(argv)
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out_dir, --overwrite deletes it: give one of them")
 
     demo = args.corpus is None  # the embedded no-argument run
     args.corpus = args.corpus or gensim_wiki_sample()
@@ -808,6 +1053,25 @@ def main(argv=None):
     log = print if rt.is_master else (lambda *a, **k: None)
     out_dir, ckpt_dir = Path(args.out_dir), Path(args.out_dir) / "checkpoints"
 
+    # ---- the output directory and the checkpoint to resume, checked before any expensive work
+    if rt.is_master and not args.prepare_only:
+        lock_out_dir(out_dir)  # refuses an unwritable --out_dir, or one that another live run uses
+        remove_stale_temp_files(out_dir)
+        if not args.resume and not args.overwrite:  # a finished or killed run is not overwritten by accident
+            previous = checkpoints(ckpt_dir)[-1:] + [out_dir / f for f in ["results.json"] +
+                                                     [s["out"] for s in args.student_specs]]
+            if previous := [str(f) for f in previous if f.exists()]:
+                raise SystemExit(f"{out_dir} holds a previous run ({', '.join(previous)}): pass --resume to continue "
+                                 "it, --overwrite to start afresh, or another --out_dir")
+    resume = None
+    if args.resume and not args.prepare_only:
+        path, resume = find_resume_checkpoint(ckpt_dir, args.resume)
+        if resume is None:
+            log(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
+        else:
+            check_resume_args(resume.get("args", {}), args, path)
+            log(f"resuming from {path} (step {resume['step']})")
+
     # ---- the frozen teacher and its tokenizer, which the student shares
     teacher = load_bert(args.teacher).to(rt.device).eval().requires_grad_(False)
     eval_teacher = teacher  # held-out relation loss against this one (--eval_teacher: e.g. the TA's own teacher)
@@ -822,6 +1086,8 @@ def main(argv=None):
     if tokenizer.get_vocab_size() > tcfg.vocab_size:
         raise SystemExit(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the teacher's embedding table "
                          f"only {tcfg.vocab_size} rows: pass the teacher's own tokenizer (--tokenizer)")
+    if not args.force_tokenizer:
+        check_tokenizer(tokenizer, args.tokenizer, args.teacher, tcfg)
     if args.max_seq_length > tcfg.max_position_embeddings:
         raise SystemExit(f"--max_seq_length {args.max_seq_length} exceeds the teacher's "
                          f"{tcfg.max_position_embeddings} positions")
@@ -847,15 +1113,7 @@ def main(argv=None):
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
 
     # ---- the students: each with its own init, dropout stream, optimizer and output directory
-    resume = None
-    if args.resume:
-        path = checkpoints(ckpt_dir)[-1] if args.resume == "latest" and checkpoints(ckpt_dir) else args.resume
-        if path == "latest":
-            log(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
-        else:
-            resume = torch.load(path, map_location="cpu", weights_only=True)
-            log(f"resuming from {path} (step {resume['step']})")
-    if resume:  # the resumed run's students and schedule, whatever the flags say
+    if resume:  # the resumed run's students (check_resume_args: the flags say the same)
         saved = checkpoint_students(resume)
         cfgs = {k: BertConfig(**{"relation_head": "layer", **st["config"]}) for k, st in saved.items()}
         outs = resume.get("out_dirs", {"student": "student", "dense": "student_dense"})
@@ -921,10 +1179,10 @@ def main(argv=None):
         if rt.is_master:  # steps logged after the checkpoint will be logged again
             truncate_log(out_dir / "log.jsonl", step)
     elif rt.is_master:
-        if old := checkpoints(ckpt_dir):
-            log(f"fresh run: removing {len(old)} old checkpoints in {ckpt_dir} (use --resume to continue them)")
+        if old := checkpoints(ckpt_dir):  # --overwrite
+            log(f"fresh run: removing {len(old)} old checkpoints in {ckpt_dir}")
             for f in old:
-                f.unlink()
+                remove_checkpoint(f)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(str(ckpt_dir / "tokenizer.json"))  # so that a checkpoint file can be a --teacher
         (out_dir / "log.jsonl").write_text("")
@@ -932,7 +1190,26 @@ def main(argv=None):
         f"{W} ranks x {args.micro_batch_size} x {accum} accumulation; lr {args.lr}, {rt.device}, "
         f"{rt.amp_dtype or torch.float32}")
 
+    def check_finite(step, weights=False):
+        """Stop on divergence, before anything non-finite is logged or saved. A host sync: called only at
+        logging, evaluation and saving points; between them `diverged` notes the first bad step on the device.
+        weights: also check every weight (at saving points: an update can overflow with finite gradients)."""
+        first = dict(zip(raw, torch.stack(list(diverged.values())).tolist()))
+        if weights:
+            for k, m in raw.items():
+                if not first[k] and not torch.stack([torch.isfinite(p).all() for p in m.parameters()]).all():
+                    first[k] = step
+        if bad := {k: s for k, s in first.items() if s}:
+            bar.close()
+            kept = checkpoints(ckpt_dir)
+            raise SystemExit(f"training diverged at step {min(bad.values())}: non-finite (NaN/inf) loss, gradients "
+                             "or weights of " + ", ".join(f"student {k} (step {s})" for k, s in bad.items()) +
+                             f" with --lr {args.lr}. Stopped; nothing non-finite was saved" +
+                             (f", and the last checkpoint, {kept[-1]}, is intact" if kept else "") +
+                             ". Try a lower --lr, more --warmup or a lower --grad_clip, in a new run (--overwrite).")
+
     def save_checkpoint(step):
+        check_finite(step, weights=True)
         mine = {"process": rng_state(), "students": rngs}
         rng_all = [None] * W
         if rt.is_ddp:
@@ -947,9 +1224,9 @@ def main(argv=None):
         ckpt = {"students": state, "out_dirs": outs, "config": state[first]["config"], "model": state[first]["model"],
                 "step": step, "total_steps": total_steps, "rng": rng_all, "elapsed": elapsed + time.time() - t_start,
                 "scaler": rt.scaler.state_dict() if rt.scaler else None, "args": vars(args)}
-        atomic_save(ckpt, ckpt_dir / f"step_{step:07d}.pt")
+        atomic_save(ckpt, ckpt_dir / f"step_{step:07d}.pt", checksum=True)
         for f in checkpoints(ckpt_dir)[:-args.keep_last]:
-            f.unlink()
+            remove_checkpoint(f)
 
     def write_log(record):
         with open(out_dir / "log.jsonl", "a") as f:
@@ -958,6 +1235,7 @@ def main(argv=None):
     # ---- the loop: teacher forward once per micro-batch, then each student's forward/backward on it
     batches = global_batches(len(train), args.batch_size, args.seed, start_step=step)
     sums = {k: torch.zeros(3, device=rt.device) for k in raw}  # relation, load balance, tokens since the last log
+    diverged = {k: torch.zeros((), dtype=torch.long, device=rt.device) for k in raw}  # first non-finite step, 0 = none
     moe_shape = {k: (m.config.num_layers, m.config.num_experts) if m.config.num_experts > 1 else (0,)
                  for k, m in raw.items()}
     new_loads = lambda: {k: torch.zeros(moe_shape[k], device=rt.device) for k in raw}  # noqa: E731
@@ -991,7 +1269,11 @@ def main(argv=None):
         for k in raw:
             if rt.scaler:
                 rt.scaler.unscale_(optimizers[k])
-            torch.nn.utils.clip_grad_norm_(raw[k].parameters(), args.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(raw[k].parameters(), args.grad_clip)
+            # divergence, noted without a host sync: a NaN/inf loss since the last log, or gradient norm
+            # (with fp16 an inf gradient norm is normal: GradScaler skips that step)
+            bad = ~torch.isfinite(sums[k][:2]).all() if rt.scaler else ~torch.isfinite(norm)
+            diverged[k] = torch.where(bad & (diverged[k] == 0), step + 1, diverged[k])
             rt.scaler.step(optimizers[k]) if rt.scaler else optimizers[k].step()
             optimizers[k].zero_grad(set_to_none=True)
             schedulers[k].step()
@@ -1001,6 +1283,7 @@ def main(argv=None):
         bar.update(1)
 
         if step % args.log_every == 0 or step == total_steps:
+            check_finite(step)
             # .tolist() and all_reduce: host syncs, only at logging points; means over micro-steps and ranks
             if rt.is_ddp:
                 for t in list(sums.values()) + [v for v in loads.values() if v.numel()]:
@@ -1027,6 +1310,7 @@ def main(argv=None):
             sums = {k: torch.zeros(3, device=rt.device) for k in raw}
             loads = new_loads()
         if rt.is_master and (step % args.eval_every == 0 or step == total_steps):
+            check_finite(step)
             means, per_pair = evaluate(eval_teacher, raw, heldout, args, rt, pad_id)
             last_eval = (step, means)
             write_log({"step": step, "heldout_rel": means})
@@ -1041,6 +1325,7 @@ def main(argv=None):
 
     # ---- save: the students as HF-layout directories, and what they reached on held-out pairs
     result = None
+    check_finite(step, weights=True)  # nothing non-finite is published (a resumed, finished run skips the loop)
     if rt.is_master:
         if last_eval is None or last_eval[0] != step:
             means, per_pair = evaluate(eval_teacher, raw, heldout, args, rt, pad_id)
@@ -1058,5 +1343,24 @@ def main(argv=None):
         dist.destroy_process_group()
     return result
 
+
+def run_script(main):
+    """The scripts' entry point. A user error (a bad flag, input file or checkpoint; a full disk: a
+    SystemExit with a message, ValueError or OSError) prints `error: <message>` and exits with status 2;
+    any other exception is a bug and keeps its traceback, as every error does with --debug."""
+    try:
+        main()
+    except SystemExit as e:
+        if not isinstance(e.code, str) or "--debug" in sys.argv:
+            raise
+        print(f"error: {e.code}", file=sys.stderr)
+        sys.exit(2)
+    except (ValueError, OSError, ImportError) as e:
+        if "--debug" in sys.argv:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -280,7 +280,7 @@ def test_run_checkpoints_and_exports(tmp_path, tiny_setup):
     args = tiny_args(tiny_setup, tmp_path / "next", "--max_steps", "1", "--experts", "1,1")
     args[1] = str(out / "student")  # the MiniMoE student as teacher, and its checkpoint file too
     assert td.main(args)["student"] > 0
-    args[1] = str(ckpts[-1])
+    args[1:2] = [str(ckpts[-1]), "--overwrite"]
     assert td.main(args)["student"] > 0
 
 
@@ -319,8 +319,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_setup, monkeypat
 
     real_save = td.atomic_save
 
-    def save_then_die(obj, path):
-        real_save(obj, path)
+    def save_then_die(obj, path, **kw):
+        real_save(obj, path, **kw)
         if Path(path).name == "step_0000003.pt":
             raise Killed
 
@@ -410,8 +410,8 @@ def test_resume_restores_every_student_exactly(tmp_path, tiny_setup, monkeypatch
     full = [r for r in read_log(tmp_path / "a") if "loss" in r]
     real_save = td.atomic_save
 
-    def save_then_die(obj, path):
-        real_save(obj, path)
+    def save_then_die(obj, path, **kw):
+        real_save(obj, path, **kw)
         if Path(path).name == "step_0000004.pt":
             raise Killed
 
