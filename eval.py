@@ -140,11 +140,16 @@ GLUE_COLUMNS = [("SST-2", "sst2", "acc"), ("MRPC", "mrpc", "f1"), ("STS-B", "sts
 EXTRA_COLUMNS = [("CoNLL", "conll", "f1")]
 
 
-def glue_row(metrics_by_task):
-    """{column: score in percent or None} plus the GLUE average over the columns present."""
+def glue_row(metrics_by_task, std_by_task=None, average_over=None):
+    """{column: score in percent or None} plus the GLUE average over the columns present (or over the
+    columns `average_over` only); with std_by_task, "COLUMN±" holds each column's std in percent."""
     row = {col: (100 * metrics_by_task[t][m] if t in metrics_by_task and m in metrics_by_task[t] else None)
            for col, t, m in GLUE_COLUMNS + EXTRA_COLUMNS}
-    glue = [row[col] for col, _, _ in GLUE_COLUMNS if row[col] is not None]
+    for col, t, m in GLUE_COLUMNS + EXTRA_COLUMNS:
+        if std_by_task and t in std_by_task and m in std_by_task[t]:
+            row[col + "±"] = 100 * std_by_task[t][m]
+    cols = [col for col, _, _ in GLUE_COLUMNS if average_over is None or col in average_over]
+    glue = [row[col] for col in cols if row[col] is not None]
     row["Avg"] = sum(glue) / len(glue) if glue else None
     return row
 
@@ -157,7 +162,9 @@ def markdown_table(rows):
     head = "| model | " + " | ".join(f"{c} ({names[metric[c]]})" if c in metric else c for c in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     for name, row in rows.items():
-        lines.append(f"| {name} | " + " | ".join("–" if row[c] is None else f"{row[c]:.1f}" for c in cols) + " |")
+        cell = lambda c: "–" if row[c] is None else f"{row[c]:.1f}" + (  # noqa: E731
+            f" ± {row[c + '±']:.1f}" if row.get(c + "±") else "")
+        lines.append(f"| {name} | " + " | ".join(cell(c) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -181,19 +188,31 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, file=None, batch_size=6
 
 
 def find_runs(root, tasks):
-    """{task: run dir} under root: the finetune.json of each task with the best stored dev score (hidden
-    directories, such as a save in progress, left out)."""
+    """{task: [run dirs]} under root: a task's seed runs (directories seedN, from finetune.py --seeds or
+    --plan), all of them; otherwise its one finetune.json with the best stored dev score. Hidden
+    directories, such as a save in progress, are left out."""
     if not Path(root).is_dir():
         raise FileNotFoundError(f"--runs {root}: no such directory (give the --out_dir parent of finetune.py runs)")
-    found = {}
+    seeds, best = {}, {}
     for f in sorted(Path(root).rglob("finetune.json")):
         if any(part.startswith(".") for part in f.relative_to(root).parts):
             continue
         meta = json.loads(f.read_text())
         t = meta.get("task")
-        if t in tasks and (t not in found or meta["metrics"][meta["metric"]] > found[t][1]):
-            found[t] = (f.parent, meta["metrics"][meta["metric"]])
-    return {t: d for t, (d, _) in found.items()}
+        if t not in tasks:
+            continue
+        if f.parent.name.startswith("seed") and f.parent.name[4:].isdigit():
+            seeds.setdefault(t, []).append(f.parent)
+        elif t not in best or meta["metrics"][meta["metric"]] > best[t][1]:
+            best[t] = (f.parent, meta["metrics"][meta["metric"]])
+    return {t: seeds.get(t) or [best[t][0]] for t in tasks if t in seeds or t in best}
+
+
+def mean_std(runs):
+    """{metric: mean} and {metric: sample std (0 for one run)} over runs' metric dicts."""
+    keys = [k for k in runs[0] if all(k in r for r in runs)]
+    return ({k: statistics.fmean(r[k] for r in runs) for k in keys},
+            {k: statistics.stdev([r[k] for r in runs]) if len(runs) > 1 else 0.0 for k in keys})
 
 
 # -----------------------------------------------------------------------------
@@ -572,22 +591,38 @@ def main(argv=None):
     if args.tasks:
         tasks = [c[1] for c in GLUE_COLUMNS + EXTRA_COLUMNS] if args.tasks == "all" else \
             [finetune.get_task(t).name for t in args.tasks.split(",")]
-        rows, results = {}, {}
+        found, results = {}, {}
         for root in args.runs:
-            found = find_runs(root, set(tasks))
-            metrics = {}
+            found[root] = find_runs(root, set(tasks))
+            metrics, std, last = {}, {}, {}
             for t in dict.fromkeys(tasks):
-                if t not in found:
+                if t not in found[root]:
                     continue
-                if args.cached:
-                    metrics[t] = json.loads((found[t] / "finetune.json").read_text())["metrics"]
-                else:
-                    metrics[t], _ = evaluate_checkpoint(found[t], data_dir, batch_size=args.batch_size,
-                                                        device=rt.device, autocast=rt.autocast)
-                print(f"{root} {t}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics[t].items()), file=sys.stderr)
-            row = rows[Path(root).name or str(root)] = glue_row(metrics)
-            results[str(root)] = dict(runs={t: str(d) for t, d in found.items()}, metrics=metrics, row=row)
-        table = markdown_table(rows)
+                runs, lasts = [], []
+                for d in found[root][t]:
+                    meta = json.loads((d / "finetune.json").read_text())
+                    if args.cached:
+                        runs.append(meta["metrics"])
+                    else:
+                        runs.append(evaluate_checkpoint(d, data_dir, batch_size=args.batch_size, device=rt.device,
+                                                        autocast=rt.autocast)[0])
+                    lasts.append(meta.get("last_metrics") or meta["metrics"])
+                metrics[t], std[t] = mean_std(runs)
+                last[t] = mean_std(lasts)[0]
+                print(f"{root} {t} ({len(runs)} run{'s' * (len(runs) > 1)}): " +
+                      " ".join(f"{k} {v:.4f}" for k, v in metrics[t].items()), file=sys.stderr)
+            results[str(root)] = dict(runs={t: [str(d) for d in ds] for t, ds in found[root].items()},
+                                      metrics=metrics, std=std, last_metrics=last)
+        # the GLUE average only over tasks every row has, so that rows compare
+        glue_cols = {col for col, t, _ in GLUE_COLUMNS if all(t in found[root] for root in args.runs)}
+        rows = {}
+        for root in args.runs:
+            res = results[str(root)]
+            res["row"] = rows[Path(root).name or str(root)] = glue_row(res["metrics"], res["std"], glue_cols)
+            res["row_last"] = glue_row(res["last_metrics"], None, glue_cols)
+        averaged = [col for col, _, _ in GLUE_COLUMNS if col in glue_cols]
+        table = markdown_table(rows) + f"\n\nAvg: mean over {', '.join(averaged) or 'no task'} (the GLUE tasks " \
+            "every row has); ± is the std over seeds."
         print(table)
         out = Path(args.json or Path(args.runs[0]) / "glue_results.json")
         out.write_text(json.dumps(dict(columns=[c for c, _, _ in GLUE_COLUMNS + EXTRA_COLUMNS], results=results,

@@ -4,6 +4,8 @@ Finetune a BERT / MiniMoE encoder on a GLUE task or CoNLL-2003 NER, keep the bes
     python finetune.py --task rte                              # the real all-MiniLM-L6-v2, data from ../shared/data
     python finetune.py --task mrpc --model out/minimoe_3L/student --lr 1e-5,2e-5,3e-5,5e-5   # a distilled student
     python finetune.py --task conll --lr 2e-5 --epochs 3       # token classification
+    python finetune.py --task rte --protocol authors --seeds 1,2,3   # the authors' recipe, three seeds
+    python finetune.py --plan plan.json                        # students x tasks x seeds, resumable
 
 The file reads top to bottom: the task registry, the readers (GLUE TSV, CoNLL columns, the hub),
 tokenisation with dynamic padding, the head model and its checkpoint I/O, prediction and dev
@@ -14,6 +16,7 @@ Recipe (MiniLM / MiniMoE finetuning): max length 128, AdamW (no decay on biases 
 weight decay 0.01, linear warmup over 10% of the steps then linear decay, grad-norm clip 1.0,
 batch 32, lr 3e-5 (or the small grid GLUE papers search), up to 10 epochs with early stopping on the
 dev score. MiniMoE's load-balancing loss stays on: loss = task loss + 0.01 * aux_loss.
+--protocol authors gives the authors' finetuning recipe instead (PROTOCOLS below).
 """
 import argparse
 import contextlib
@@ -515,9 +518,31 @@ def evaluate(model, task, dev_sets, batch_size=64, device="cpu", autocast=contex
 # Training
 
 
+# Recipes. "ours" is the module docstring's. "authors" is that of the authors' public finetuning code
+# (GLUE: GeneZC/StarK scripts; CoNLL: GeneZC/MiniDisc): batch 16, grad clip 5.0, dev evaluation every 10
+# steps keeping the best, early stopping after 5 epochs without a better dev score; CoNLL lr 2e-5,
+# batch 32, 3 epochs, evaluation every 100 steps. A flag given on the command line wins over the preset.
+PROTOCOLS = {
+    "ours": dict(lr="3e-5", batch_size=32, epochs=10, warmup=0.1, weight_decay=0.01, grad_clip=1.0, eval_every=0,
+                 patience=3, patience_unit="evals"),
+    "authors": dict(lr="3e-5", batch_size=16, epochs=10, warmup=0.1, weight_decay=0.01, grad_clip=5.0, eval_every=10,
+                    patience=5, patience_unit="epochs"),
+    "authors-ner": dict(lr="2e-5", batch_size=32, epochs=3, warmup=0.1, weight_decay=0.01, grad_clip=5.0,
+                        eval_every=100, patience=0, patience_unit="epochs"),
+}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", required=True, help=f"one of {sorted(TASKS)}")
+    p.add_argument("--task", default=None, help=f"one of {sorted(TASKS)} (required unless --plan)")
+    p.add_argument("--protocol", default="ours", choices=["ours", "authors"], help="recipe preset (PROTOCOLS): ours, "
+                   "or the authors' (batch 16, clip 5, dev every 10 steps, patience 5 epochs; CoNLL: lr 2e-5, "
+                   "batch 32, 3 epochs, dev every 100 steps); flags given explicitly win")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds: one run each, in OUT_DIR/seedS "
+                   "(eval.py reports mean ± std)")
+    p.add_argument("--plan", default=None, help="a JSON plan {models: {name: path}, tasks: [...], seeds: [...], "
+                   "out_dir, args: [...]}: runs every model x task x seed into out_dir/name/task/seedS, skipping "
+                   "finished runs (rerun it to continue a cut-off plan)")
     p.add_argument("--model", default=None, help="encoder: HF BERT dir or hub id, a save_bert dir, or a train_distill *.pt; "
                    "None = the embedded all-MiniLM-L6-v2")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir; None = the --model dir (give it for a *.pt file)")
@@ -526,18 +551,20 @@ def parse_args(argv=None):
     p.add_argument("--train_file", default=None, help="labelled training file (overrides --data_dir)")
     p.add_argument("--dev_file", default=None, help="labelled dev file (overrides --data_dir; one file, also for MNLI)")
     p.add_argument("--out_dir", default=None, help="best checkpoint + log.jsonl; None = runs/finetune/TASK")
-    p.add_argument("--lr", default="3e-5", help="learning rate, or a comma-separated grid (best dev score kept)")
-    p.add_argument("--epochs", type=POSITIVE, default=10, help="epochs (early stopping usually ends sooner)")
+    p.add_argument("--lr", default=None, help="learning rate, or a comma-separated grid (best dev score kept)")
+    p.add_argument("--epochs", type=POSITIVE, default=None, help="epochs (early stopping usually ends sooner)")
     p.add_argument("--max_steps", type=NONNEGATIVE_INT, default=0, help="cap on optimizer steps per learning rate (0 = none)")
-    p.add_argument("--batch_size", type=POSITIVE_INT, default=32, help="per process (DDP: global = batch_size x world size)")
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=None, help="per process (DDP: global = batch_size x world size)")
     p.add_argument("--eval_batch_size", type=POSITIVE_INT, default=64)
     p.add_argument("--max_length", type=number(int, low=3), default=128)
-    p.add_argument("--warmup", type=FRACTION, default=0.1, help="fraction of steps with linear warmup")
-    p.add_argument("--weight_decay", type=NONNEGATIVE, default=0.01)
-    p.add_argument("--grad_clip", type=NONNEGATIVE, default=1.0)
+    p.add_argument("--warmup", type=FRACTION, default=None, help="fraction of steps with linear warmup")
+    p.add_argument("--weight_decay", type=NONNEGATIVE, default=None)
+    p.add_argument("--grad_clip", type=NONNEGATIVE, default=None)
     p.add_argument("--load_balance_weight", type=NONNEGATIVE, default=0.01, help="weight of the MoE load-balancing loss")
-    p.add_argument("--eval_every", type=NONNEGATIVE_INT, default=0, help="evaluate every N steps (0 = every epoch)")
-    p.add_argument("--patience", type=NONNEGATIVE_INT, default=3, help="stop after N evaluations without a better dev score (0 = never)")
+    p.add_argument("--eval_every", type=NONNEGATIVE_INT, default=None, help="evaluate every N steps (0 = every epoch)")
+    p.add_argument("--patience", type=NONNEGATIVE_INT, default=None, help="stop after N evaluations (or epochs, see "
+                   "--patience_unit) without a better dev score (0 = never)")
+    p.add_argument("--patience_unit", default=None, choices=["evals", "epochs"], help="what --patience counts")
     p.add_argument("--no_group_by_length", action="store_true", help="plain random batches (more padding, slower)")
     p.add_argument("--no_pooler_init", action="store_true", help="random pooler even if the checkpoint has one")
     p.add_argument("--pooling", default="cls", choices=["cls", "mean"], help="what the pooler reads: [CLS] (BERT) "
@@ -552,6 +579,19 @@ def parse_args(argv=None):
     p.add_argument("--no_save", action="store_true", help="do not write the checkpoint (log and summary only)")
     p.add_argument("--debug", action="store_true", help="a traceback for every error, user errors included")
     args = p.parse_args(argv)
+    if args.plan:
+        return args
+    if not args.task:
+        p.error("--task is required (or give --plan)")
+    preset = PROTOCOLS["authors-ner" if args.protocol == "authors" and args.task.lower() == "conll" else args.protocol]
+    for k, v in preset.items():  # the preset fills what the command line left out
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.seeds:
+        try:
+            args.seeds = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            p.error(f"argument --seeds: comma-separated integers, got {args.seeds!r}")
     try:
         args.lrs = [NONNEGATIVE(x) for x in str(args.lr).split(",")]
     except argparse.ArgumentTypeError as e:
@@ -561,6 +601,60 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plan:
+        return run_plan(args.plan)
+    if args.seeds:  # one run per seed, each in its own directory
+        out_dir = Path(args.out_dir or f"runs/finetune/{get_task(args.task).name}")
+        base = [a for a in (sys.argv[1:] if argv is None else argv)]
+        runs = {}
+        for seed in args.seeds:
+            runs[seed] = main(without_flags(base, "--seeds", "--seed", "--out_dir") +
+                              ["--seed", str(seed), "--out_dir", str(out_dir / f"seed{seed}")])
+        return runs
+    return finetune(args)
+
+
+def without_flags(argv, *flags):
+    """argv without the given flags and their values (--flag VALUE or --flag=VALUE)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        elif not any(a.startswith(f + "=") for f in flags):
+            out.append(a)
+    return out
+
+
+def run_plan(path):
+    """Every model x task x seed of a JSON plan, into out_dir/MODEL/TASK/seedS. A run is finished when its
+    directory holds done.json; finished runs are skipped, so rerunning the plan continues a cut-off one
+    (the run that was cut restarts from its beginning)."""
+    try:
+        plan = json.loads(Path(path).read_text())
+        models, tasks, seeds = plan["models"], plan["tasks"], plan.get("seeds", [42])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--plan {path}: expected JSON {{models: {{name: path}}, tasks: [...], seeds: [...], "
+                         f"out_dir, args: [...]}} ({type(e).__name__}: {e})") from None
+    root, extra = Path(plan.get("out_dir", "runs/downstream")), [str(a) for a in plan.get("args", [])]
+    todo = [(m, t, s) for m in models for t in tasks for s in seeds]
+    for i, (name, task, seed) in enumerate(todo):
+        out = root / name / task / f"seed{seed}"
+        if (out / "done.json").exists():
+            continue
+        print(f"[plan {i + 1}/{len(todo)}] {name} {task} seed {seed} -> {out}", flush=True)
+        if out.exists():  # a cut-off run: start it again
+            shutil.rmtree(out)
+        t0 = time.time()
+        best = main(["--task", task, "--model", str(models[name]), "--seed", str(seed), "--out_dir", str(out), *extra])
+        write_json(out / "done.json", dict(model=name, task=task, seed=seed, wall_s=round(time.time() - t0, 1),
+                                           best_lr=best.get("lr"), score=best.get("score")))
+    return root
+
+
+def finetune(args):
+    """One finetuning run (all learning rates of the grid) of args.task; returns the grid's best."""
     rt = setup_runtime(args.seed, args.precision)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -615,7 +709,7 @@ def main(argv=None):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total_steps, warmup_steps))
         scaler = getattr(rt, "scaler", None)
         gen = torch.Generator().manual_seed(args.seed)
-        run = dict(score=-math.inf, metrics=None, step=0, bad_evals=0)
+        run = dict(score=-math.inf, metrics=None, step=0, bad_evals=0, best_by_metric={}, last=None)
         step, stop, t0 = 0, False, time.time()
         loss_sum = aux_sum = torch.zeros((), device=rt.device)
         n_sum = 0
@@ -669,6 +763,7 @@ def main(argv=None):
             bar.close()
         grid[str(lr)] = dict(score=run["score"] if math.isfinite(run["score"]) else None, metrics=run["metrics"],
                              best_step=run["step"], steps=step, diverged_at=run.get("diverged"),
+                             last_metrics=run["last"], best_by_metric=run["best_by_metric"],
                              wall_s=round(time.time() - t0, 1))
         if rt.is_master:
             print(f"lr {lr:g}: best dev {task.metric} {run['score']:.4f} at step {run['step']} "
@@ -678,12 +773,15 @@ def main(argv=None):
     if rt.is_master:
         kept = best.get("lr") is not None
         summary = dict(task=task.name, metric=task.metric, best_lr=best.get("lr"), best_score=best["score"] if kept else None,
-                       best_metrics=best.get("metrics"), grid=grid, wall_s=round(time.time() - t_start, 1))
+                       best_metrics=best.get("metrics"), grid=grid, wall_s=round(time.time() - t_start, 1),
+                       protocol=args.protocol)
         log.write(json.dumps(dict(event="summary", **summary)) + "\n")
         log.close()
         if (out_dir / "finetune.json").exists():  # add the grid to the kept checkpoint's metadata
             meta = json.loads((out_dir / "finetune.json").read_text())
-            meta.update(grid=grid, wall_s=summary["wall_s"])
+            best_run = grid[str(best["lr"])]  # the last evaluation's scores and each metric's own best
+            meta.update(grid=grid, wall_s=summary["wall_s"], last_metrics=best_run["last_metrics"],
+                        best_by_metric=best_run["best_by_metric"])
             write_json(out_dir / "finetune.json", meta)
         print(json.dumps(dict(best_lr=best.get("lr"), **(best.get("metrics") or {}))))
     if rt.is_ddp:
@@ -715,6 +813,10 @@ def evaluate_and_keep(args, task, raw, tok, dev_sets, rt, pad_id, lr, step, step
             run.update(score=score, metrics=metrics, step=step, bad_evals=0)
         else:
             run["bad_evals"] += 1
+        run["last"] = metrics  # the last checkpoint's scores: picking the best of many dev evaluations is optimistic
+        for k, v in metrics.items():  # each metric's own best (MNLI-mm is selected apart from MNLI-m, as the authors)
+            if math.isfinite(v) and v > run["best_by_metric"].get(k, [-math.inf])[0]:
+                run["best_by_metric"][k] = [v, step]
         rec = dict(event="eval", lr=lr, step=step, epoch=round(step / steps_per_epoch, 3), dev=metrics,
                    best=run["score"], elapsed=round(time.time() - t0, 1))
         log.write(json.dumps(rec) + "\n")
@@ -728,7 +830,10 @@ def evaluate_and_keep(args, task, raw, tok, dev_sets, rt, pad_id, lr, step, step
                             metrics=metrics, lr=lr, step=step, epoch=rec["epoch"], init=str(model_path),
                             train_examples=n_train, args=vars(args))
                 save_finetuned(raw, out_dir, tok, meta)
-        stop = args.patience > 0 and run["bad_evals"] >= args.patience
+        if args.patience_unit == "epochs":  # the authors': steps since the best evaluation >= patience epochs
+            stop = args.patience > 0 and step - run["step"] >= args.patience * steps_per_epoch
+        else:
+            stop = args.patience > 0 and run["bad_evals"] >= args.patience
     if rt.is_ddp:  # every rank follows the master's early-stopping decision
         flag = torch.tensor(int(stop), device=rt.device)
         torch.distributed.broadcast(flag, 0)

@@ -247,3 +247,68 @@ def test_ddp_two_cpu_processes(tok, tmp_path):
     log = read_log(out)
     assert [x["step"] for x in log if x["event"] == "eval"] == [3, 6, 9]  # 48 rows / (8 x 2 ranks) = 3 steps per epoch
     assert (out / "finetune.json").exists()
+
+
+# ----------------------------------------------------------------------------- protocols, seeds, plans
+
+
+def test_protocol_presets_and_explicit_flags_win():
+    a = ft.parse_args(["--task", "rte", "--protocol", "authors"])
+    assert (a.batch_size, a.grad_clip, a.eval_every, a.patience, a.patience_unit, a.lrs) == (16, 5.0, 10, 5, "epochs", [3e-5])
+    b = ft.parse_args(["--task", "rte", "--protocol", "authors", "--batch_size", "8", "--grad_clip", "1"])
+    assert (b.batch_size, b.grad_clip, b.eval_every) == (8, 1.0, 10)
+    c = ft.parse_args(["--task", "conll", "--protocol", "authors"])
+    assert (c.lrs, c.batch_size, c.epochs, c.eval_every) == ([2e-5], 32, 3, 100)
+    d = ft.parse_args(["--task", "rte"])
+    assert (d.batch_size, d.grad_clip, d.eval_every, d.patience, d.patience_unit) == (32, 1.0, 0, 3, "evals")
+
+
+def test_eval_every_steps_last_scores_and_patience_in_epochs(tiny_dir, tmp_path):
+    data = sst2_files(tmp_path / "SST-2")  # 48 examples, batch 8: 6 steps an epoch
+    out = tmp_path / "p"
+    ft.main(["--task", "sst2", "--model", str(tiny_dir), "--data_dir", str(data), "--out_dir", str(out), "--lr", "0",
+             "--epochs", "20", "--batch_size", "8", "--eval_every", "4", "--patience", "2", "--patience_unit", "epochs"])
+    evals = [r for r in read_log(out) if r["event"] == "eval"]
+    # lr 0: the step-4 evaluation is the best forever; stop at the first evaluation >= 2 epochs (12 steps) later
+    assert [r["step"] for r in evals] == [4, 8, 12, 16]
+    meta = json.loads((out / "finetune.json").read_text())
+    assert meta["step"] == 4 and meta["last_metrics"] == evals[-1]["dev"]
+    assert meta["best_by_metric"]["acc"] == [evals[0]["dev"]["acc"], 4]
+
+
+def test_seeds_and_their_mean_and_std(tiny_dir, tmp_path):
+    data = sst2_files(tmp_path / "SST-2")
+    root = tmp_path / "runs"
+    common = ["--task", "sst2", "--model", str(tiny_dir), "--data_dir", str(data), "--lr", "3e-3", "--epochs", "2",
+              "--batch_size", "8", "--eval_every", "3", "--patience", "0", "--log_every", "3"]
+    runs = ft.main(common + ["--out_dir", str(root / "sst2"), "--seeds", "1,2,3"])
+    assert set(runs) == {1, 2, 3} and all((root / "sst2" / f"seed{s}" / "finetune.json").exists() for s in (1, 2, 3))
+    scores = [json.loads((root / "sst2" / f"seed{s}" / "log.jsonl").read_text().splitlines()[-1])["best_score"]
+              for s in (1, 2, 3)]
+    losses = {s: [r["loss"] for r in read_log(root / "sst2" / f"seed{s}") if r["event"] == "train"] for s in (1, 2, 3)}
+    assert losses[1] != losses[2] != losses[3]  # seeds change the head init and the data order
+    res = ev.main(["--tasks", "sst2", "--runs", str(root), "--cached", "--json", str(tmp_path / "t.json")])[str(root)]
+    import statistics
+    assert res["row"]["SST-2"] == pytest.approx(100 * statistics.fmean(scores))
+    assert res["row"]["SST-2±"] == pytest.approx(100 * statistics.stdev(scores))
+    assert len(res["runs"]["sst2"]) == 3
+
+
+def test_plan_runs_models_tasks_seeds_and_skips_finished(tiny_dir, tmp_path, monkeypatch):
+    data = sst2_files(tmp_path / "SST-2")
+    plan = dict(models={"a": str(tiny_dir), "b": str(tiny_dir)}, tasks=["sst2"], seeds=[1, 2], out_dir=str(tmp_path / "d"),
+                args=["--data_dir", str(data), "--epochs", "1", "--batch_size", "8", "--lr", "1e-3"])
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    calls = []
+    real = ft.finetune
+    monkeypatch.setattr(ft, "finetune", lambda args: (calls.append((args.model, args.seed)), real(args))[1])
+    ft.main(["--plan", str(tmp_path / "plan.json")])
+    assert len(calls) == 4 and all((tmp_path / "d" / m / "sst2" / f"seed{s}" / "done.json").exists()
+                                   for m in "ab" for s in (1, 2))
+    (tmp_path / "d" / "b" / "sst2" / "seed2" / "done.json").unlink()  # as if cut off during this run
+    ft.main(["--plan", str(tmp_path / "plan.json")])
+    assert len(calls) == 5 and calls[-1][1] == 2
+    table = ev.main(["--tasks", "all", "--runs", str(tmp_path / "d" / "a"), str(tmp_path / "d" / "b"), "--cached",
+                     "--json", str(tmp_path / "g.json")])
+    assert "Avg: mean over SST-2" in json.loads((tmp_path / "g.json").read_text())["markdown"]
+    assert all(len(r["runs"]["sst2"]) == 2 for r in table.values())
