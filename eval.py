@@ -410,7 +410,7 @@ def svd_report(path, out_dir=None):
 
 
 def heldout_relation_loss(students, teacher_path, corpus, eval_pairs=1000, batch_size=32, num_relation_heads=32,
-                          cache_dir="~/.cache/minimoe", seed=776):
+                          cache_dir="~/.cache/minimoe", seed=776, max_seq_length=128):
     """Held-out relation loss of {name: Bert} against a teacher on train_distill's held-out pairs of a
     corpus (the same pairs as a distillation run with the same corpus, seed and --eval_pairs)."""
     from types import SimpleNamespace
@@ -418,7 +418,7 @@ def heldout_relation_loss(students, teacher_path, corpus, eval_pairs=1000, batch
     import minimoe
     import train_distill
     tok = minimoe.load_tokenizer(teacher_path)
-    pairs = train_distill.build_pairs(corpus, tok, cache_dir, seed=seed)["heldout"]
+    pairs = train_distill.build_pairs(corpus, tok, cache_dir, max_seq_length, seed=seed)["heldout"]
     pairs = pairs.select(range(min(eval_pairs, len(pairs))))
     rt = train_distill.setup_runtime(seed)
     teacher = minimoe.load_bert(teacher_path).to(rt.device)
@@ -528,6 +528,8 @@ def parse_args(argv=None):
     p.add_argument("--reference", nargs="*", default=[], help="--tradeoff: other students to score alike "
                    "(e.g. the dense MiniLM)")
     p.add_argument("--eval_pairs", type=POSITIVE_INT, default=1000, help="--tradeoff: held-out pairs")
+    p.add_argument("--max_seq_length", type=POSITIVE_INT, default=128, help="--tradeoff: as the distillation run")
+    p.add_argument("--num_relation_heads", type=POSITIVE_INT, default=32, help="--tradeoff: as the distillation run")
     return p.parse_args(argv)
 
 
@@ -654,7 +656,8 @@ def tradeoff(args, argv):
     for basis in args.basis.split(","):
         for rank in (int(r) for r in args.ranks.split(",")):
             students[f"{basis} r{rank}"] = minimoe.compress_experts(model, rank, basis)
-    means, _ = heldout_relation_loss(students, teacher, args.corpus, args.eval_pairs)
+    means, _ = heldout_relation_loss(students, teacher, args.corpus, args.eval_pairs,
+                                     num_relation_heads=args.num_relation_heads, max_seq_length=args.max_seq_length)
     rows = [dict(student=k, params=sum(p.numel() for n, p in m.named_parameters() if not n.startswith("relation_proj")),
                  heldout=means[k]) for k, m in students.items()]
     command = "python eval.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -97,3 +97,31 @@ def test_svd_report_ranks(tmp_path, capsys):
     # each expert differs from the mean only in its own I/3 = 16 neurons: the delta has rank <= 16
     assert all(max(r["delta99"]) <= 16 for r in rows) and max(rows[0]["own99"]) > 16
     assert "rank@90%" in capsys.readouterr().out
+
+
+def test_tradeoff_and_compress_commands(tmp_path):
+    import json
+
+    import train_distill as td
+    from test_train_distill import tiny_args, write_corpus
+    from test_train_distill import WORDS  # noqa: F401 (the corpus vocabulary)
+    tok = mm.load_tokenizer(mm.default_teacher())
+    torch.manual_seed(0)
+    teacher = mm.BertConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_position_embeddings=64,
+                            initializer_range=0.3)
+    mm.save_bert(mm.Bert(teacher), tmp_path / "teacher", tok)
+    setup = dict(teacher=str(tmp_path / "teacher"), corpus=str(write_corpus(tmp_path / "c.txt")), cache=str(tmp_path / "cache"))
+    td.main(tiny_args(setup, tmp_path / "run", "--max_steps", "2", "--students", "minilm=1,1:layer", "moe4=1,4"))
+    student = tmp_path / "run" / "moe4" / "student"
+    out = ev.main(["--compress", str(student), "--rank", "8", "--basis", "shared", "--out", str(tmp_path / "small")])
+    assert mm.load_bert(out).config.expert_rank == 8
+    rows = ev.main(["--tradeoff", str(student), "--ranks", "4,32", "--basis", "per_expert,shared", "--teacher",
+                    setup["teacher"], "--corpus", setup["corpus"], "--reference", str(tmp_path / "run" / "minilm" / "student"),
+                    "--out_dir", str(tmp_path / "res"), "--eval_pairs", "16", "--max_seq_length", "32",
+                    "--num_relation_heads", "4"])
+    by = {r["student"]: r for r in rows}
+    assert set(by) == {"uncompressed", "minilm", "per_expert r4", "per_expert r32", "shared r4", "shared r32"}
+    assert by["per_expert r32"]["heldout"] == pytest.approx(by["uncompressed"]["heldout"], abs=1e-4)  # full rank
+    assert by["per_expert r4"]["params"] < by["shared r4"]["params"] < by["uncompressed"]["params"]
+    res = json.loads((tmp_path / "res" / "tradeoff.json").read_text())
+    assert res["rows"] == rows and (tmp_path / "res" / "tradeoff.png").exists()
