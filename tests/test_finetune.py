@@ -66,7 +66,7 @@ def test_training_lowers_the_loss(tiny_dir, tok):
     torch.manual_seed(0)
     model = ft.build_model(task, tiny_dir)
     ex = [ft.Example(s, None, 1) for s in POS] + [ft.Example(s, None, 0) for s in NEG]
-    batch = ft.collate(ft.encode(task, ex, tok, 32))
+    batch = ft.collate_features(ft.encode(task, ex, tok, 32))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(25):
@@ -195,8 +195,8 @@ def test_padding_does_not_change_predictions(tiny_dir, tok, tmp_path, pooling):
     ex = [ft.Example("A short premise.", "Short.", 0), ft.Example("A much longer premise " * 6, "and a hypothesis.", 1)]
     f = ft.encode(task, ex, tok, 64)
     with torch.no_grad():
-        alone = model(**{k: v for k, v in ft.collate(f[:1]).items() if k != "labels"})[0]
-        batched = model(**{k: v for k, v in ft.collate(f).items() if k != "labels"})[0]
+        alone = model(**{k: v for k, v in ft.collate_features(f[:1]).items() if k != "labels"})[0]
+        batched = model(**{k: v for k, v in ft.collate_features(f).items() if k != "labels"})[0]
     torch.testing.assert_close(alone[0], batched[0], atol=1e-5, rtol=1e-5)
     ft.save_finetuned(model, tmp_path, tok, dict(task="rte", num_labels=2, pooling=pooling, metrics={}))
     loaded, _, _ = ft.load_finetuned(tmp_path)
@@ -219,7 +219,7 @@ def test_head_matches_transformers(tmp_path, tok):
         hf.classifier.weight.copy_(ours.classifier.weight)
         hf.classifier.bias.copy_(ours.classifier.bias)
     f = ft.encode(task, [ft.Example("The cat sat on the mat.", "A cat sat.", 0), ft.Example("No.", "Yes, it is.", 1)], tok)
-    b = ft.collate(f)
+    b = ft.collate_features(f)
     with torch.no_grad():
         logits = ours(b["input_ids"], b["attention_mask"], b["token_type_ids"])[0]
         ref = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"]).logits
