@@ -781,7 +781,7 @@ def finetune(args):
     eval_every = args.eval_every or steps_per_epoch
     if rt.is_master:
         print(f"train {len(train)} examples, dev {[len(ex) for ex, _ in dev_sets.values()]} | {steps_per_epoch} steps/epoch, "
-              f"{total_steps} steps per lr, eval every {eval_every}")
+              f"{total_steps} steps per lr, {eval_schedule(eval_every, total_steps, per_epoch=not args.eval_every)}")
 
     log = open(out_dir / "log.jsonl", "a") if rt.is_master else None
     lrs = args.lrs
@@ -867,12 +867,23 @@ def finetune(args):
                         best_by_metric=best_run["best_by_metric"])
             write_json(out_dir / "finetune.json", meta)
         print(json.dumps(dict(best_lr=best.get("lr"), **(best.get("metrics") or {}))))
+        if best.get("lr") is not None and not args.no_save:
+            print(f"saved the best checkpoint (lr {best['lr']:g}, step {best['step']}, dev {task.metric} "
+                  f"{best['score']:.4f}) to {out_dir}")
     if rt.is_ddp:
         torch.distributed.destroy_process_group()
     if rt.is_master and best.get("lr") is None:  # only the master evaluates
         raise SystemExit(f"no learning rate of --lr {args.lr} gave a model with finite weights and dev score (see "
                          f"{out_dir / 'log.jsonl'}); nothing was saved. Try lower learning rates.")
     return best
+
+
+def eval_schedule(eval_every, total_steps, per_epoch=False):
+    """When a run of total_steps evaluates on dev, in words: every eval_every steps and at the last step."""
+    if eval_every >= total_steps:
+        return f"dev evaluation at the last step ({total_steps})"
+    last = "" if total_steps % eval_every == 0 else f" and at the last ({total_steps})"
+    return f"dev evaluation every {eval_every} steps{' (each epoch)' if per_epoch else ''}{last}"
 
 
 @dataclass

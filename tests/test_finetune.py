@@ -83,12 +83,15 @@ def test_training_lowers_the_loss(tiny_dir, tok):
         assert aux.item() == 0
 
 
-def test_main_keeps_best_checkpoint_and_eval_reloads_it(tiny_dir, tmp_path):
+def test_main_keeps_best_checkpoint_and_eval_reloads_it(tiny_dir, tmp_path, capsys):
     data = sst2_files(tmp_path / "SST-2")
     out = tmp_path / "runs" / "sst2"
     best = ft.main(["--task", "sst2", "--model", str(tiny_dir), "--data_dir", str(data), "--out_dir", str(out),
                     "--lr", "1e-3,3e-3", "--epochs", "8", "--batch_size", "8", "--eval_every", "6", "--log_every", "6",
                     "--patience", "0", "--precision", "fp32"])
+    printed = capsys.readouterr().out
+    assert "48 steps per lr, dev evaluation every 6 steps\n" in printed
+    assert printed.rstrip().splitlines()[-1].endswith(f"to {out}")  # where the kept checkpoint is, last
     log = read_log(out)
     train = [r["loss"] for r in log if r["event"] == "train" and r["lr"] == 3e-3]
     assert train[-1] < train[0], train  # finetuning lowers the loss
@@ -110,6 +113,13 @@ def test_main_keeps_best_checkpoint_and_eval_reloads_it(tiny_dir, tmp_path):
     row = results[str(tmp_path / "runs")]["row"]
     assert row["SST-2"] == pytest.approx(100 * meta["metrics"]["acc"]) and row["Avg"] == pytest.approx(row["SST-2"])
     assert "| runs |" in json.loads((tmp_path / "t.json").read_text())["markdown"]
+
+
+def test_eval_schedule_says_when_dev_evaluation_happens():
+    assert ft.eval_schedule(78, 60) == "dev evaluation at the last step (60)"
+    assert ft.eval_schedule(78, 78, per_epoch=True) == "dev evaluation at the last step (78)"
+    assert ft.eval_schedule(10, 60) == "dev evaluation every 10 steps"
+    assert ft.eval_schedule(78, 200, per_epoch=True) == "dev evaluation every 78 steps (each epoch) and at the last (200)"
 
 
 def test_early_stopping(tiny_dir, tmp_path):
