@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -254,7 +255,6 @@ def study_plots(run_dirs, out_dir, baseline="minilm"):
 def expert_spectra(model):
     """Singular values of every FFN expert matrix of a MiniMoE, and of its difference from the layer's
     mean expert (what a shared basis leaves to the experts): [{layer, matrix, S (E, k), S_delta (E, k)}]."""
-    import torch
     out = []
     for i, layer in enumerate(model.layers):
         ffn = layer.ffn
@@ -277,7 +277,6 @@ def energy_rank(S, energy):
 def svd_report(path, out_dir=None):
     """Print, per layer and matrix, the ranks that keep 90% / 99% of the spectral energy of each expert
     and of its difference from the mean expert; plot the cumulative energy curves."""
-    import minimoe
     model = minimoe.load_bert(path)
     spectra = expert_spectra(model)
     rows = []
@@ -315,10 +314,6 @@ def heldout_relation_loss(students, teacher_path, corpus, eval_pairs=1000, batch
                           cache_dir="~/.cache/minimoe", seed=776):
     """Held-out relation loss of {name: Bert} against a teacher on train_distill's held-out pairs of a
     corpus (the same pairs as a distillation run with the same corpus, seed and --eval_pairs)."""
-    from types import SimpleNamespace
-
-    import minimoe
-    import train_distill
     tok = minimoe.load_tokenizer(teacher_path)
     pairs = train_distill.build_pairs(corpus, tok, cache_dir, seed=seed)["heldout"]
     pairs = pairs.select(range(min(eval_pairs, len(pairs))))
@@ -533,7 +528,6 @@ def main(argv=None):
 def tradeoff(args, argv):
     """Parameters kept vs held-out relation loss for the student compressed at each rank and basis
     (plus the uncompressed student and --reference students): results/tradeoff.json and a plot."""
-    import minimoe
     if not args.corpus:
         raise SystemExit("--tradeoff needs --corpus (the distillation corpus, for its held-out pairs)")
     teacher = args.teacher or minimoe.default_teacher()
