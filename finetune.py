@@ -9,8 +9,9 @@ Finetune a BERT / MiniMoE encoder on a GLUE task or CoNLL-2003 NER, keep the bes
 
 The file reads top to bottom: the task registry, the readers (GLUE TSV, CoNLL columns, the hub),
 tokenisation with dynamic padding, the head model and its checkpoint I/O, prediction and dev
-evaluation, then `main`: arguments, data, and for each learning rate of the grid the training loop.
-Metrics live in eval.py (which imports the readers and the head model from here).
+evaluation with the metrics, then `main`: arguments, data, and for each learning rate of the grid the
+training loop. Imports run one way: minimoe <- train_distill <- finetune <- eval (eval.py reads checkpoints
+with this file's readers and head model, and re-exports its metrics).
 
 Recipe (MiniLM / MiniMoE finetuning): max length 128, AdamW (no decay on biases and LayerNorm),
 weight decay 0.01, linear warmup over 10% of the steps then linear decay, grad-norm clip 1.0,

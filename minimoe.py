@@ -11,7 +11,9 @@ The file reads top to bottom in the paper's order: config; embeddings and attent
 the router and its load-balancing loss; token dispatch (the per-expert loop, then the grouped GEMM);
 the MoE FFN with its split init (the paper's idea); attention experts (an extension); the encoder
 layer, the extra relation head and `Bert`; the MiniLMv2 relation loss; parameter/FLOP counts; and
-last, checkpoint I/O (Hugging Face and the authors' layouts, tokenizer, default teacher).
+last, checkpoint I/O (Hugging Face and the authors' layouts, tokenizer, default teacher) with the small
+rules the scripts share (hf_offline, looks_local, atomic_write). It imports no other file of the project:
+imports run minimoe <- train_distill <- finetune <- eval (and bench).
 
 Shape legend: B batch, T tokens per sequence, N = B·T tokens, H hidden, I expert FFN size,
 E experts, A attention experts, nh attention heads, hd head size, R relation heads.

@@ -38,6 +38,9 @@ later run's --teacher read it; a dense student is a plain HF BERT directory), st
 --compare_dense, checkpoints/step_*.pt (the last --keep_last, each with a .sha256; --resume continues a killed
 run; a checkpoint file also serves as --teacher), log.jsonl (loss, relation and load-balance losses, lr, tokens/s,
 per-layer expert load, held-out relation loss), and .lock while a run uses the directory.
+
+Imports run one way: minimoe <- train_distill <- finetune <- eval (and bench), so finetune.py and bench.py
+share this file's runtime, optimizer, optimizer step, padding and argument types.
 """
 import argparse
 import atexit
@@ -459,7 +462,7 @@ def global_batches(num_pairs, batch_size, seed, start_step=0):
 
 
 # -----------------------------------------------------------------------------
-# Runtime, optimizer, schedule, checkpoints (finetune.py imports these four first ones)
+# Runtime, optimizer, optimizer step, schedule (finetune.py and bench.py use them), checkpoints
 
 
 class Runtime(NamedTuple):
