@@ -547,10 +547,9 @@ def lr_lambda(step, total_steps, warmup_steps):
 
 
 def atomic_save(obj, path, checksum=False):
-    """torch.save to a temporary file in the same directory, fsync, then os.replace: a reader (or a
-    killed run) sees the old file or the complete new one, never half of one. A failed save (disk full)
-    removes its temporary file. checksum: also write PATH.sha256 (`sha256sum -c` reads it), before the
-    rename, so that every checkpoint in place has one."""
+    """torch.save through minimoe.atomic_write: a reader (or a killed run) sees the old file or the complete
+    new one, never half of one, and a failed save (disk full) leaves no temporary file. checksum: also write
+    PATH.sha256 (`sha256sum -c` reads it), before the rename, so that every checkpoint in place has one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
