@@ -51,7 +51,7 @@ class Task:
     folder: str  # folder in the standard GLUE layout, e.g. "SST-2"
     columns: tuple  # header names of (text_a, text_b or None, label); CoLA (no header): column indices
     labels: Optional[tuple]  # label strings as written in the files; None = regression (STS-B)
-    metric: str  # dev metric that picks the best checkpoint (a key of eval.task_metrics)
+    metric: str  # dev metric that picks the best checkpoint (a key of task_metrics)
     dev: tuple = ("dev",)  # dev split(s); MNLI has matched and mismatched
     hub: tuple = ()  # (dataset id, config) for datasets.load_dataset
     kind: str = "cls"  # "cls" sentence(-pair) classification, "reg" regression, "ner" token tagging
