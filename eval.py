@@ -11,127 +11,32 @@ Evaluate finetuned checkpoints (GLUE, CoNLL-2003), print the GLUE table, report 
     python eval.py --compress out/study/moe4/student --rank 128 --basis shared --out out/moe4_r128
     python eval.py --tradeoff out/study/moe4/student --ranks 64,128,256 --corpus WIKI  # params vs held-out KL
 
-Metrics are plain numpy (no sklearn/scipy/seqeval at run time; the tests use them as oracles):
-accuracy, binary F1, Matthews correlation, Pearson, Spearman (average ranks for ties), and
-entity-level micro F1 with exact span match (conlleval / seqeval chunking). The readers, the head
-model and `predict` live in finetune.py; torch and finetune are imported inside the functions that
-need them, so the metrics import with numpy alone.
+Imports run one way: minimoe <- train_distill <- finetune <- eval. The metrics (accuracy, binary F1,
+Matthews, Pearson, Spearman, entity-level micro F1), the readers, the head model and `predict` live in
+finetune.py, which evaluates on dev while it trains; eval.py re-exports the metrics (eval.accuracy, ...).
 """
 import argparse
 import contextlib
 import json
-import math
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import torch
+
+import finetune
+import minimoe
+import train_distill
+from finetune import (accuracy, entities, f1_binary, matthews, ner_scores, pearson, rankdata,  # noqa: F401
+                      spearman, split_tag, task_metrics)  # the metrics, re-exported
+from train_distill import NONNEGATIVE_INT, POSITIVE_INT, run_script, setup_runtime
 
 # -----------------------------------------------------------------------------
-# Metrics
-
-
-def accuracy(preds, labels):
-    p, y = np.asarray(preds), np.asarray(labels)
-    return float((p == y).mean())
-
-
-def f1_binary(preds, labels, positive=1):
-    """F1 of the positive class (MRPC, QQP); 0 when there is no true or predicted positive."""
-    p, y = np.asarray(preds) == positive, np.asarray(labels) == positive
-    tp = float((p & y).sum())
-    return 0.0 if tp == 0 else 2 * tp / (p.sum() + y.sum())
-
-
-def matthews(preds, labels):
-    """Matthews correlation (multi-class form of Gorodkin 2004, as sklearn); 0 when undefined."""
-    p, y = np.asarray(preds), np.asarray(labels)
-    classes, inv = np.unique(np.concatenate([y, p]), return_inverse=True)
-    K, n = len(classes), len(y)
-    C = np.zeros((K, K), dtype=np.float64)  # (true, predicted)
-    np.add.at(C, (inv[:n], inv[n:]), 1)
-    t, q, c = C.sum(1), C.sum(0), np.trace(C)
-    cov_tp, cov_pp, cov_tt = c * n - t @ q, n * n - q @ q, n * n - t @ t
-    return 0.0 if cov_pp * cov_tt == 0 else float(cov_tp / math.sqrt(cov_tt * cov_pp))
-
-
-def pearson(x, y):
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    x, y = x - x.mean(), y - y.mean()
-    d = math.sqrt((x @ x) * (y @ y))
-    return float("nan") if d == 0 else float(x @ y / d)
-
-
-def rankdata(x):
-    """Ranks 1..n, ties get the average of the ranks they span (as scipy.stats.rankdata)."""
-    x = np.asarray(x)
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])  # first index of each run of equal values
-    ends = np.r_[starts[1:], len(x)]
-    avg = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
-
-
-def spearman(x, y):
-    return pearson(rankdata(x), rankdata(y))
-
-
-def split_tag(tag):
-    """'B-PER' -> ('B', 'PER'); 'O' -> ('O', '')."""
-    if tag in ("O", "") or "-" not in tag:
-        return "O", ""
-    prefix, _, typ = tag.partition("-")
-    return prefix, typ
-
-
-def entities(tags):
-    """Chunks (type, start, end) of one tag sequence, as conlleval / seqeval's default (non-strict)
-    mode: a chunk starts at B-, at an I- after O or after another type, and ends before such a start."""
-    out, start, typ = [], None, None
-    prev_p, prev_t = "O", ""
-    for i, tag in enumerate(list(tags) + ["O"]):
-        p, t = split_tag(tag)
-        end = prev_p != "O" and (p in ("B", "O") or t != prev_t)  # the chunk before i ends here
-        begin = p != "O" and (p == "B" or prev_p == "O" or t != prev_t)  # a new chunk starts at i
-        if end and start is not None:
-            out.append((typ, start, i - 1))
-            start = None
-        if begin:
-            start, typ = i, t
-        prev_p, prev_t = p, t
-    return out
-
-
-def ner_scores(gold_seqs, pred_seqs):
-    """Entity-level micro precision / recall / F1 over sentences (exact type and span match)."""
-    gold = {(s, *e) for s, tags in enumerate(gold_seqs) for e in entities(tags)}
-    pred = {(s, *e) for s, tags in enumerate(pred_seqs) for e in entities(tags)}
-    tp = len(gold & pred)
-    p = tp / len(pred) if pred else 0.0
-    r = tp / len(gold) if gold else 0.0
-    return dict(precision=p, recall=r, f1=2 * p * r / (p + r) if p + r else 0.0)
-
-
-def task_metrics(task, preds, labels):
-    """The standard dev metrics of a task (fractions, not percent)."""
-    if task == "conll":
-        return ner_scores(labels, preds)
-    if task == "stsb":
-        pr, sr = pearson(preds, labels), spearman(preds, labels)
-        return dict(pearson=pr, spearman=sr, corr=(pr + sr) / 2)
-    out = dict(acc=accuracy(preds, labels))
-    if task == "cola":
-        out["mcc"] = matthews(preds, labels)
-    if task in ("mrpc", "qqp"):
-        out["f1"] = f1_binary(preds, labels)
-        out["acc_f1"] = (out["acc"] + out["f1"]) / 2
-    return out
-
+# The GLUE table
 
 # The paper's GLUE columns, in its order, with the metric each reports; CoNLL is shown apart.
 GLUE_COLUMNS = [("SST-2", "sst2", "acc"), ("MRPC", "mrpc", "f1"), ("STS-B", "stsb", "spearman"), ("QQP", "qqp", "f1"),
@@ -174,7 +79,6 @@ def markdown_table(rows):
 
 def evaluate_checkpoint(ckpt, data_dir=None, split=None, file=None, batch_size=64, device="cpu", autocast=None):
     """Metrics of a finetuned checkpoint on its task's dev set(s), another split, or a labelled file."""
-    import finetune
     model, tok, meta = finetune.load_finetuned(ckpt)
     model.to(device)
     task = finetune.get_task(meta["task"])
@@ -352,7 +256,6 @@ def study_plots(run_dirs, out_dir, baseline="minilm"):
 def expert_spectra(model):
     """Singular values of every FFN expert matrix of a MiniMoE, and of its difference from the layer's
     mean expert (what a shared basis leaves to the experts): [{layer, matrix, S (E, k), S_delta (E, k)}]."""
-    import torch
     out = []
     for i, layer in enumerate(model.layers):
         ffn = layer.ffn
@@ -375,7 +278,6 @@ def energy_rank(S, energy):
 def svd_report(path, out_dir=None):
     """Print, per layer and matrix, the ranks that keep 90% / 99% of the spectral energy of each expert
     and of its difference from the mean expert; plot the cumulative energy curves."""
-    import minimoe
     model = minimoe.load_bert(path)
     spectra = expert_spectra(model)
     rows = []
@@ -413,10 +315,6 @@ def heldout_relation_loss(students, teacher_path, corpus, eval_pairs=1000, batch
                           cache_dir="~/.cache/minimoe", seed=776, max_seq_length=128):
     """Held-out relation loss of {name: Bert} against a teacher on train_distill's held-out pairs of a
     corpus (the same pairs as a distillation run with the same corpus, seed and --eval_pairs)."""
-    from types import SimpleNamespace
-
-    import minimoe
-    import train_distill
     tok = minimoe.load_tokenizer(teacher_path)
     pairs = train_distill.build_pairs(corpus, tok, cache_dir, max_seq_length, seed=seed)["heldout"]
     pairs = pairs.select(range(min(eval_pairs, len(pairs))))
@@ -434,7 +332,6 @@ def heldout_relation_loss(students, teacher_path, corpus, eval_pairs=1000, batch
 
 def peak_memory_bytes(device):
     """Peak memory of this process: CUDA max allocated, else CPU max RSS (ru_maxrss is KiB on Linux)."""
-    import torch
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -444,9 +341,6 @@ def peak_memory_bytes(device):
 def compute_report(bert, batch_size=32, seq_len=128, iters=10, warmup=3, device="cpu", autocast=None):
     """Parameters (total / active), FLOPs per token at seq_len, forward latency and throughput of one
     (batch_size, seq_len) batch of real tokens, and peak memory, on `device`."""
-    import torch
-
-    import minimoe
     cfg = bert.config
     bert = bert.to(device).eval()
     autocast = autocast or contextlib.nullcontext
@@ -485,13 +379,11 @@ def compute_report(bert, batch_size=32, seq_len=128, iters=10, warmup=3, device=
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from finetune import default_data_dir
-    from train_distill import NONNEGATIVE_INT, POSITIVE_INT
     p.add_argument("--ckpt", default=None, help="finetuned checkpoint dir (finetune.py); for --compute any encoder")
     p.add_argument("--tasks", default=None, help="'all' or comma-separated tasks: GLUE table over --runs")
     p.add_argument("--runs", nargs="+", default=["runs/finetune"], help="run directories, one table row each")
     p.add_argument("--cached", action="store_true", help="table from the stored dev metrics, no re-evaluation")
-    p.add_argument("--data_dir", default=default_data_dir(), help="GLUE/CoNLL root, or 'hub'")
+    p.add_argument("--data_dir", default=finetune.default_data_dir(), help="GLUE/CoNLL root, or 'hub'")
     p.add_argument("--split", default=None, help="split to evaluate (default: the task's dev set(s)); e.g. test for "
                    "CoNLL (GLUE test files have no labels)")
     p.add_argument("--file", default=None, help="any labelled file in the task's format")
@@ -535,7 +427,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.plot:  # distillation runs: no torch needed
+    if args.plot:  # distillation runs: their results.json
         rows = study_report(args.plot, args.baseline)
         table = study_markdown(rows, args.baseline)
         out = Path(args.out_dir)
@@ -552,7 +444,6 @@ def main(argv=None):
     if args.svd:
         return svd_report(args.svd, args.out_dir)
     if args.compress:
-        import minimoe
         model = minimoe.load_bert(args.compress)
         if (args.rank is None) == (args.energy is None):
             raise SystemExit("--compress needs --rank R or --energy F")
@@ -565,12 +456,6 @@ def main(argv=None):
         return out
     if args.tradeoff:
         return tradeoff(args, argv)
-    from train_distill import setup_runtime
-
-    import torch
-
-    import finetune
-    import minimoe
     rt = setup_runtime(0, args.precision)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -646,7 +531,6 @@ def main(argv=None):
 def tradeoff(args, argv):
     """Parameters kept vs held-out relation loss for the student compressed at each rank and basis
     (plus the uncompressed student and --reference students): results/tradeoff.json and a plot."""
-    import minimoe
     if not args.corpus:
         raise SystemExit("--tradeoff needs --corpus (the distillation corpus, for its held-out pairs)")
     teacher = args.teacher or minimoe.default_teacher()
@@ -693,5 +577,4 @@ def tradeoff(args, argv):
 
 
 if __name__ == "__main__":
-    from train_distill import run_script
     run_script(main)

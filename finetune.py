@@ -9,8 +9,9 @@ Finetune a BERT / MiniMoE encoder on a GLUE task or CoNLL-2003 NER, keep the bes
 
 The file reads top to bottom: the task registry, the readers (GLUE TSV, CoNLL columns, the hub),
 tokenisation with dynamic padding, the head model and its checkpoint I/O, prediction and dev
-evaluation, then `main`: arguments, data, and for each learning rate of the grid the training loop.
-Metrics live in eval.py (which imports the readers and the head model from here).
+evaluation with the metrics, then `main`: arguments, data, and for each learning rate of the grid the
+training loop. Imports run one way: minimoe <- train_distill <- finetune <- eval (eval.py reads checkpoints
+with this file's readers and head model, and re-exports its metrics).
 
 Recipe (MiniLM / MiniMoE finetuning): max length 128, AdamW (no decay on biases and LayerNorm),
 weight decay 0.01, linear warmup over 10% of the steps then linear decay, grad-norm clip 1.0,
@@ -30,13 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import minimoe
-from train_distill import (FRACTION, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, configure_optimizer,
-                           hub_reachable, lock_out_dir, lr_lambda, number, run_script, setup_runtime)
+from train_distill import (FRACTION, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, Runtime,
+                           configure_optimizer, hub_reachable, lock_out_dir, lr_lambda, number, optimizer_step,
+                           pad_batch, run_script, setup_runtime, write_json)
 
 # -----------------------------------------------------------------------------
 # Tasks
@@ -48,7 +51,7 @@ class Task:
     folder: str  # folder in the standard GLUE layout, e.g. "SST-2"
     columns: tuple  # header names of (text_a, text_b or None, label); CoLA (no header): column indices
     labels: Optional[tuple]  # label strings as written in the files; None = regression (STS-B)
-    metric: str  # dev metric that picks the best checkpoint (a key of eval.task_metrics)
+    metric: str  # dev metric that picks the best checkpoint (a key of task_metrics)
     dev: tuple = ("dev",)  # dev split(s); MNLI has matched and mismatched
     hub: tuple = ()  # (dataset id, config) for datasets.load_dataset
     kind: str = "cls"  # "cls" sentence(-pair) classification, "reg" regression, "ner" token tagging
@@ -211,8 +214,7 @@ def load_hub(task, split):
     name, config = task.hub
     hub_split = {"dev": "validation", "dev_matched": "validation_matched",
                  "dev_mismatched": "validation_mismatched"}.get(split, split)
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "")
-    if not offline and not hub_reachable():
+    if not minimoe.hf_offline(datasets=True) and not hub_reachable():
         raise ConnectionError(f"cannot reach the Hugging Face hub to fetch {name} ({config or 'default'}, {split}); "
                               "offline? Pass --data_dir DIR holding the GLUE TSVs (DIR/glue/RTE/train.tsv, ...) or the "
                               "CoNLL-2003 files (DIR/conll2003/train.txt, ...), or set HF_HUB_OFFLINE=1 to use a cached copy.")
@@ -294,15 +296,11 @@ def encode(task, examples, tok, max_length=128):
     return [Feature(enc.ids, enc.type_ids, e.label) for e, enc in zip(examples, encs)]
 
 
-def collate(features, pad_id=0):
-    """Pad a list of Features to the batch's longest row: dict of (B, T) tensors and labels."""
+def collate_features(features, pad_id=0):
+    """A list of Features, padded to the batch's longest row (train_distill.pad_batch): input_ids,
+    attention_mask and token_type_ids (B, T), and labels."""
     B, T = len(features), max(len(f.ids) for f in features)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    types = torch.zeros((B, T), dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    for i, f in enumerate(features):
-        n = len(f.ids)
-        ids[i, :n], types[i, :n], mask[i, :n] = torch.tensor(f.ids), torch.tensor(f.types), 1
+    batch = pad_batch([f.ids for f in features], [f.types for f in features], pad_id, T)
     if isinstance(features[0].label, list):  # NER: (B, T), -100 on padding
         labels = torch.full((B, T), -100, dtype=torch.long)
         for i, f in enumerate(features):
@@ -311,7 +309,7 @@ def collate(features, pad_id=0):
         labels = torch.tensor([f.label for f in features], dtype=torch.float32)  # (B,)
     else:
         labels = torch.tensor([f.label for f in features], dtype=torch.long)  # (B,)
-    return dict(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    return dict(batch, labels=labels)
 
 
 def train_batches(lengths, batch_size, generator, rank=0, world_size=1, group_by_length=True):
@@ -417,14 +415,13 @@ def save_finetuned(model, out_dir, tok, meta):
     Atomic as a set: written to out_dir/.saving (finetune.json last), then moved in by commit_saved.
     A save killed before that finetune.json exists leaves the previous set as it was; one killed while
     moving is finished by the next commit_saved (load_finetuned, a later save)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     out = Path(out_dir)
     commit_saved(out)  # an earlier save that was killed while moving in
     tmp = out / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)  # or one killed while writing: dropped
     minimoe.save_bert(model.bert, tmp, tokenizer=tok)
-    save_file(model.head_state(), str(tmp / "head.safetensors"))
-    os.chmod(tmp / "head.safetensors", 0o644)  # safetensors writes 0600
+    minimoe.atomic_write(tmp / "head.safetensors", save(model.head_state()))
     write_json(tmp / "finetune.json", meta)  # the set is complete from here on
     commit_saved(out)
 
@@ -440,12 +437,6 @@ def commit_saved(out):
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == "finetune.json"):
         os.replace(f, Path(out) / f.name)
     tmp.rmdir()
-
-
-def write_json(path, obj):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def load_finetuned(path, **overrides):
@@ -467,6 +458,110 @@ def load_finetuned(path, **overrides):
 
 
 # -----------------------------------------------------------------------------
+# Metrics, in plain numpy (tests/test_metrics.py checks them against scikit-learn, scipy and seqeval)
+
+
+def accuracy(preds, labels):
+    p, y = np.asarray(preds), np.asarray(labels)
+    return float((p == y).mean())
+
+
+def f1_binary(preds, labels, positive=1):
+    """F1 of the positive class (MRPC, QQP); 0 when there is no true or predicted positive."""
+    p, y = np.asarray(preds) == positive, np.asarray(labels) == positive
+    tp = float((p & y).sum())
+    return 0.0 if tp == 0 else 2 * tp / (p.sum() + y.sum())
+
+
+def matthews(preds, labels):
+    """Matthews correlation (multi-class form of Gorodkin 2004, as sklearn); 0 when undefined."""
+    p, y = np.asarray(preds), np.asarray(labels)
+    classes, inv = np.unique(np.concatenate([y, p]), return_inverse=True)
+    K, n = len(classes), len(y)
+    C = np.zeros((K, K), dtype=np.float64)  # (true, predicted)
+    np.add.at(C, (inv[:n], inv[n:]), 1)
+    t, q, c = C.sum(1), C.sum(0), np.trace(C)
+    cov_tp, cov_pp, cov_tt = c * n - t @ q, n * n - q @ q, n * n - t @ t
+    return 0.0 if cov_pp * cov_tt == 0 else float(cov_tp / math.sqrt(cov_tt * cov_pp))
+
+
+def pearson(x, y):
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    x, y = x - x.mean(), y - y.mean()
+    d = math.sqrt((x @ x) * (y @ y))
+    return float("nan") if d == 0 else float(x @ y / d)
+
+
+def rankdata(x):
+    """Ranks 1..n, ties get the average of the ranks they span (as scipy.stats.rankdata)."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])  # first index of each run of equal values
+    ends = np.r_[starts[1:], len(x)]
+    avg = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def spearman(x, y):
+    return pearson(rankdata(x), rankdata(y))
+
+
+def split_tag(tag):
+    """'B-PER' -> ('B', 'PER'); 'O' -> ('O', '')."""
+    if tag in ("O", "") or "-" not in tag:
+        return "O", ""
+    prefix, _, typ = tag.partition("-")
+    return prefix, typ
+
+
+def entities(tags):
+    """Chunks (type, start, end) of one tag sequence, as conlleval / seqeval's default (non-strict)
+    mode: a chunk starts at B-, at an I- after O or after another type, and ends before such a start."""
+    out, start, typ = [], None, None
+    prev_p, prev_t = "O", ""
+    for i, tag in enumerate(list(tags) + ["O"]):
+        p, t = split_tag(tag)
+        end = prev_p != "O" and (p in ("B", "O") or t != prev_t)  # the chunk before i ends here
+        begin = p != "O" and (p == "B" or prev_p == "O" or t != prev_t)  # a new chunk starts at i
+        if end and start is not None:
+            out.append((typ, start, i - 1))
+            start = None
+        if begin:
+            start, typ = i, t
+        prev_p, prev_t = p, t
+    return out
+
+
+def ner_scores(gold_seqs, pred_seqs):
+    """Entity-level micro precision / recall / F1 over sentences (exact type and span match)."""
+    gold = {(s, *e) for s, tags in enumerate(gold_seqs) for e in entities(tags)}
+    pred = {(s, *e) for s, tags in enumerate(pred_seqs) for e in entities(tags)}
+    tp = len(gold & pred)
+    p = tp / len(pred) if pred else 0.0
+    r = tp / len(gold) if gold else 0.0
+    return dict(precision=p, recall=r, f1=2 * p * r / (p + r) if p + r else 0.0)
+
+
+def task_metrics(task, preds, labels):
+    """The standard dev metrics of a task (fractions, not percent)."""
+    if task == "conll":
+        return ner_scores(labels, preds)
+    if task == "stsb":
+        pr, sr = pearson(preds, labels), spearman(preds, labels)
+        return dict(pearson=pr, spearman=sr, corr=(pr + sr) / 2)
+    out = dict(acc=accuracy(preds, labels))
+    if task == "cola":
+        out["mcc"] = matthews(preds, labels)
+    if task in ("mrpc", "qqp"):
+        out["f1"] = f1_binary(preds, labels)
+        out["acc_f1"] = (out["acc"] + out["f1"]) / 2
+    return out
+
+
+# -----------------------------------------------------------------------------
 # Prediction and dev evaluation
 
 
@@ -480,7 +575,7 @@ def predict(model, features, batch_size=64, device="cpu", autocast=contextlib.nu
     preds = [None] * len(features)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        batch = collate([features[i] for i in idx], pad_id)
+        batch = collate_features([features[i] for i in idx], pad_id)
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         with autocast():
             logits = model(**batch)[0]
@@ -499,7 +594,6 @@ def predict(model, features, batch_size=64, device="cpu", autocast=contextlib.nu
 def evaluate(model, task, dev_sets, batch_size=64, device="cpu", autocast=contextlib.nullcontext, pad_id=0):
     """Dev metrics: {split prefix + metric: value}. dev_sets: {split: (examples, features)}.
     MNLI's two dev sets give m_acc and mm_acc."""
-    from eval import task_metrics  # metrics live in eval.py, which imports this file
     out = {}
     for split, (examples, features) in dev_sets.items():
         preds = predict(model, features, batch_size, device, autocast, pad_id)
@@ -688,11 +782,12 @@ def finetune(args):
     eval_every = args.eval_every or steps_per_epoch
     if rt.is_master:
         print(f"train {len(train)} examples, dev {[len(ex) for ex, _ in dev_sets.values()]} | {steps_per_epoch} steps/epoch, "
-              f"{total_steps} steps per lr, eval every {eval_every}")
+              f"{total_steps} steps per lr, {eval_schedule(eval_every, total_steps, per_epoch=not args.eval_every)}")
 
     log = open(out_dir / "log.jsonl", "a") if rt.is_master else None
     lrs = args.lrs
     best = dict(score=-math.inf)  # best over the whole grid: this is the checkpoint on disk
+    ctx = Context(args, task, tok, dev_sets, rt, pad_id, steps_per_epoch, str(model_path), len(train), out_dir, log, best)
     grid, t_start = {}, time.time()
     for lr in lrs:
         torch.manual_seed(args.seed)  # same head init and data order for every lr
@@ -707,10 +802,9 @@ def finetune(args):
             model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
         opt = configure_optimizer(raw, lr, args.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total_steps, warmup_steps))
-        scaler = getattr(rt, "scaler", None)
         gen = torch.Generator().manual_seed(args.seed)
-        run = dict(score=-math.inf, metrics=None, step=0, bad_evals=0, best_by_metric={}, last=None)
         step, stop, t0 = 0, False, time.time()
+        run = dict(lr=lr, t0=t0, score=-math.inf, metrics=None, step=0, bad_evals=0, best_by_metric={}, last=None)
         loss_sum = aux_sum = torch.zeros((), device=rt.device)
         n_sum = 0
         bar = None
@@ -720,24 +814,15 @@ def finetune(args):
                        mininterval=1.0 if sys.stderr.isatty() else 30.0)
         while not stop:
             for idx in train_batches(lengths, args.batch_size, gen, rt.rank, rt.world_size, not args.no_group_by_length):
-                batch = {k: v.to(rt.device, non_blocking=True) for k, v in collate([train_f[i] for i in idx], pad_id).items()}
+                batch = collate_features([train_f[i] for i in idx], pad_id)
+                batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
                 model.train()
                 with rt.autocast():
                     _, loss, aux = model(**batch)
                     total = loss + args.load_balance_weight * aux
-                if scaler is not None:
-                    scaler.scale(total).backward()
-                    scaler.unscale_(opt)
-                else:
-                    total.backward()
-                if args.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
+                rt.scaler.scale(total).backward()
+                optimizer_step(raw, opt, rt.scaler, args.grad_clip)
+                rt.scaler.update()
                 sched.step()
                 step += 1
                 loss_sum, aux_sum, n_sum = loss_sum + loss.detach(), aux_sum + aux.detach(), n_sum + 1
@@ -753,8 +838,7 @@ def finetune(args):
                     loss_sum = aux_sum = torch.zeros((), device=rt.device)
                     n_sum = 0
                 if step % eval_every == 0 or step == total_steps:
-                    stop = evaluate_and_keep(args, task, raw, tok, dev_sets, rt, pad_id, lr, step, steps_per_epoch,
-                                             run, best, log, out_dir, model_path, len(train), t0)
+                    stop = evaluate_and_keep(ctx, raw, run, step)
                 if step >= total_steps:
                     stop = True
                 if stop:
@@ -784,6 +868,9 @@ def finetune(args):
                         best_by_metric=best_run["best_by_metric"])
             write_json(out_dir / "finetune.json", meta)
         print(json.dumps(dict(best_lr=best.get("lr"), **(best.get("metrics") or {}))))
+        if best.get("lr") is not None and not args.no_save:
+            print(f"saved the best checkpoint (lr {best['lr']:g}, step {best['step']}, dev {task.metric} "
+                  f"{best['score']:.4f}) to {out_dir}")
     if rt.is_ddp:
         torch.distributed.destroy_process_group()
     if rt.is_master and best.get("lr") is None:  # only the master evaluates
@@ -792,9 +879,35 @@ def finetune(args):
     return best
 
 
-def evaluate_and_keep(args, task, raw, tok, dev_sets, rt, pad_id, lr, step, steps_per_epoch, run, best, log, out_dir,
-                      model_path, n_train, t0):
-    """Dev evaluation on the master; keeps the grid-best checkpoint; returns True when patience runs out."""
+def eval_schedule(eval_every, total_steps, per_epoch=False):
+    """When a run of total_steps evaluates on dev, in words: every eval_every steps and at the last step."""
+    if eval_every >= total_steps:
+        return f"dev evaluation at the last step ({total_steps})"
+    last = "" if total_steps % eval_every == 0 else f" and at the last ({total_steps})"
+    return f"dev evaluation every {eval_every} steps{' (each epoch)' if per_epoch else ''}{last}"
+
+
+@dataclass
+class Context:
+    """What the dev evaluations of one finetune() call share: its settings, dev data and outputs."""
+    args: argparse.Namespace
+    task: Task
+    tok: object  # the tokenizers.Tokenizer, saved with the checkpoint
+    dev_sets: dict  # {split: (examples, features)}
+    rt: Runtime
+    pad_id: int
+    steps_per_epoch: int
+    model_path: str  # the encoder finetuned, recorded in finetune.json
+    n_train: int  # training examples
+    out_dir: Path
+    log: object  # log.jsonl, open on the master (None on the other ranks)
+    best: dict  # the grid's best evaluation so far: the checkpoint in out_dir
+
+
+def evaluate_and_keep(ctx, raw, run, step):
+    """Dev evaluation on the master of `raw` at `step` of the run of one lr (run: its best and last scores,
+    updated); keeps the grid-best checkpoint; returns True when patience runs out."""
+    args, task, rt, log, best, lr = ctx.args, ctx.task, ctx.rt, ctx.log, ctx.best, run["lr"]
     stop = False
     # a diverged model (NaN weights predict class 0 everywhere: a majority-class score) is never evaluated nor kept
     diverged = rt.is_master and not all(torch.isfinite(p).all() for p in raw.parameters())  # host sync: eval only
@@ -804,7 +917,7 @@ def evaluate_and_keep(args, task, raw, tok, dev_sets, rt, pad_id, lr, step, step
         print(f"\nlr {lr:g}: non-finite (NaN/inf) weights at step {step}: this learning rate diverged and is dropped")
         stop = True
     elif rt.is_master:
-        metrics = evaluate(raw, task, dev_sets, args.eval_batch_size, rt.device, rt.autocast, pad_id)
+        metrics = evaluate(raw, task, ctx.dev_sets, args.eval_batch_size, rt.device, rt.autocast, ctx.pad_id)
         score = metrics[task.metric]
         if not math.isfinite(score):  # e.g. the correlation of constant predictions: the worst score
             score = -math.inf
@@ -817,8 +930,8 @@ def evaluate_and_keep(args, task, raw, tok, dev_sets, rt, pad_id, lr, step, step
         for k, v in metrics.items():  # each metric's own best (MNLI-mm is selected apart from MNLI-m, as the authors)
             if math.isfinite(v) and v > run["best_by_metric"].get(k, [-math.inf])[0]:
                 run["best_by_metric"][k] = [v, step]
-        rec = dict(event="eval", lr=lr, step=step, epoch=round(step / steps_per_epoch, 3), dev=metrics,
-                   best=run["score"], elapsed=round(time.time() - t0, 1))
+        rec = dict(event="eval", lr=lr, step=step, epoch=round(step / ctx.steps_per_epoch, 3), dev=metrics,
+                   best=run["score"], elapsed=round(time.time() - run["t0"], 1))
         log.write(json.dumps(rec) + "\n")
         log.flush()
         print(f"\nstep {step} (epoch {rec['epoch']:.2f}) dev " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -827,11 +940,11 @@ def evaluate_and_keep(args, task, raw, tok, dev_sets, rt, pad_id, lr, step, step
             if not args.no_save:
                 meta = dict(task=task.name, kind=task.kind, labels=list(task.labels) if task.labels else None,
                             num_labels=1 if task.kind == "reg" else len(task.labels), pooling=args.pooling, metric=task.metric,
-                            metrics=metrics, lr=lr, step=step, epoch=rec["epoch"], init=str(model_path),
-                            train_examples=n_train, args=vars(args))
-                save_finetuned(raw, out_dir, tok, meta)
+                            metrics=metrics, lr=lr, step=step, epoch=rec["epoch"], init=ctx.model_path,
+                            train_examples=ctx.n_train, args=vars(args))
+                save_finetuned(raw, ctx.out_dir, ctx.tok, meta)
         if args.patience_unit == "epochs":  # the authors': steps since the best evaluation >= patience epochs
-            stop = args.patience > 0 and step - run["step"] >= args.patience * steps_per_epoch
+            stop = args.patience > 0 and step - run["step"] >= args.patience * ctx.steps_per_epoch
         else:
             stop = args.patience > 0 and run["bad_evals"] >= args.patience
     if rt.is_ddp:  # every rank follows the master's early-stopping decision

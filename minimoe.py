@@ -11,7 +11,9 @@ The file reads top to bottom in the paper's order: config; embeddings and attent
 the router and its load-balancing loss; token dispatch (the per-expert loop, then the grouped GEMM);
 the MoE FFN with its split init (the paper's idea); attention experts (an extension); the encoder
 layer, the extra relation head and `Bert`; the MiniLMv2 relation loss; parameter/FLOP counts; and
-last, checkpoint I/O (Hugging Face and the authors' layouts, tokenizer, default teacher).
+last, checkpoint I/O (Hugging Face and the authors' layouts, tokenizer, default teacher) with the small
+rules the scripts share (hf_offline, looks_local, atomic_write). It imports no other file of the project:
+imports run minimoe <- train_distill <- finetune <- eval (and bench).
 
 Shape legend: B batch, T tokens per sequence, N = B·T tokens, H hidden, I expert FFN size,
 E experts, A attention experts, nh attention heads, hd head size, R relation heads.
@@ -603,6 +605,12 @@ class BertOutput(NamedTuple):
     attn_router_stats: torch.Tensor  # (L, A) the same for attention experts; (0,) without them
 
 
+def is_bias(name):
+    """Is this parameter a bias: `bias`, or an expert stack's b1, b2, bqkv, bo? (Weights are w*, u*, v*.)
+    Biases start at zero and get no weight decay (train_distill.configure_optimizer)."""
+    return name.rsplit(".", 1)[-1].startswith("b")
+
+
 class Bert(nn.Module):
     """One encoder for teacher and student: BERT when dense, MiniMoE with num_experts > 1."""
 
@@ -627,8 +635,8 @@ class Bert(nn.Module):
         elif isinstance(module, MoEFeedForward) and self.config.expert_init == "split":
             module.split_init_(std)  # after its router (a child, visited first) got the normal init
         elif isinstance(module, (MoEFeedForward, MoEAttention)):
-            for name, param in module.named_parameters(recurse=False):  # w*: weights, b*: biases
-                nn.init.normal_(param, std=std) if name.startswith("w") else nn.init.zeros_(param)
+            for name, param in module.named_parameters(recurse=False):
+                nn.init.zeros_(param) if is_bias(name) else nn.init.normal_(param, std=std)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, relation_layer=-1):
         """input_ids, attention_mask (1 = real token), token_type_ids: (B, T). relation_layer: the layer
@@ -856,12 +864,26 @@ def read_weights(directory):
                          f"{type(e).__name__}: {e}") from None
 
 
+def hf_offline(datasets=False):
+    """Is the Hugging Face Hub off limits? HF_HUB_OFFLINE (and, for `datasets`, HF_DATASETS_OFFLINE) set to
+    1/true/yes/on, as huggingface_hub reads it; unset, empty or 0/false/no/off: online."""
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if datasets else ("HF_HUB_OFFLINE",)
+    return any(os.environ.get(n, "").strip().lower() in ("1", "true", "yes", "on") for n in names)
+
+
+def looks_local(name):
+    """Does `name`, which is not on disk, look like a local path rather than a Hugging Face id ("name" or
+    "owner/name", a dataset's "name:config")? Then it is a missing file, not something to download."""
+    local_suffixes = (".pt", ".bin", ".safetensors", ".json", ".jsonl", ".txt", ".gz", ".bz2", ".xml")
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(local_suffixes)
+
+
 def from_hub(repo_id):
     """Download a BERT checkpoint from the Hugging Face Hub (cache first); fail fast when offline."""
     from huggingface_hub import snapshot_download
     files = ["config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "model.safetensors"]
     for local_only in (True, False):
-        if not local_only and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        if not local_only and hf_offline():
             raise OSError(f"{repo_id!r} is neither a local path nor in the Hugging Face cache, "
                           "and HF_HUB_OFFLINE is set")
         try:
@@ -884,8 +906,7 @@ def resolve_path(path_or_id):
     if path.exists():
         return path
     name = str(path_or_id)
-    looks_local = name.startswith((".", "/", "~")) or name.endswith((".pt", ".bin", ".safetensors", ".json"))
-    if looks_local or name.count("/") > 1:  # a hub id is "name" or "owner/name"
+    if looks_local(name):
         raise FileNotFoundError(f"{name}: no such file or directory")
     return from_hub(name)
 
@@ -953,18 +974,37 @@ def load_bert(path_or_id, **overrides):
     return model.eval()
 
 
+def atomic_write(path, data):
+    """Write `data` (bytes, text, or a function that writes into the open binary file) to a temporary file
+    beside `path`, fsync it, then os.replace: a reader, or a killed run, finds the old file or the whole new
+    one, never half of one. A failed write (disk full, Ctrl-C) removes its temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # also a KeyboardInterrupt: leave no temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save_bert(model, out_dir, tokenizer=None):
     """config.json + model.safetensors in the HF BERT layout (a dense student loads in
     transformers.BertModel), plus the tokenizer files when a tokenizer is given."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {rename(k, to_ours=False): v.detach().contiguous().cpu()  # sync-ok: saving, not a forward
              for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors.tmp"), metadata={"format": "pt"})
-    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
-    os.chmod(out / "model.safetensors", 0o644)
-    (out / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
+    atomic_write(out / "model.safetensors", save(state, metadata={"format": "pt"}))
+    atomic_write(out / "config.json", json.dumps(model.config.to_hf(), indent=2))
     if tokenizer is not None:
         tokenizer.save(str(out / "tokenizer.json"))
         vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])

@@ -38,6 +38,9 @@ later run's --teacher read it; a dense student is a plain HF BERT directory), st
 --compare_dense, checkpoints/step_*.pt (the last --keep_last, each with a .sha256; --resume continues a killed
 run; a checkpoint file also serves as --teacher), log.jsonl (loss, relation and load-balance losses, lr, tokens/s,
 per-layer expert load, held-out relation loss), and .lock while a run uses the directory.
+
+Imports run one way: minimoe <- train_distill <- finetune <- eval (and bench), so finetune.py and bench.py
+share this file's runtime, optimizer, optimizer step, padding and argument types.
 """
 import argparse
 import atexit
@@ -172,9 +175,7 @@ def open_hub_dataset(spec):
     fails fast with a clear message when offline (nothing is downloaded up front: rows stream)."""
     import datasets
     name, _, config = spec.partition(":")
-    offline = any(os.environ.get(v, "0").lower() not in ("0", "", "false")
-                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if not offline and not hub_reachable():
+    if not minimoe.hf_offline(datasets=True) and not hub_reachable():
         raise SystemExit(f"--corpus {spec!r} is not a local file or directory, and the Hugging Face Hub cannot be "
                          "reached (offline?). Pass a Wikipedia dump (*.xml.bz2) or plain-text files instead.")
     try:
@@ -215,8 +216,7 @@ def corpus_sources(corpus):
         return files
     if p.is_file():
         return [str(p)]
-    looks_local = corpus.startswith((".", "/", "~")) or corpus.count("/") > 1
-    if looks_local or re.search(r"\.(txt|gz|bz2|xml|json|jsonl)$", corpus):
+    if minimoe.looks_local(corpus):
         raise FileNotFoundError(f"--corpus {corpus}: no such file or directory")
     return [corpus]
 
@@ -427,11 +427,9 @@ def check_tokenizer(tokenizer, tokenizer_path, teacher_path, tcfg):
                              "--force_tokenizer if this is intended")
 
 
-def collate(rows, pad_id, length=None):
-    """Pad pairs {"input_ids": [...], "token_type_ids": [...]} to (B, T) tensors: input_ids,
-    token_type_ids, attention_mask (1 = real). T = the longest pair rounded up to 8, or `length`."""
-    ids, types = rows["input_ids"], rows["token_type_ids"]
-    T = length or -(-max(map(len, ids)) // 8) * 8
+def pad_batch(ids, types, pad_id, T):
+    """Lists of token ids and token type ids -> (B, T) tensors input_ids, token_type_ids and attention_mask
+    (1 = real token), padded at the end. finetune.collate_features pads its batches with it too."""
     out = {"input_ids": torch.full((len(ids), T), pad_id, dtype=torch.long),  # (B, T)
            "token_type_ids": torch.zeros(len(ids), T, dtype=torch.long),  # (B, T)
            "attention_mask": torch.zeros(len(ids), T, dtype=torch.long)}  # (B, T)
@@ -440,6 +438,13 @@ def collate(rows, pad_id, length=None):
         out["token_type_ids"][i, :len(t)] = torch.tensor(t)
         out["attention_mask"][i, :len(x)] = 1
     return out
+
+
+def collate_pairs(rows, pad_id, length=None):
+    """A batch of segment pairs, as `datasets` slices them ({"input_ids": [...], "token_type_ids": [...]}), padded
+    by pad_batch to T = the longest pair rounded up to 8, or `length` (static shapes for --compile)."""
+    ids = rows["input_ids"]
+    return pad_batch(ids, rows["token_type_ids"], pad_id, length or -(-max(map(len, ids)) // 8) * 8)
 
 
 def global_batches(num_pairs, batch_size, seed, start_step=0):
@@ -457,7 +462,7 @@ def global_batches(num_pairs, batch_size, seed, start_step=0):
 
 
 # -----------------------------------------------------------------------------
-# Runtime, optimizer, schedule, checkpoints (finetune.py imports these four first ones)
+# Runtime, optimizer, optimizer step, schedule (finetune.py and bench.py use them), checkpoints
 
 
 class Runtime(NamedTuple):
@@ -468,7 +473,7 @@ class Runtime(NamedTuple):
     world_size: int
     is_master: bool  # rank 0: logs, evaluates and saves
     amp_dtype: Optional[torch.dtype]  # autocast dtype, None = fp32
-    scaler: Optional[torch.amp.GradScaler]  # only for fp16
+    scaler: torch.amp.GradScaler  # enabled for fp16 only; otherwise its calls pass through
 
     def autocast(self):
         """Mixed-precision context for forward passes (a no-op in fp32)."""
@@ -505,7 +510,7 @@ def setup_runtime(seed: int, precision: str = "auto") -> Runtime:
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 (with GradScaler) needs CUDA; use bf16 or fp32 on this device")
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     return Runtime(device, is_ddp, rank, local_rank, world_size, rank == 0, amp_dtype, scaler)
 
 
@@ -516,11 +521,21 @@ def configure_optimizer(model, lr, weight_decay=0.01):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            is_bias = name.rsplit(".", 1)[-1].startswith("b")  # bias, b1, b2, bqkv, bo
-            (decay if p.ndim >= 2 and not is_bias else no_decay).append(p)
+            (decay if p.ndim >= 2 and not minimoe.is_bias(name) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = all(p.device.type in ("cuda", "cpu") for p in decay + no_decay)  # one kernel per step (bench.py)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6, fused=fused or None)
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """Unscale the gradients (fp16), clip their norm to grad_clip (0: no clipping), step, zero them.
+    Returns the norm before clipping (None without). scaler.update() is the caller's, once per step: one
+    scaler may serve several optimizers (the students of train_distill)."""
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
+    scaler.step(optimizer)  # skipped when an fp16 gradient is inf/NaN
+    optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def lr_lambda(step, total_steps, warmup_steps):
@@ -532,30 +547,18 @@ def lr_lambda(step, total_steps, warmup_steps):
 
 
 def atomic_save(obj, path, checksum=False):
-    """torch.save to a temporary file in the same directory, fsync, then os.replace: a reader (or a
-    killed run) sees the old file or the complete new one, never half of one. A failed save (disk full)
-    removes its temporary file. checksum: also write PATH.sha256 (`sha256sum -c` reads it), before the
-    rename, so that every checkpoint in place has one."""
+    """torch.save through minimoe.atomic_write: a reader (or a killed run) sees the old file or the complete
+    new one, never half of one, and a failed save (disk full) leaves no temporary file. checksum: also write
+    PATH.sha256 (`sha256sum -c` reads it), before the rename, so that every checkpoint in place has one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def write(f):
+        torch.save(obj, f)
         if checksum:
-            write_text_atomic(checksum_path(path), f"{sha256_file(tmp)}  {path.name}\n")
-        os.replace(tmp, path)
-    except BaseException:  # also a KeyboardInterrupt: leave no temporary file behind
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path, text):
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+            f.flush()
+            minimoe.atomic_write(checksum_path(path), f"{sha256_file(f.name)}  {path.name}\n")
+    minimoe.atomic_write(path, write)
 
 
 def checksum_path(path):
@@ -728,7 +731,7 @@ def evaluate(teacher, students, pairs, args, rt, pad_id):
     for m in students.values():
         m.eval()
     for i in range(0, len(pairs), args.micro_batch_size):
-        batch = {k: v.to(rt.device) for k, v in collate(pairs[i:i + args.micro_batch_size], pad_id).items()}
+        batch = {k: v.to(rt.device) for k, v in collate_pairs(pairs[i:i + args.micro_batch_size], pad_id).items()}
         with rt.autocast():
             t_qkv = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                             relation_layer=args.teacher_layer).qkv
@@ -800,6 +803,15 @@ def checkpoint_students(ckpt):
     return {**old, **({"dense": ckpt["dense"]} if "dense" in ckpt else {})}
 
 
+def log_sums(cfg, device):
+    """What the loop sums on the device between two log points (no host sync) for one student: its relation
+    and load-balance losses and the real tokens of its micro-batches, and its router_stats, the fraction of
+    real tokens per FFN expert of each MoE layer, (L, E) ((0,) for a dense student)."""
+    load_shape = (cfg.num_layers, cfg.num_experts) if cfg.num_experts > 1 else (0,)
+    return {"rel": torch.zeros((), device=device), "lb": torch.zeros((), device=device),
+            "tokens": torch.zeros((), device=device), "load": torch.zeros(load_shape, device=device)}
+
+
 def torch_rng_state():
     """The torch generators that dropout and router noise draw from (CPU, and CUDA when present)."""
     return {"cpu": torch.get_rng_state(),
@@ -853,9 +865,7 @@ def record_eval(results, step, means, per_pair, wall_s, rt):
 
 
 def write_json(path, obj):
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    minimoe.atomic_write(path, json.dumps(obj, indent=1))
 
 
 def truncate_log(path, step):
@@ -868,7 +878,7 @@ def truncate_log(path, step):
             return False
     if path.exists():
         keep = [ln for ln in path.read_text().splitlines() if ln.strip() and before(ln)]
-        write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+        minimoe.atomic_write(path, "".join(ln + "\n" for ln in keep))
 
 
 # -----------------------------------------------------------------------------
@@ -1164,7 +1174,7 @@ def main(argv=None):
             raw[k].load_state_dict(saved[k]["model"])
             optimizers[k].load_state_dict(saved[k]["optimizer"])
             schedulers[k].load_state_dict(saved[k]["scheduler"])
-        if rt.scaler and resume.get("scaler"):
+        if resume.get("scaler"):  # saved by an fp16 run ({} or None otherwise)
             rt.scaler.load_state_dict(resume["scaler"])
         step, elapsed = resume["step"], resume.get("elapsed", 0.0)
         if len(resume["rng"]) == W:
@@ -1223,7 +1233,7 @@ def main(argv=None):
         first = next(iter(state))  # config + model at the top level: the file is a valid --teacher / load_bert
         ckpt = {"students": state, "out_dirs": outs, "config": state[first]["config"], "model": state[first]["model"],
                 "step": step, "total_steps": total_steps, "rng": rng_all, "elapsed": elapsed + time.time() - t_start,
-                "scaler": rt.scaler.state_dict() if rt.scaler else None, "args": vars(args)}
+                "scaler": rt.scaler.state_dict(), "args": vars(args)}
         atomic_save(ckpt, ckpt_dir / f"step_{step:07d}.pt", checksum=True)
         for f in checkpoints(ckpt_dir)[:-args.keep_last]:
             remove_checkpoint(f)
@@ -1234,12 +1244,8 @@ def main(argv=None):
 
     # ---- the loop: teacher forward once per micro-batch, then each student's forward/backward on it
     batches = global_batches(len(train), args.batch_size, args.seed, start_step=step)
-    sums = {k: torch.zeros(3, device=rt.device) for k in raw}  # relation, load balance, tokens since the last log
+    sums = {k: log_sums(m.config, rt.device) for k, m in raw.items()}  # per student, since the last log point
     diverged = {k: torch.zeros((), dtype=torch.long, device=rt.device) for k in raw}  # first non-finite step, 0 = none
-    moe_shape = {k: (m.config.num_layers, m.config.num_experts) if m.config.num_experts > 1 else (0,)
-                 for k, m in raw.items()}
-    new_loads = lambda: {k: torch.zeros(moe_shape[k], device=rt.device) for k in raw}  # noqa: E731
-    loads = new_loads()  # summed router_stats: (MoE layers, experts) fraction of real tokens per FFN expert
     last_eval, t0, t_start, n_micro = None, time.time(), time.time(), 0
     bar = tqdm(total=total_steps, initial=step, disable=not rt.is_master, dynamic_ncols=True, desc="distill")
     while step < total_steps:
@@ -1248,7 +1254,7 @@ def main(argv=None):
             lo = (k_acc * W + rt.rank) * args.micro_batch_size  # this rank's slice of the global batch
             rows = train[idx[lo:lo + args.micro_batch_size]]
             batch = {k: v.to(rt.device, non_blocking=True) for k, v in
-                     collate(rows, pad_id, args.max_seq_length if args.compile else None).items()}
+                     collate_pairs(rows, pad_id, args.max_seq_length if args.compile else None).items()}
             with torch.no_grad(), rt.autocast():
                 t_qkv = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                                 relation_layer=args.teacher_layer).qkv
@@ -1259,26 +1265,23 @@ def main(argv=None):
                     with rt.autocast():
                         loss, rel, lb, out = distill_loss(t_qkv, model, batch, args.num_relation_heads,
                                                           args.load_balance_weight, args.relation_dropout)
-                    (rt.scaler.scale(loss / accum) if rt.scaler else loss / accum).backward()
+                    rt.scaler.scale(loss / accum).backward()
                 rngs[k] = torch_rng_state()
-                sums[k] += torch.stack([rel.detach().float(), lb.detach().float(),
-                                        batch["attention_mask"].sum().float()])
-                loads[k] += out.router_stats.detach()
+                sums[k]["rel"] += rel.detach().float()
+                sums[k]["lb"] += lb.detach().float()
+                sums[k]["tokens"] += batch["attention_mask"].sum().float()
+                sums[k]["load"] += out.router_stats.detach()
             n_micro += 1
         lr = next(iter(optimizers.values())).param_groups[0]["lr"]  # the lr of this step, for the log
         for k in raw:
-            if rt.scaler:
-                rt.scaler.unscale_(optimizers[k])
-            norm = torch.nn.utils.clip_grad_norm_(raw[k].parameters(), args.grad_clip)
+            norm = optimizer_step(raw[k], optimizers[k], rt.scaler, args.grad_clip)
+            schedulers[k].step()
             # divergence, noted without a host sync: a NaN/inf loss since the last log, or gradient norm
             # (with fp16 an inf gradient norm is normal: GradScaler skips that step)
-            bad = ~torch.isfinite(sums[k][:2]).all() if rt.scaler else ~torch.isfinite(norm)
+            losses = torch.stack([sums[k]["rel"], sums[k]["lb"]])
+            bad = ~torch.isfinite(losses).all() if rt.scaler.is_enabled() else ~torch.isfinite(norm)
             diverged[k] = torch.where(bad & (diverged[k] == 0), step + 1, diverged[k])
-            rt.scaler.step(optimizers[k]) if rt.scaler else optimizers[k].step()
-            optimizers[k].zero_grad(set_to_none=True)
-            schedulers[k].step()
-        if rt.scaler:
-            rt.scaler.update()
+        rt.scaler.update()
         step += 1
         bar.update(1)
 
@@ -1286,18 +1289,19 @@ def main(argv=None):
             check_finite(step)
             # .tolist() and all_reduce: host syncs, only at logging points; means over micro-steps and ranks
             if rt.is_ddp:
-                for t in list(sums.values()) + [v for v in loads.values() if v.numel()]:
+                for t in [t for student in sums.values() for t in student.values() if t.numel()]:
                     dist.all_reduce(t)
             dt = time.time() - t0
             rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr}
             for i, k in enumerate(raw):  # the first student's fields plain, the others' prefixed "name_"
-                rel, lb, tokens = (sums[k] / (n_micro * W)).tolist()
+                means = torch.stack([sums[k]["rel"], sums[k]["lb"], sums[k]["tokens"]]) / (n_micro * W)
+                rel, lb, tokens = means.tolist()
                 pre = "" if i == 0 else f"{k}_"
                 rec.update({f"{pre}loss": rel + args.load_balance_weight * lb, f"{pre}rel": rel, f"{pre}lb": lb})
                 if i == 0:
                     rec["tok_per_s"] = tokens * n_micro * W / dt
-                if loads[k].numel():
-                    load = (loads[k] / (n_micro * W)).tolist()
+                if sums[k]["load"].numel():
+                    load = (sums[k]["load"] / (n_micro * W)).tolist()
                     rec[f"{pre}expert_load"] = [[round(x, 4) for x in layer] for layer in load]
             if rt.is_master:
                 write_log(rec)
@@ -1307,8 +1311,7 @@ def main(argv=None):
                 for i, k in enumerate(raw):
                     if (key := ("" if i == 0 else f"{k}_") + "expert_load") in rec:
                         results["students"][k]["expert_load"].append([step, rec[key]])
-            sums = {k: torch.zeros(3, device=rt.device) for k in raw}
-            loads = new_loads()
+            sums = {k: log_sums(m.config, rt.device) for k, m in raw.items()}
         if rt.is_master and (step % args.eval_every == 0 or step == total_steps):
             check_finite(step)
             means, per_pair = evaluate(eval_teacher, raw, heldout, args, rt, pad_id)

@@ -66,7 +66,7 @@ def test_training_lowers_the_loss(tiny_dir, tok):
     torch.manual_seed(0)
     model = ft.build_model(task, tiny_dir)
     ex = [ft.Example(s, None, 1) for s in POS] + [ft.Example(s, None, 0) for s in NEG]
-    batch = ft.collate(ft.encode(task, ex, tok, 32))
+    batch = ft.collate_features(ft.encode(task, ex, tok, 32))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(25):
@@ -83,12 +83,15 @@ def test_training_lowers_the_loss(tiny_dir, tok):
         assert aux.item() == 0
 
 
-def test_main_keeps_best_checkpoint_and_eval_reloads_it(tiny_dir, tmp_path):
+def test_main_keeps_best_checkpoint_and_eval_reloads_it(tiny_dir, tmp_path, capsys):
     data = sst2_files(tmp_path / "SST-2")
     out = tmp_path / "runs" / "sst2"
     best = ft.main(["--task", "sst2", "--model", str(tiny_dir), "--data_dir", str(data), "--out_dir", str(out),
                     "--lr", "1e-3,3e-3", "--epochs", "8", "--batch_size", "8", "--eval_every", "6", "--log_every", "6",
                     "--patience", "0", "--precision", "fp32"])
+    printed = capsys.readouterr().out
+    assert "48 steps per lr, dev evaluation every 6 steps\n" in printed
+    assert printed.rstrip().splitlines()[-1].endswith(f"to {out}")  # where the kept checkpoint is, last
     log = read_log(out)
     train = [r["loss"] for r in log if r["event"] == "train" and r["lr"] == 3e-3]
     assert train[-1] < train[0], train  # finetuning lowers the loss
@@ -110,6 +113,13 @@ def test_main_keeps_best_checkpoint_and_eval_reloads_it(tiny_dir, tmp_path):
     row = results[str(tmp_path / "runs")]["row"]
     assert row["SST-2"] == pytest.approx(100 * meta["metrics"]["acc"]) and row["Avg"] == pytest.approx(row["SST-2"])
     assert "| runs |" in json.loads((tmp_path / "t.json").read_text())["markdown"]
+
+
+def test_eval_schedule_says_when_dev_evaluation_happens():
+    assert ft.eval_schedule(78, 60) == "dev evaluation at the last step (60)"
+    assert ft.eval_schedule(78, 78, per_epoch=True) == "dev evaluation at the last step (78)"
+    assert ft.eval_schedule(10, 60) == "dev evaluation every 10 steps"
+    assert ft.eval_schedule(78, 200, per_epoch=True) == "dev evaluation every 78 steps (each epoch) and at the last (200)"
 
 
 def test_early_stopping(tiny_dir, tmp_path):
@@ -195,8 +205,8 @@ def test_padding_does_not_change_predictions(tiny_dir, tok, tmp_path, pooling):
     ex = [ft.Example("A short premise.", "Short.", 0), ft.Example("A much longer premise " * 6, "and a hypothesis.", 1)]
     f = ft.encode(task, ex, tok, 64)
     with torch.no_grad():
-        alone = model(**{k: v for k, v in ft.collate(f[:1]).items() if k != "labels"})[0]
-        batched = model(**{k: v for k, v in ft.collate(f).items() if k != "labels"})[0]
+        alone = model(**{k: v for k, v in ft.collate_features(f[:1]).items() if k != "labels"})[0]
+        batched = model(**{k: v for k, v in ft.collate_features(f).items() if k != "labels"})[0]
     torch.testing.assert_close(alone[0], batched[0], atol=1e-5, rtol=1e-5)
     ft.save_finetuned(model, tmp_path, tok, dict(task="rte", num_labels=2, pooling=pooling, metrics={}))
     loaded, _, _ = ft.load_finetuned(tmp_path)
@@ -219,7 +229,7 @@ def test_head_matches_transformers(tmp_path, tok):
         hf.classifier.weight.copy_(ours.classifier.weight)
         hf.classifier.bias.copy_(ours.classifier.bias)
     f = ft.encode(task, [ft.Example("The cat sat on the mat.", "A cat sat.", 0), ft.Example("No.", "Yes, it is.", 1)], tok)
-    b = ft.collate(f)
+    b = ft.collate_features(f)
     with torch.no_grad():
         logits = ours(b["input_ids"], b["attention_mask"], b["token_type_ids"])[0]
         ref = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"]).logits

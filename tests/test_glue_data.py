@@ -238,9 +238,9 @@ def test_pair_encoding_truncates_and_pads_dynamically(tok):
     assert len(f[0].ids) == 32 and len(f[1].ids) < 32
     assert f[0].ids[0] == tok.token_to_id("[CLS]") and f[0].ids[-1] == tok.token_to_id("[SEP]")
     assert f[0].types[-1] == 1 and f[0].types[0] == 0  # segment B kept
-    b = ft.collate(f, pad_id=0)
+    b = ft.collate_features(f, pad_id=0)
     assert b["input_ids"].shape == (2, 32) and b["attention_mask"][1].sum() == len(f[1].ids)
-    b = ft.collate(f[1:], pad_id=0)
+    b = ft.collate_features(f[1:], pad_id=0)
     assert b["input_ids"].shape == (1, len(f[1].ids))  # padded to the batch's longest, not to 128
     assert b["labels"].tolist() == [1]
 

@@ -432,3 +432,39 @@ def test_hub_id_fails_fast_and_clearly_offline(monkeypatch):
     with pytest.raises(OSError, match="Hugging Face"):
         mm.load_bert("no-such-user/no-such-bert-model")
     assert time.time() - t < 30
+
+
+@pytest.mark.parametrize("value, offline", [("1", True), ("true", True), ("YES", True), ("on", True), ("0", False),
+                                            ("false", False), ("no", False), ("off", False), ("", False), (None, False)])
+def test_hf_offline_reads_the_variable_as_huggingface_hub_does(monkeypatch, value, offline):
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    if value is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert mm.hf_offline() is offline and mm.hf_offline(datasets=True) is offline
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # datasets also reads its own variable; models do not
+    assert mm.hf_offline() is offline and mm.hf_offline(datasets=True)
+
+
+def test_looks_local_tells_paths_from_hub_ids():
+    for name in ("./x", "/data/bert", "~/bert", "a/b/c", "student.pt", "wiki.txt.gz", "enwiki.xml.bz2"):
+        assert mm.looks_local(name), name
+    for name in ("bert-base-uncased", "sentence-transformers/all-MiniLM-L6-v2", "wikitext:wikitext-103-raw-v1",
+                 "wikimedia/wikipedia:20231101.en"):
+        assert not mm.looks_local(name), name
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "f.json"
+    mm.atomic_write(path, "old")
+    mm.atomic_write(path, b"new")
+    assert path.read_text() == "new"
+
+    def disk_full(f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        mm.atomic_write(path, disk_full)
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["f.json"]

@@ -130,7 +130,7 @@ def test_pairs_shapes_token_types_and_heldout_documents(tmp_path, tokenizer):
     lengths = [len(x) for x in pairs["train"]["input_ids"]]
     assert max(lengths) == 24
 
-    batch = td.collate(pairs["train"][:3], pad_id=0)
+    batch = td.collate_pairs(pairs["train"][:3], pad_id=0)
     assert batch["input_ids"].shape == batch["token_type_ids"].shape == batch["attention_mask"].shape
     assert batch["input_ids"].shape[1] % 8 == 0 and (batch["attention_mask"].sum(1) == torch.tensor(lengths[:3])).all()
 
@@ -225,7 +225,7 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(tiny_setup):
                                     num_experts=4, hidden_dropout=0.0, attention_dropout=0.0, router_noise=0.0))
     rows = {"input_ids": [[101] + list(range(2000, 2000 + n)) + [102, 3000, 102] for n in (12, 7, 20)]}
     rows["token_type_ids"] = [[0] * (len(x) - 2) + [1, 1] for x in rows["input_ids"]]
-    batch = td.collate(rows, pad_id=0)
+    batch = td.collate_pairs(rows, pad_id=0)
     with torch.no_grad():
         t_qkv = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).qkv
     opt = td.configure_optimizer(student, lr=1e-3)
