@@ -692,12 +692,60 @@ def relation_logprobs(x, R, key_bias):
     B, T, H = x.shape
     if H % R:
         raise ValueError(f"width {H} is not divisible by {R} relation heads")
-    x = x.float().view(B, T, R, H // R).transpose(1, 2) * (H // R) ** -0.25  # (B, R, T, d_R), scaled once
+    x = relation_heads(x, R)  # (B, R, T, d_R)
     return (x @ x.transpose(-2, -1)).add_(key_bias).log_softmax(-1)  # (B, R, T, T)
 
 
+def relation_heads(x, R):
+    """(B, T, H) -> (B, R, T, d_R) in at least fp32, scaled by d_R^-1/4 so that x x^T is scaled by d_R^-1/2."""
+    B, T, H = x.shape
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    return x.view(B, T, R, H // R).transpose(1, 2) * (H // R) ** -0.25
+
+
+class ChunkedRelationKL(torch.autograd.Function):
+    """The fused twin of relation_loss's inner loop for one of Q, K, V: per-pair KL(teacher || student)
+    sums (B,), computed `block` relation heads at a time. Backward recomputes each block and writes the
+    gradient of the KL w.r.t. the student's scores directly, (softmax(s) - p_t) on real query rows, so
+    no (B, R, T, T) tensor is kept between forward and backward: memory O(B·block·T²)."""
+
+    @staticmethod
+    def forward(ctx, teacher, student, token_mask, R, block):  # (B, T, Ht), (B, T, Hs), (B, T) bool
+        key_bias = (~token_mask).float()[:, None, None, :] * torch.finfo(torch.float32).min  # (B, 1, 1, T)
+        real = token_mask[:, None, :].to(torch.promote_types(student.dtype, torch.float32))  # (B, 1, T)
+        xt, xs = relation_heads(teacher.detach(), R), relation_heads(student.detach(), R)  # (B, R, T, d)
+        sums = real.new_zeros(student.shape[0])  # (B,)
+        for r in range(0, R, block):
+            t, s = xt[:, r:r + block], xs[:, r:r + block]  # (B, b, T, d)
+            lt = (t @ t.transpose(-2, -1)).add_(key_bias).log_softmax(-1)  # (B, b, T, T)
+            ls = (s @ s.transpose(-2, -1)).add_(key_bias).log_softmax(-1)
+            kl = (lt.exp() * (lt - ls)).sum(-1)  # (B, b, T); 0 on padding keys (p_t = 0 there)
+            sums += (kl * real).sum((1, 2))
+        ctx.save_for_backward(teacher, student, token_mask)
+        ctx.R, ctx.block = R, block
+        return sums
+
+    @staticmethod
+    def backward(ctx, grad_sums):  # (B,)
+        teacher, student, token_mask = ctx.saved_tensors
+        R, block = ctx.R, ctx.block
+        key_bias = (~token_mask).float()[:, None, None, :] * torch.finfo(torch.float32).min
+        xt, xs = relation_heads(teacher, R), relation_heads(student, R)  # (B, R, T, d)
+        weight = (token_mask[:, None, :, None] * grad_sums[:, None, None, None]).to(xs.dtype)  # (B, 1, T, 1)
+        grad_xs = torch.empty_like(xs)
+        for r in range(0, R, block):
+            t, s = xt[:, r:r + block], xs[:, r:r + block]
+            pt = (t @ t.transpose(-2, -1)).add_(key_bias).softmax(-1)  # (B, b, T, T)
+            ps = (s @ s.transpose(-2, -1)).add_(key_bias).softmax(-1)
+            g = (ps - pt) * weight  # dKL/dscores of each real query row
+            grad_xs[:, r:r + block] = (g + g.transpose(-2, -1)) @ s  # scores = s s^T
+        B, T, H = student.shape
+        grad = (grad_xs * (H // R) ** -0.25).transpose(1, 2).reshape(B, T, H)  # undo relation_heads
+        return None, grad.to(student.dtype), None, None, None
+
+
 def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=32, dropout=0.0,
-                  per_sequence=False):
+                  per_sequence=False, fused=False, block=8):
     """MiniLMv2 (Wang et al. 2021, eq. 1-3): for Q-Q, K-K and V-V, KL(teacher || student) between the
     relation distributions of R heads, averaged over real query rows and heads; mean of the three.
     Teacher and student widths may differ (768 vs 384): each is split into R heads of its own size.
@@ -707,8 +755,19 @@ def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=3
     probabilities, then KL against log(p + 1e-7). A dropped entry costs p_t·log(p_t / 1e-7), so that
     loss is noisier and larger than the KL it stands for. Pass it in training only.
     per_sequence=True returns ((B,) KL summed over each pair's rows and heads, (B,) its row count),
-    so that a mean over any subset of pairs (a bootstrap resample) is sums.sum() / rows.sum()."""
+    so that a mean over any subset of pairs (a bootstrap resample) is sums.sum() / rows.sum().
+    fused=True computes the same with ChunkedRelationKL, `block` relation heads at a time."""
     token_mask = attention_mask.bool()  # (B, T)
+    if fused:
+        if dropout > 0:
+            raise ValueError("the fused relation loss has no relation dropout; use fused=False")
+        for x in (*teacher_qkv, *student_qkv):
+            if x.shape[-1] % num_relation_heads:
+                raise ValueError(f"width {x.shape[-1]} is not divisible by {num_relation_heads} relation heads")
+        kl_sums = sum(ChunkedRelationKL.apply(t, s, token_mask, num_relation_heads, block)
+                      for t, s in zip(teacher_qkv, student_qkv))  # (B,)
+        rows = token_mask.sum(1) * num_relation_heads  # (B,)
+        return (kl_sums / 3, rows) if per_sequence else kl_sums.sum() / rows.sum().clamp_min(1) / 3
     key_bias = (~token_mask).float()[:, None, None, :] * torch.finfo(torch.float32).min  # (B, 1, 1, T)
     kl_sums = 0.0
     for teacher, student in zip(teacher_qkv, student_qkv):  # (B, T, H_teacher), (B, T, H_student)

@@ -216,3 +216,24 @@ def test_relation_loss_per_sequence_and_the_originals_dropout():
         total = total + (kl * mask[:, None, :]).sum() / (mask.sum() * 4)
     assert torch.allclose(got, total / 3, rtol=1e-5)  # relation_logprobs works in float32
     assert got > mean  # dropped entries cost p_t·log(p_t / 1e-7)
+
+
+@pytest.mark.parametrize("block", [1, 3, 4])
+def test_fused_relation_loss_equals_the_readable_one_in_value_and_gradients(block):
+    torch.manual_seed(0)
+    ids, mask = batch(B=4, T=12)
+    t = tuple(torch.randn(4, 12, 48, dtype=torch.float64) for _ in range(3))
+    s1 = tuple(torch.randn(4, 12, 24, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    s2 = tuple(x.detach().clone().requires_grad_() for x in s1)
+    ref = mm.relation_loss(t, s1, mask, 4)
+    fused = mm.relation_loss(t, s2, mask, 4, fused=True, block=block)
+    assert torch.allclose(ref, fused, rtol=1e-10)
+    ref.backward()
+    fused.backward()
+    for a, b in zip(s1, s2):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-8, atol=1e-12)
+        assert b.grad[mask == 0].abs().max() == 0 and b.grad[mask == 1].abs().max() > 0  # padding gets none
+    sums, rows = mm.relation_loss(t, s2, mask, 4, per_sequence=True, fused=True)
+    assert torch.allclose(sums.sum() / rows.sum(), fused, rtol=1e-10)
+    assert torch.autograd.gradcheck(lambda x: mm.relation_loss(t[:1] * 3, (x,) * 3, mask, 4, fused=True, block=block),
+                                    (s1[0].detach()[:, :, :].clone().requires_grad_(),))
