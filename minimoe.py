@@ -337,6 +337,23 @@ def expert_ffn(x_e, w1, b1, w2, b2):
     return torch.addmm(b2, F.gelu(torch.addmm(b1, x_e, w1)), w2)
 
 
+def route_and_run(ffn, x, token_mask, run_experts):
+    """What every MoE FFN does around its experts: route each token to one expert (top-1), sort the
+    tokens by expert, run_experts(sorted tokens (N, H), groups) -> (N, H), restore the token order and
+    scale each output by its gate. x (B, T, H), token_mask (B, T) or None -> (y (B, T, H), MoEAux)."""
+    shape, H = x.shape, x.shape[-1]
+    x = x.reshape(-1, H)  # (N, H)
+    if token_mask is None:
+        token_mask = torch.ones(x.shape[0], device=x.device)
+    token_mask = token_mask.reshape(-1)  # (N,)
+    gate, expert, probs = route(ffn.router, x, ffn.noise, ffn.training)
+    groups = group_tokens(expert, ffn.router.out_features)
+    ys = run_experts(x.index_select(0, groups.order), groups)  # (N, H), tokens sorted by expert
+    y = unsort(ys, groups)  # (N, H), back in token order
+    y = y * gate.to(y.dtype)[:, None]  # the gate makes the router trainable
+    return y.view(shape), load_balance(probs, expert, token_mask)
+
+
 class MoEFeedForward(nn.Module):
     """Mixture of minimal experts (the paper's Section 3): E FFNs of the dense size, top-1 routing,
     y = gate · FFN_e(x) per token, no capacity factor (no token is dropped)."""
@@ -354,22 +371,16 @@ class MoEFeedForward(nn.Module):
 
     def forward(self, x, token_mask=None):
         """x (B, T, H), token_mask (B, T) with 1 = real token (None: all real) -> (y (B, T, H), MoEAux)."""
-        shape, H = x.shape, x.shape[-1]
-        x = x.reshape(-1, H)  # (N, H)
-        if token_mask is None:
-            token_mask = torch.ones(x.shape[0], device=x.device)
-        token_mask = token_mask.reshape(-1)  # (N,)
-        gate, expert, probs = route(self.router, x, self.noise, self.training)
-        groups = group_tokens(expert, self.w1.shape[0])
-        xs = x.index_select(0, groups.order)  # (N, H), tokens sorted by expert
-        if resolve_dispatch(self.dispatch, x) == "grouped":  # one grouped GEMM per projection
+        return route_and_run(self, x, token_mask, self.experts)
+
+    def experts(self, xs, groups):
+        """Tokens sorted by expert xs (N, H) -> each one's expert FFN output (N, H), still sorted."""
+        if resolve_dispatch(self.dispatch, xs) == "grouped":  # one grouped GEMM per projection
             hs = F.gelu(grouped_linear(xs, self.w1, self.b1, groups))  # (N, I)
             ys = grouped_linear(hs, self.w2, self.b2, groups)  # (N, H)
         else:  # whole FFN per slice (loop_linear twice would concatenate and re-split (N, I) in between)
             ys = loop_experts(expert_ffn, xs, groups, self.w1, self.b1, self.w2, self.b2)  # (N, H)
-        y = unsort(ys, groups)  # (N, H), back in token order
-        y = y * gate.to(y.dtype)[:, None]  # the gate makes the router trainable
-        return y.view(shape), load_balance(probs, expert, token_mask)
+        return ys
 
     @torch.no_grad()
     def split_init_(self, std):
@@ -430,19 +441,13 @@ class LowRankMoEFeedForward(nn.Module):
 
     def forward(self, x, token_mask=None):
         """x (B, T, H), token_mask (B, T) with 1 = real token (None: all real) -> (y (B, T, H), MoEAux)."""
-        shape, H = x.shape, x.shape[-1]
-        x = x.reshape(-1, H)  # (N, H)
-        if token_mask is None:
-            token_mask = torch.ones(x.shape[0], device=x.device)
-        token_mask = token_mask.reshape(-1)  # (N,)
-        gate, expert, probs = route(self.router, x, self.noise, self.training)
-        groups = group_tokens(expert, self.u1.shape[0])
-        xs = x.index_select(0, groups.order)  # (N, H), tokens sorted by expert
+        return route_and_run(self, x, token_mask, self.experts)
+
+    def experts(self, xs, groups):
+        """Tokens sorted by expert xs (N, H) -> each one's low-rank expert FFN output (N, H), still sorted."""
         mean1, mean2 = (self.w1, self.w2) if self.shared else (None, None)
         hs = self.project(xs, self.u1, self.v1, self.b1, mean1, groups)  # (N, I)
-        ys = self.project(F.gelu(hs), self.u2, self.v2, self.b2, mean2, groups)  # (N, H)
-        y = unsort(ys, groups) * gate.to(ys.dtype)[:, None]  # (N, H), token order, scaled by the gate
-        return y.view(shape), load_balance(probs, expert, token_mask)
+        return self.project(F.gelu(hs), self.u2, self.v2, self.b2, mean2, groups)  # (N, H)
 
     def project(self, xs, u, v, b, base, groups):
         """Sorted rows xs (N, K) -> xs @ (base + U[e] V[e]) + b[e] for each row's expert e: (N, M)."""

@@ -310,18 +310,15 @@ class Killed(Exception):
     pass
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_setup, monkeypatch):
-    """Kill right after the step-3 checkpoint is written, resume: steps 4-6 log the same losses."""
-    args = lambda out: tiny_args(tiny_setup, out, "--max_steps", "6", "--log_every", "1", "--save_every", "3",  # noqa
-                                 "--eval_every", "100", "--experts", "1,2")
+def full_and_resumed(args, tmp_path, monkeypatch, kill_after):
+    """Train run a to the end; run b killed right after writing checkpoint `kill_after`, then resumed.
+    Returns the training records of both logs."""
     td.main(args(tmp_path / "a"))
-    full = [r for r in read_log(tmp_path / "a") if "loss" in r]
-
     real_save = td.atomic_save
 
     def save_then_die(obj, path, **kw):
         real_save(obj, path, **kw)
-        if Path(path).name == "step_0000003.pt":
+        if Path(path).name == kill_after:
             raise Killed
 
     monkeypatch.setattr(td, "atomic_save", save_then_die)
@@ -329,7 +326,14 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_setup, monkeypat
         td.main(args(tmp_path / "b"))
     monkeypatch.setattr(td, "atomic_save", real_save)
     td.main(args(tmp_path / "b") + ["--resume"])
-    resumed = [r for r in read_log(tmp_path / "b") if "loss" in r]
+    return [[r for r in read_log(tmp_path / run) if "loss" in r] for run in "ab"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_setup, monkeypatch):
+    """Kill right after the step-3 checkpoint is written, resume: steps 4-6 log the same losses."""
+    args = lambda out: tiny_args(tiny_setup, out, "--max_steps", "6", "--log_every", "1", "--save_every", "3",  # noqa
+                                 "--eval_every", "100", "--experts", "1,2")
+    full, resumed = full_and_resumed(args, tmp_path, monkeypatch, "step_0000003.pt")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(full, resumed):
         assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["lb"] - b["lb"]) < 1e-6 and a["lr"] == b["lr"]
@@ -406,21 +410,7 @@ def test_many_students_share_one_teacher_forward_and_each_equals_its_own_run(tmp
 def test_resume_restores_every_student_exactly(tmp_path, tiny_setup, monkeypatch):
     args = lambda out: tiny_args(tiny_setup, out, "--max_steps", "5", "--log_every", "1", "--save_every", "2",  # noqa
                                  "--eval_every", "100", *STUDENTS[:4])
-    td.main(args(tmp_path / "a"))
-    full = [r for r in read_log(tmp_path / "a") if "loss" in r]
-    real_save = td.atomic_save
-
-    def save_then_die(obj, path, **kw):
-        real_save(obj, path, **kw)
-        if Path(path).name == "step_0000004.pt":
-            raise Killed
-
-    monkeypatch.setattr(td, "atomic_save", save_then_die)
-    with pytest.raises(Killed):
-        td.main(args(tmp_path / "b"))
-    monkeypatch.setattr(td, "atomic_save", real_save)
-    td.main(args(tmp_path / "b") + ["--resume"])
-    resumed = [r for r in read_log(tmp_path / "b") if "loss" in r]
+    full, resumed = full_and_resumed(args, tmp_path, monkeypatch, "step_0000004.pt")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]  # no step logged twice
     for a, b in zip(full, resumed):
         for key in ("loss", "minilm_xh_loss", "moe3_loss", "moe3_lb"):
