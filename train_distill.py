@@ -844,6 +844,29 @@ def new_results(args, argv, tcfg, cfgs, outs):
             "tok_per_s": [], "step": 0, "wall_s": 0.0, "heldout_pairs": None, "final": None, "per_pair": None}
 
 
+def restore_run(ckpt, raw, optimizers, schedulers, rngs, rt, seed):
+    """Put a checkpoint's students, optimizers, schedules, grad scaler and RNG streams (this process's
+    and each student's, updated in `rngs`) back in place. Returns (step, elapsed seconds)."""
+    saved = checkpoint_students(ckpt)
+    for k in raw:
+        raw[k].load_state_dict(saved[k]["model"])
+        optimizers[k].load_state_dict(saved[k]["optimizer"])
+        schedulers[k].load_state_dict(saved[k]["scheduler"])
+    if ckpt.get("scaler"):  # saved by an fp16 run ({} or None otherwise)
+        rt.scaler.load_state_dict(ckpt["scaler"])
+    step = ckpt["step"]
+    if len(ckpt["rng"]) == rt.world_size:
+        mine = ckpt["rng"][rt.rank]
+        set_rng_state(mine.get("process", mine))
+        rngs.update(mine.get("students", {}))
+    else:  # another world size: fresh, but distinct and reproducible, streams
+        for i, k in enumerate(raw):
+            torch.manual_seed(seed + rt.rank + 1000 * step + i)
+            rngs[k] = torch_rng_state()
+        torch.manual_seed(seed + rt.rank + 1000 * step)
+    return step, ckpt.get("elapsed", 0.0)
+
+
 def resumed_results(path, fresh, step):
     """results.json of the run being resumed, cut back to the checkpoint's step."""
     if not path.exists():
@@ -1124,8 +1147,8 @@ def main(argv=None):
 
     # ---- the students: each with its own init, dropout stream, optimizer and output directory
     if resume:  # the resumed run's students (check_resume_args: the flags say the same)
-        saved = checkpoint_students(resume)
-        cfgs = {k: BertConfig(**{"relation_head": "layer", **st["config"]}) for k, st in saved.items()}
+        cfgs = {k: BertConfig(**{"relation_head": "layer", **st["config"]})
+                for k, st in checkpoint_students(resume).items()}
         outs = resume.get("out_dirs", {"student": "student", "dense": "student_dense"})
         if resume["total_steps"] != total_steps:
             log(f"note: the checkpoint's run had {resume['total_steps']} steps, this one {total_steps}")
@@ -1170,21 +1193,7 @@ def main(argv=None):
     step, elapsed = 0, 0.0
     results = new_results(args, argv, tcfg, cfgs, outs)
     if resume:
-        for k in raw:
-            raw[k].load_state_dict(saved[k]["model"])
-            optimizers[k].load_state_dict(saved[k]["optimizer"])
-            schedulers[k].load_state_dict(saved[k]["scheduler"])
-        if resume.get("scaler"):  # saved by an fp16 run ({} or None otherwise)
-            rt.scaler.load_state_dict(resume["scaler"])
-        step, elapsed = resume["step"], resume.get("elapsed", 0.0)
-        if len(resume["rng"]) == W:
-            mine = resume["rng"][rt.rank]
-            set_rng_state(mine.get("process", mine))
-            rngs.update(mine.get("students", {}))
-        else:  # another world size: fresh, but distinct and reproducible, streams
-            torch.manual_seed(args.seed + rt.rank + 1000 * step)
-            rngs = {k: (torch.manual_seed(args.seed + rt.rank + 1000 * step + i), torch_rng_state())[1]
-                    for i, k in enumerate(raw)}
+        step, elapsed = restore_run(resume, raw, optimizers, schedulers, rngs, rt, args.seed)
         results = resumed_results(out_dir / "results.json", results, step)
         if rt.is_master:  # steps logged after the checkpoint will be logged again
             truncate_log(out_dir / "log.jsonl", step)
