@@ -296,7 +296,8 @@ def measure(device):
         for name, n_exp in (("dense", 1), ("moe", E)):
             torch.manual_seed(args.seed)
             fns[name], mem[f"student_{preset}_{name}"] = build(
-                lambda: train_step(mm.Bert(cfg(preset, num_experts=n_exp)).to(device).train(), batch, tq), device, calls=2)
+                lambda: train_step(mm.Bert(cfg(preset, num_experts=n_exp, relation_head="extra")).to(device).train(),
+                                   batch, tq), device, calls=2)  # the same relation head: the experts' cost alone
         t = timeit(fns, 0, HEAVY, device)
         r = median(t["moe"]) / median(t["dense"])
         flops = 3 * B * mm.count_flops(cfg(preset), T)["flops_per_sequence"]  # forward + backward, model FLOPs
@@ -315,7 +316,8 @@ def measure(device):
         for name, n_exp in (("dense", 1), ("moe", E)):
             torch.manual_seed(args.seed)
             models[name], mem[f"weights_{preset}_{name}"] = build(
-                lambda: compiled(mm.Bert(cfg(preset, num_experts=n_exp)).to(device).eval()), device, calls=0)
+                lambda: compiled(mm.Bert(cfg(preset, num_experts=n_exp, relation_head="layer")).to(device).eval()),
+                device, calls=0)  # as deployed: finetuning drops the extra relation head
         for B in S["infer"]:
             batch = fake_batch(B, T, device, args.seed)
             fns = {}
@@ -370,6 +372,34 @@ def measure(device):
     row(f"distill_step (12L-768H teacher + 6L-384H E={E}) vs teacher fwd, {B}x{T}", ts / tf, TARGETS["distill"])
     section_done("distill", fns)
     del fns, teacher
+
+    # ---- 5. the relation loss alone, forward + backward: readable vs fused (ChunkedRelationKL, 8 heads a block)
+    B = S["distill"]
+    token_mask = fake_batch(B, T, device, args.seed)["attention_mask"]  # (B, T)
+    torch.manual_seed(args.seed)
+    teacher_qkv = tuple(torch.randn(B, T, cfg("12L-768H").hidden_size, device=device) for _ in range(3))
+    student_qkv = tuple(torch.randn(B, T, cfg("6L-384H").hidden_size, device=device, requires_grad=True)
+                        for _ in range(3))
+
+    def relation_step(fused):
+        def step():
+            mm.relation_loss(teacher_qkv, student_qkv, token_mask, 32, fused=fused).backward()
+            for x in student_qkv:
+                x.grad = None
+        return step
+
+    fns = {}
+    for name, fused in (("readable", False), ("fused", True)):
+        fns[name], mem[f"relation_loss_{name}"] = build(lambda: relation_step(fused), device, calls=1)
+    t = timeit(fns, WARMUP, HEAVY, device)
+    r = median(t["fused"]) / median(t["readable"])
+    res["timings_s"]["relation_loss"] = t
+    res["relation_loss"] = dict(batch=B, relation_heads=32, ratio=r, readable_ms=1e3 * median(t["readable"]),
+                                fused_ms=1e3 * median(t["fused"]), readable_mib=mem["relation_loss_readable"],
+                                fused_mib=mem["relation_loss_fused"])
+    row(f"relation_loss fused vs readable, fwd+bwd {B}x{T}, R=32", r, 1.0)
+    section_done("relation_loss", fns)
+    del fns
 
     res["peak_memory_mib"], res["rows"] = mem, rows
     return res
