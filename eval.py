@@ -259,38 +259,19 @@ def study_plots(run_dirs, out_dir, baseline="minilm"):
 # Compressing the experts (the paper's future work): spectra, low-rank students, the trade-off
 
 
-def expert_spectra(model):
-    """Singular values of every FFN expert matrix of a MiniMoE, and of its difference from the layer's
-    mean expert (what a shared basis leaves to the experts): [{layer, matrix, S (E, k), S_delta (E, k)}]."""
-    out = []
-    for i, layer in enumerate(model.layers):
-        ffn = layer.ffn
-        if getattr(ffn, "w1", None) is None or ffn.w1.ndim != 3:
-            continue
-        for name in ("w1", "w2"):
-            w = getattr(ffn, name).detach().double()  # (E, in, out)
-            out.append(dict(layer=i, matrix=name, S=torch.linalg.svdvals(w), S_delta=torch.linalg.svdvals(w - w.mean(0))))
-    if not out:
-        raise SystemExit("--svd: the model has no full-rank FFN experts (a dense or already compressed student)")
-    return out
-
-
-def energy_rank(S, energy):
-    """(E,) smallest ranks keeping `energy` of each row's sum of S^2."""
-    S2 = S ** 2
-    return (((S2.cumsum(-1) / S2.sum(-1, keepdim=True)) < energy).sum(-1) + 1).clamp_max(S.shape[-1])
-
-
 def svd_report(path, out_dir=None):
     """Print, per layer and matrix, the ranks that keep 90% / 99% of the spectral energy of each expert
     and of its difference from the mean expert; plot the cumulative energy curves."""
     model = minimoe.load_bert(path)
-    spectra = expert_spectra(model)
+    try:
+        spectra = minimoe.expert_spectra(model)
+    except ValueError as e:
+        raise SystemExit(f"--svd: {e}") from None
     rows = []
     print("layer matrix  rank@90% own (per expert) | delta      rank@99% own | delta      (of min(H, I) = "
           f"{spectra[0]['S'].shape[-1]})")
     for sp in spectra:
-        r = {k: energy_rank(sp[s], e).tolist() for k, s, e in (("own90", "S", 0.9), ("delta90", "S_delta", 0.9),
+        r = {k: minimoe.energy_rank(sp[s], e).tolist() for k, s, e in (("own90", "S", 0.9), ("delta90", "S_delta", 0.9),
                                                                  ("own99", "S", 0.99), ("delta99", "S_delta", 0.99))}
         rows.append(dict(layer=sp["layer"], matrix=sp["matrix"], **r))
         print(f"{sp['layer']:>5} {sp['matrix']:>6}  {r['own90']} | {r['delta90']}   {r['own99']} | {r['delta99']}")

@@ -473,17 +473,33 @@ def low_rank(w, rank):
     return (U[..., :rank] * S[:, None, :rank]).to(w.dtype), Vh[:, :rank].to(w.dtype), S
 
 
-def rank_for_energy(model, energy, basis="per_expert"):
-    """The smallest rank that keeps `energy` of the spectral energy (sum of S^2) of every expert matrix."""
-    need = 1
-    for layer in model.layers:
+def expert_spectra(model):
+    """Singular values of every full-rank FFN expert matrix of a MiniMoE, and of its difference from the
+    layer's mean expert (what a shared basis leaves to the experts): [{layer, matrix, S (E, k), S_delta (E, k)}]."""
+    out = []
+    for i, layer in enumerate(model.layers):
         if isinstance(layer.ffn, MoEFeedForward):
-            for w in (layer.ffn.w1.detach(), layer.ffn.w2.detach()):
-                w = w - w.mean(0) if basis == "shared" else w
-                S2 = torch.linalg.svdvals(w.double()) ** 2  # (E, k)
-                kept = S2.cumsum(-1) / S2.sum(-1, keepdim=True).clamp_min(1e-30)  # (E, k)
-                need = max(need, min(int((kept < energy).sum(-1).max()) + 1, S2.shape[-1]))
-    return need
+            for name in ("w1", "w2"):
+                w = getattr(layer.ffn, name).detach().double()  # (E, in, out)
+                out.append(dict(layer=i, matrix=name, S=torch.linalg.svdvals(w),
+                                S_delta=torch.linalg.svdvals(w - w.mean(0))))
+    if not out:
+        raise ValueError("the model has no full-rank FFN experts (a dense or already compressed student)")
+    return out
+
+
+def energy_rank(S, energy):
+    """(E,) smallest ranks that keep `energy` of each row's spectral energy (sum of S^2), S (E, k)."""
+    S2 = S ** 2
+    kept = S2.cumsum(-1) / S2.sum(-1, keepdim=True).clamp_min(1e-30)  # (E, k)
+    return ((kept < energy).sum(-1) + 1).clamp_max(S.shape[-1])
+
+
+def rank_for_energy(model, energy, basis="per_expert"):
+    """The smallest rank that keeps `energy` of the spectral energy of every expert matrix (of its
+    difference from the mean expert with basis="shared")."""
+    key = "S_delta" if basis == "shared" else "S"
+    return max(int(energy_rank(spectrum[key], energy).max()) for spectrum in expert_spectra(model))
 
 
 @torch.no_grad()
