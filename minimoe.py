@@ -991,6 +991,11 @@ def resolve_path(path_or_id):
     return from_hub(name)
 
 
+def nonfinite_tensor(state):
+    """Name of the first floating-point tensor of a state dict with a NaN or inf, else None."""
+    return next((k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+
 def load_bert(path_or_id, **overrides):
     """A `Bert` (in eval mode) from a HF BERT directory or hub id, a directory written by save_bert,
     or a training checkpoint file (*.pt: {"config": dict, "model": state_dict}). `overrides` set
@@ -1031,11 +1036,10 @@ def load_bert(path_or_id, **overrides):
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path / 'config.json'}: {e}") from None
         state, where = read_weights(path), path
-    for name, tensor in state.items():  # a diverged run's weights, or a damaged file: named as in the file
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            weights = "model.safetensors" if (where / "model.safetensors").exists() else "pytorch_model.bin"
-            raise ValueError(f"{where if where.is_file() else where / weights}: tensor {name!r} has non-finite "
-                             "values (NaN/inf); use another checkpoint")
+    if name := nonfinite_tensor(state):  # a diverged run's weights, or a damaged file: named as in the file
+        weights = "model.safetensors" if (where / "model.safetensors").exists() else "pytorch_model.bin"
+        raise ValueError(f"{where if where.is_file() else where / weights}: tensor {name!r} has non-finite "
+                         "values (NaN/inf); use another checkpoint")
     model = Bert(cfg)
     state, own = hf_to_ours(state, where), model.state_dict()
     if model.relation_proj is None:  # relation_head="layer" asked of a student with the extra head: drop it

@@ -570,11 +570,6 @@ def sha256_file(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def nonfinite_tensor(state):
-    """Name of the first floating-point tensor of a state dict with a NaN or inf, else None."""
-    return next((k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
-
-
 def load_checkpoint(path):
     """torch.load of a training checkpoint, checked first against its .sha256 (when it has one), and
     its students' weights checked to be finite: a ValueError naming the file otherwise."""
@@ -590,7 +585,7 @@ def load_checkpoint(path):
     except Exception as e:
         raise ValueError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     for name, st in students.items():
-        if bad := nonfinite_tensor(st["model"]):
+        if bad := minimoe.nonfinite_tensor(st["model"]):
             raise ValueError(f"{path}: tensor {bad!r} of student {name} is not finite (NaN or inf)")
     return ckpt
 
