@@ -506,8 +506,6 @@ def rank_for_energy(model, energy, basis="per_expert"):
 def compress_experts(model, rank, basis="per_expert"):
     """A copy of a trained MiniMoE `Bert` whose FFN experts are rank-`rank` factorisations
     (LowRankMoEFeedForward); everything else is copied unchanged. At full rank it is the same model."""
-    if basis not in ("per_expert", "shared"):
-        raise ValueError(f"basis must be 'per_expert' or 'shared', got {basis!r}")
     if model.config.num_experts < 2 or model.config.expert_rank:
         raise ValueError("compress_experts takes a MiniMoE student with full-rank FFN experts")
     max_rank = min(model.config.hidden_size, model.config.intermediate_size)
@@ -710,16 +708,20 @@ class Bert(nn.Module):
 def relation_logprobs(x, R, key_bias):
     """Relation heads of one of Q, K, V: x (B, T, H) -> log softmax(x_r x_r^T / sqrt(d_R)) (B, R, T, T).
     key_bias (B, 1, 1, T) is 0 for real keys and a large negative number for padding."""
-    B, T, H = x.shape
-    if H % R:
-        raise ValueError(f"width {H} is not divisible by {R} relation heads")
     x = relation_heads(x, R)  # (B, R, T, d_R)
     return (x @ x.transpose(-2, -1)).add_(key_bias).log_softmax(-1)  # (B, R, T, T)
+
+
+def padding_key_bias(token_mask):
+    """(B, T) bool -> (B, 1, 1, T): 0 for real keys, float32 min for padding (added to relation scores)."""
+    return (~token_mask).float()[:, None, None, :] * torch.finfo(torch.float32).min
 
 
 def relation_heads(x, R):
     """(B, T, H) -> (B, R, T, d_R) in at least fp32, scaled by d_R^-1/4 so that x x^T is scaled by d_R^-1/2."""
     B, T, H = x.shape
+    if H % R:
+        raise ValueError(f"width {H} is not divisible by {R} relation heads")
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     return x.view(B, T, R, H // R).transpose(1, 2) * (H // R) ** -0.25
 
@@ -732,7 +734,7 @@ class ChunkedRelationKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, teacher, student, token_mask, R, block):  # (B, T, Ht), (B, T, Hs), (B, T) bool
-        key_bias = (~token_mask).float()[:, None, None, :] * torch.finfo(torch.float32).min  # (B, 1, 1, T)
+        key_bias = padding_key_bias(token_mask)  # (B, 1, 1, T)
         real = token_mask[:, None, :].to(torch.promote_types(student.dtype, torch.float32))  # (B, 1, T)
         xt, xs = relation_heads(teacher.detach(), R), relation_heads(student.detach(), R)  # (B, R, T, d)
         sums = real.new_zeros(student.shape[0])  # (B,)
@@ -750,7 +752,7 @@ class ChunkedRelationKL(torch.autograd.Function):
     def backward(ctx, grad_sums):  # (B,)
         teacher, student, token_mask = ctx.saved_tensors
         R, block = ctx.R, ctx.block
-        key_bias = (~token_mask).float()[:, None, None, :] * torch.finfo(torch.float32).min
+        key_bias = padding_key_bias(token_mask)
         xt, xs = relation_heads(teacher, R), relation_heads(student, R)  # (B, R, T, d)
         weight = (token_mask[:, None, :, None] * grad_sums[:, None, None, None]).to(xs.dtype)  # (B, 1, T, 1)
         grad_xs = torch.empty_like(xs)
@@ -782,14 +784,11 @@ def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=3
     if fused:
         if dropout > 0:
             raise ValueError("the fused relation loss has no relation dropout; use fused=False")
-        for x in (*teacher_qkv, *student_qkv):
-            if x.shape[-1] % num_relation_heads:
-                raise ValueError(f"width {x.shape[-1]} is not divisible by {num_relation_heads} relation heads")
         kl_sums = sum(ChunkedRelationKL.apply(t, s, token_mask, num_relation_heads, block)
                       for t, s in zip(teacher_qkv, student_qkv))  # (B,)
         rows = token_mask.sum(1) * num_relation_heads  # (B,)
         return (kl_sums / 3, rows) if per_sequence else kl_sums.sum() / rows.sum().clamp_min(1) / 3
-    key_bias = (~token_mask).float()[:, None, None, :] * torch.finfo(torch.float32).min  # (B, 1, 1, T)
+    key_bias = padding_key_bias(token_mask)  # (B, 1, 1, T)
     kl_sums = 0.0
     for teacher, student in zip(teacher_qkv, student_qkv):  # (B, T, H_teacher), (B, T, H_student)
         with torch.no_grad():
