@@ -1246,9 +1246,17 @@ def main(argv=None):
         with open(out_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def evaluate_and_record(step):
+        """Held-out relation loss of every student (the master's job), into results.json."""
+        means, per_pair = evaluate(eval_teacher, raw, heldout, args, rt, pad_id)
+        record_eval(results, step, means, per_pair, elapsed + time.time() - t_start, rt)
+        write_json(out_dir / "results.json", results)
+        return step, means
+
     # ---- the loop: teacher forward once per micro-batch, then each student's forward/backward on it
     batches = global_batches(len(train), args.batch_size, args.seed, start_step=step)
     sums = {k: log_sums(m.config, rt.device) for k, m in raw.items()}  # per student, since the last log point
+    prefix = {k: "" if i == 0 else f"{k}_" for i, k in enumerate(raw)}  # log fields: the first student's plain
     diverged = {k: torch.zeros((), dtype=torch.long, device=rt.device) for k in raw}  # first non-finite step, 0 = none
     last_eval, t0, t_start, n_micro = None, time.time(), time.time(), 0
     bar = tqdm(total=total_steps, initial=step, disable=not rt.is_master, dynamic_ncols=True, desc="distill")
@@ -1297,33 +1305,28 @@ def main(argv=None):
                     dist.all_reduce(t)
             dt = time.time() - t0
             rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr}
-            for i, k in enumerate(raw):  # the first student's fields plain, the others' prefixed "name_"
+            for k, pre in prefix.items():
                 means = torch.stack([sums[k]["rel"], sums[k]["lb"], sums[k]["tokens"]]) / (n_micro * W)
                 rel, lb, tokens = means.tolist()
-                pre = "" if i == 0 else f"{k}_"
                 rec.update({f"{pre}loss": rel + args.load_balance_weight * lb, f"{pre}rel": rel, f"{pre}lb": lb})
-                if i == 0:
+                if not pre:  # tokens/s of one student's micro-batches: all see the same ones
                     rec["tok_per_s"] = tokens * n_micro * W / dt
                 if sums[k]["load"].numel():
                     load = (sums[k]["load"] / (n_micro * W)).tolist()
                     rec[f"{pre}expert_load"] = [[round(x, 4) for x in layer] for layer in load]
+                    results["students"][k]["expert_load"].append([step, rec[f"{pre}expert_load"]])
             if rt.is_master:
                 write_log(rec)
                 bar.set_postfix(tok_s=f"{rec['tok_per_s']:.0f}", lr=f"{rec['lr']:.2e}",
-                                **{k: f"{rec[('' if i == 0 else k + '_') + 'rel']:.4f}" for i, k in enumerate(raw)})
+                                **{k: f"{rec[pre + 'rel']:.4f}" for k, pre in prefix.items()})
                 results["tok_per_s"].append([step, rec["tok_per_s"]])
-                for i, k in enumerate(raw):
-                    if (key := ("" if i == 0 else f"{k}_") + "expert_load") in rec:
-                        results["students"][k]["expert_load"].append([step, rec[key]])
             sums = {k: log_sums(m.config, rt.device) for k, m in raw.items()}
         if rt.is_master and (step % args.eval_every == 0 or step == total_steps):
             check_finite(step)
-            means, per_pair = evaluate(eval_teacher, raw, heldout, args, rt, pad_id)
-            last_eval = (step, means)
-            write_log({"step": step, "heldout_rel": means})
-            bar.write(f"step {step}: held-out relation loss " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
-            record_eval(results, step, means, per_pair, elapsed + time.time() - t_start, rt)
-            write_json(out_dir / "results.json", results)
+            last_eval = evaluate_and_record(step)
+            write_log({"step": step, "heldout_rel": last_eval[1]})
+            bar.write(f"step {step}: held-out relation loss " +
+                      ", ".join(f"{k} {v:.4f}" for k, v in last_eval[1].items()))
         if step % args.save_every == 0 or step == total_steps:
             save_checkpoint(step)
         if step % args.log_every == 0:  # restart the clock: tokens/s leaves evaluation and saving out
@@ -1335,10 +1338,7 @@ def main(argv=None):
     check_finite(step, weights=True)  # nothing non-finite is published (a resumed, finished run skips the loop)
     if rt.is_master:
         if last_eval is None or last_eval[0] != step:
-            means, per_pair = evaluate(eval_teacher, raw, heldout, args, rt, pad_id)
-            last_eval = (step, means)
-            record_eval(results, step, means, per_pair, elapsed + time.time() - t_start, rt)
-            write_json(out_dir / "results.json", results)
+            last_eval = evaluate_and_record(step)
         result = last_eval[1]
         for k, m in raw.items():
             save_bert(m, out_dir / outs[k], tokenizer)
