@@ -699,26 +699,11 @@ def main(argv=None):
         return run_plan(args.plan)
     if args.seeds:  # one run per seed, each in its own directory
         out_dir = Path(args.out_dir or f"runs/finetune/{get_task(args.task).name}")
-        base = [a for a in (sys.argv[1:] if argv is None else argv)]
         runs = {}
         for seed in args.seeds:
-            runs[seed] = main(without_flags(base, "--seeds", "--seed", "--out_dir") +
-                              ["--seed", str(seed), "--out_dir", str(out_dir / f"seed{seed}")])
+            runs[seed] = finetune(argparse.Namespace(**{**vars(args), "seed": seed, "out_dir": str(out_dir / f"seed{seed}")}))
         return runs
     return finetune(args)
-
-
-def without_flags(argv, *flags):
-    """argv without the given flags and their values (--flag VALUE or --flag=VALUE)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in flags:
-            skip = True
-        elif not any(a.startswith(f + "=") for f in flags):
-            out.append(a)
-    return out
 
 
 def run_plan(path):
