@@ -191,15 +191,28 @@ def study_markdown(rows, baselines):
     return "\n".join(lines)
 
 
-def study_plots(run_dirs, out_dir, baseline="minilm"):
-    """Three PNGs: held-out relation KL vs step (all students); final held-out KL vs the number of
-    experts (3L students with the extra head, MiniLM as a line); per-layer expert load over training."""
+def pyplot(what):
+    """matplotlib.pyplot on the file-only Agg backend. matplotlib is optional: a clear error without it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("--plot draws with matplotlib, an optional dependency: pip install matplotlib") from None
+        raise SystemExit(f"{what} draws with matplotlib, an optional dependency: pip install matplotlib") from None
+    return plt
+
+
+def save_figure(fig, path, dpi=130):
+    """Write a figure to a PNG and free it; returns the path."""
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    pyplot("a plot").close(fig)
+    return path
+
+
+def study_plots(run_dirs, out_dir, baseline="minilm"):
+    """Three PNGs: held-out relation KL vs step (all students); final held-out KL vs the number of
+    experts (3L students with the extra head, MiniLM as a line); per-layer expert load over training."""
+    plt = pyplot("--plot")
     students, out = load_runs(run_dirs), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -211,9 +224,7 @@ def study_plots(run_dirs, out_dir, baseline="minilm"):
     ax.set(xlabel="step", ylabel="held-out relation KL (nats)", title="Held-out relation loss during distillation")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    paths.append(out / "study_heldout.png")
-    fig.savefig(paths[-1], dpi=130, bbox_inches="tight")
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "study_heldout.png"))
 
     moe = {n: v for n, v in students.items() if v[2]["config"]["relation_head"] == "extra"
            and v[2]["config"]["num_layers"] == students[baseline][2]["config"]["num_layers"]}
@@ -228,9 +239,7 @@ def study_plots(run_dirs, out_dir, baseline="minilm"):
         ax.set(xlabel="FFN experts E", ylabel="final held-out relation KL", title="Experts vs held-out relation loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        paths.append(out / "study_experts.png")
-        fig.savefig(paths[-1], dpi=130, bbox_inches="tight")
-        plt.close(fig)
+        paths.append(save_figure(fig, out / "study_experts.png"))
 
     routed = {n: v[2] for n, v in students.items() if v[2]["expert_load"]}
     if routed:
@@ -248,10 +257,8 @@ def study_plots(run_dirs, out_dir, baseline="minilm"):
                 ax.tick_params(labelsize=7)
         fig.supxlabel("step")
         fig.supylabel("fraction of tokens per expert")
-        paths.append(out / "study_expert_load.png")
         fig.tight_layout()
-        fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        paths.append(save_figure(fig, out / "study_expert_load.png", dpi=110))
     return paths
 
 
@@ -276,9 +283,7 @@ def svd_report(path, out_dir=None):
         rows.append(dict(layer=sp["layer"], matrix=sp["matrix"], **r))
         print(f"{sp['layer']:>5} {sp['matrix']:>6}  {r['own90']} | {r['delta90']}   {r['own99']} | {r['delta99']}")
     if out_dir:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot("--svd")
         fig, axes = plt.subplots(2, len(spectra) // 2, figsize=(3.4 * len(spectra) // 2, 5.5), squeeze=False)
         for k, sp in enumerate(spectra):
             ax = axes[k % 2][k // 2]
@@ -292,9 +297,7 @@ def svd_report(path, out_dir=None):
         fig.supxlabel("rank r")
         fig.supylabel("spectral energy kept (solid: expert, dashed: expert - mean)")
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        fig.savefig(Path(out_dir) / "svd_spectra.png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        print(f"wrote {Path(out_dir) / 'svd_spectra.png'}", file=sys.stderr)
+        print(f"wrote {save_figure(fig, Path(out_dir) / 'svd_spectra.png', dpi=110)}", file=sys.stderr)
     return rows
 
 
@@ -542,10 +545,8 @@ def tradeoff(args, argv):
     (out / "tradeoff.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[1:]))
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        plt = pyplot("--tradeoff")
+    except SystemExit:  # the table is written; the plot is optional here
         return rows
     fig, ax = plt.subplots(figsize=(6, 4))
     for basis in args.basis.split(","):
@@ -560,8 +561,7 @@ def tradeoff(args, argv):
            title="Compressing the experts: size vs held-out relation loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.savefig(out / "tradeoff.png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, out / "tradeoff.png")
     return rows
 
 
