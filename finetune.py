@@ -37,9 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import minimoe
-from train_distill import (FRACTION, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, Runtime,
-                           configure_optimizer, hub_reachable, lock_out_dir, lr_lambda, number, optimizer_step,
-                           pad_batch, run_script, setup_runtime, write_json)
+from train_distill import (FRACTION, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, DirectoryInUse, Runtime,
+                           configure_optimizer, hub_reachable, lock_out_dir, lr_lambda, number, optimizer_step, pad_batch,
+                           release_lock, run_script, setup_runtime, write_json)
 
 # -----------------------------------------------------------------------------
 # Tasks
@@ -707,9 +707,12 @@ def main(argv=None):
 
 
 def run_plan(path):
-    """Every model x task x seed of a JSON plan, into out_dir/MODEL/TASK/seedS. A run is finished when its
+    """Every model x task x seed of a JSON plan, into out_dir/MODEL/TASK/seedS, seed by seed and task by task
+    (models innermost, so a plan cut short leaves every model with the same runs). A run is finished when its
     directory holds done.json; finished runs are skipped, so rerunning the plan continues a cut-off one
-    (the run that was cut restarts from its beginning)."""
+    (the run that was cut restarts from its beginning). Several processes may work through one plan at once
+    (e.g. two with `"args": ["--threads", "1"]` on a 2-core machine): each takes a run's lock before starting
+    it and skips the runs another live process holds."""
     try:
         plan = json.loads(Path(path).read_text())
         models, tasks, seeds = plan["models"], plan["tasks"], plan.get("seeds", [42])
@@ -717,18 +720,29 @@ def run_plan(path):
         raise SystemExit(f"--plan {path}: expected JSON {{models: {{name: path}}, tasks: [...], seeds: [...], "
                          f"out_dir, args: [...]}} ({type(e).__name__}: {e})") from None
     root, extra = Path(plan.get("out_dir", "runs/downstream")), [str(a) for a in plan.get("args", [])]
-    todo = [(m, t, s) for m in models for t in tasks for s in seeds]
+    todo = [(m, t, s) for s in seeds for t in tasks for m in models]
     for i, (name, task, seed) in enumerate(todo):
         out = root / name / task / f"seed{seed}"
         if (out / "done.json").exists():
             continue
+        try:
+            lock = lock_out_dir(out, "plan run")
+        except DirectoryInUse:  # another process works on this run
+            print(f"[plan {i + 1}/{len(todo)}] {name} {task} seed {seed}: another process runs it, skipped", flush=True)
+            continue
+        if (out / "done.json").exists():  # finished between the check and the lock
+            release_lock(lock)
+            continue
         print(f"[plan {i + 1}/{len(todo)}] {name} {task} seed {seed} -> {out}", flush=True)
-        if out.exists():  # a cut-off run: start it again
-            shutil.rmtree(out)
+        for leftover in out.iterdir():  # a cut-off run: start it again (keep only our lock)
+            if leftover != lock:
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         t0 = time.time()
-        best = main(["--task", task, "--model", str(models[name]), "--seed", str(seed), "--out_dir", str(out), *extra])
+        model = ["--model", str(models[name])] if models[name] else []  # null: the embedded teacher
+        best = main(["--task", task, *model, "--seed", str(seed), "--out_dir", str(out), *extra])
         write_json(out / "done.json", dict(model=name, task=task, seed=seed, wall_s=round(time.time() - t0, 1),
                                            best_lr=best.get("lr"), score=best.get("score")))
+        release_lock(lock)
     return root
 
 

@@ -646,6 +646,10 @@ def pid_alive(pid):
     return True
 
 
+class DirectoryInUse(SystemExit):
+    """lock_out_dir's refusal when another live process holds the directory's lock."""
+
+
 def lock_out_dir(out_dir, what="run"):
     """Create out_dir (an error now, not after hours of tokenising, if it cannot be written) and take its
     lock file `.lock` ({"pid", "host"}): a second run on the same directory is refused; a lock left by a
@@ -675,7 +679,7 @@ def lock_out_dir(out_dir, what="run"):
                     warn(f"{lock}: taking over the lock of process {pid}, which is no longer running")
                 lock.unlink(missing_ok=True)
                 continue
-            raise SystemExit(f"{out_dir} is in use by another {what} (pid {pid} on {host}, lock file {lock}); wait "
+            raise DirectoryInUse(f"{out_dir} is in use by another {what} (pid {pid} on {host}, lock file {lock}); wait "
                              "for it, use another --out_dir, or delete the lock file if that process is gone") from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)

@@ -322,3 +322,31 @@ def test_plan_runs_models_tasks_seeds_and_skips_finished(tiny_dir, tmp_path, mon
                      "--json", str(tmp_path / "g.json")])
     assert "Avg: mean over SST-2" in json.loads((tmp_path / "g.json").read_text())["markdown"]
     assert all(len(r["runs"]["sst2"]) == 2 for r in table.values())
+
+
+def test_plan_workers_skip_runs_another_live_process_holds(tiny_dir, tmp_path, monkeypatch):
+    """Two processes may share a plan: a run whose lock a live process holds is left to it, untouched."""
+    import socket
+    import subprocess
+    data = sst2_files(tmp_path / "SST-2")
+    plan = dict(models={"a": str(tiny_dir)}, tasks=["sst2"], seeds=[1, 2], out_dir=str(tmp_path / "d"),
+                args=["--data_dir", str(data), "--epochs", "1", "--batch_size", "8", "--lr", "1e-3"])
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    other = subprocess.Popen(["sleep", "60"])  # stands for the other worker
+    try:
+        busy = tmp_path / "d" / "a" / "sst2" / "seed1"
+        busy.mkdir(parents=True)
+        (busy / ".lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        (busy / "log.jsonl").write_text("its partial log\n")
+        calls = []
+        real = ft.finetune
+        monkeypatch.setattr(ft, "finetune", lambda args: (calls.append(args.seed), real(args))[1])
+        ft.main(["--plan", str(tmp_path / "plan.json")])
+        assert calls == [2] and (tmp_path / "d" / "a" / "sst2" / "seed2" / "done.json").exists()
+        assert not (tmp_path / "d" / "a" / "sst2" / "seed2" / ".lock").exists()  # released after its run
+        assert (busy / "log.jsonl").read_text() == "its partial log\n" and not (busy / "done.json").exists()
+    finally:
+        other.kill()
+        other.wait()
+    ft.main(["--plan", str(tmp_path / "plan.json")])  # the other worker died: its run is started again
+    assert calls == [2, 1] and (busy / "done.json").exists()
