@@ -8,7 +8,7 @@ token to one expert, so the student stores ×E parameters while each token costs
 the dense student (plus a router of H·E multiply-adds).
 
 The file reads top to bottom in the paper's order: config; embeddings and attention; the dense FFN;
-the router and its load-balancing loss; token dispatch (the per-expert loop, then the grouped GEMM);
+the router and its load-balancing loss; token dispatch (the per-expert loop, the grouped and padded GEMMs);
 the MoE FFN with its split init (the paper's idea); attention experts (an extension); the encoder
 layer, the extra relation head and `Bert`; the MiniLMv2 relation loss; parameter/FLOP counts; and
 last, checkpoint I/O (Hugging Face and the authors' layouts, tokenizer, default teacher) with the small
@@ -52,7 +52,8 @@ class BertConfig:
     num_experts: int = 1  # FFN experts per layer; 1 = dense MiniLM student, 4 = the paper's "1,4E"
     num_attn_experts: int = 1  # attention experts per layer; 1 = ordinary attention
     router_noise: float = 0.1  # eps of the U(-eps, eps) noise added to router logits in training
-    dispatch: str = "auto"  # MoE dispatch: "loop" (readable oracle), "grouped" (grouped GEMM), "auto"
+    dispatch: str = "auto"  # MoE dispatch: "loop" (readable oracle), "grouped" (grouped GEMM), "padded"
+    # (batched GEMM over zero-padded groups; FFN experts only, others loop), "auto" (resolve_dispatch)
     use_sdpa: bool = True  # F.scaled_dot_product_attention; False = the manual softmax path
     # where the relations come from (distillation only): "layer" = the Q/K/V of the relation layer
     # (MiniLMv2, the original's dense MiniLM); "extra" = an extra Q/K/V projection of the final hidden
@@ -71,8 +72,8 @@ class BertConfig:
         if self.num_experts < 1 or self.num_attn_experts < 1:
             raise ValueError("num_experts and num_attn_experts must be >= 1, "
                              f"got {self.num_experts}, {self.num_attn_experts}")
-        if self.dispatch not in ("auto", "loop", "grouped"):
-            raise ValueError(f"dispatch must be 'auto', 'loop' or 'grouped', got {self.dispatch!r}")
+        if self.dispatch not in ("auto", "loop", "grouped", "padded"):
+            raise ValueError(f"dispatch must be 'auto', 'loop', 'grouped' or 'padded', got {self.dispatch!r}")
         if self.relation_head not in ("auto", "layer", "extra"):
             raise ValueError(f"relation_head must be 'auto', 'layer' or 'extra', got {self.relation_head!r}")
         if self.expert_init not in ("split", "independent"):
@@ -263,8 +264,9 @@ def load_balance(probs, expert, token_mask):
 
 
 # -----------------------------------------------------------------------------
-# Token dispatch: tokens sorted by expert, then a loop over experts (the readable oracle) or one
-# grouped GEMM per projection (the fast path). Tests prove the two agree in outputs and gradients.
+# Token dispatch: tokens sorted by expert, then a loop over experts (the readable oracle), one grouped
+# GEMM per projection (the fast path on CUDA), or one batched GEMM over the groups zero-padded to the
+# largest (few tokens on CPU). Tests prove that they agree in outputs and gradients.
 
 
 class Groups(NamedTuple):
@@ -312,12 +314,38 @@ def grouped_linear(xs, w, b, groups):
     return F.grouped_mm(xs.to(dtype), w.to(dtype), offs=groups.offs) + b.to(dtype)[groups.expert]  # (N, M)
 
 
+def to_slots(xs, groups, E):
+    """The padded layout of the sorted rows xs (N, K): expert e's rows at the front of slots[e], the rest
+    zero -> (slots (E, C, K) with C the largest group, index (N,) of each row in slots.view(E·C, K)).
+    C needs one host sync, as the loop's split sizes do."""
+    counts = torch.diff(groups.offs, prepend=groups.offs.new_zeros(1))  # (E,)
+    C = int(counts.max())  # sync-ok: padded path only (not under compile)
+    start = (groups.offs - counts).long()  # (E,) first sorted row of each expert
+    rank = torch.arange(xs.shape[0], device=xs.device) - start[groups.expert]  # (N,) row's place in its group
+    index = groups.expert * C + rank  # (N,)
+    slots = xs.new_zeros(E * C, xs.shape[1]).index_copy_(0, index, xs)  # (E·C, K)
+    return slots.view(E, C, -1), index
+
+
+def from_slots(ys, index):
+    """(E, C, M) padded outputs -> the real rows (N, M), still sorted by expert."""
+    return ys.reshape(-1, ys.shape[-1]).index_select(0, index)  # (N, M)
+
+
+PADDED_MAX_TOKENS = 1024  # auto on CPU: the padded batched GEMM up to this many tokens, the loop above (bench.py)
+
+
 def resolve_dispatch(dispatch, x):
     """'auto': the grouped GEMM on CUDA, and under torch.compile in bf16 (no graph breaks; the
-    compile-time grouped_mm kernel takes only bf16); elsewhere the per-expert loop (bench.py)."""
+    compile-time grouped_mm kernel takes only bf16). Elsewhere (CPU) the padded batched GEMM for
+    small inputs (up to PADDED_MAX_TOKENS tokens: inference of a few sequences, where MKL splits one
+    bmm over its threads better than four small GEMMs) and the per-expert loop above (bench.py)."""
     if dispatch != "auto":
         return dispatch
-    return "grouped" if x.is_cuda or (torch.compiler.is_compiling() and x.dtype == torch.bfloat16) else "loop"
+    if x.is_cuda or (torch.compiler.is_compiling() and x.dtype == torch.bfloat16):
+        return "grouped"
+    small = x.numel() // x.shape[-1] <= PADDED_MAX_TOKENS
+    return "padded" if small and not torch.compiler.is_compiling() else "loop"
 
 
 # -----------------------------------------------------------------------------
@@ -375,9 +403,14 @@ class MoEFeedForward(nn.Module):
 
     def experts(self, xs, groups):
         """Tokens sorted by expert xs (N, H) -> each one's expert FFN output (N, H), still sorted."""
-        if resolve_dispatch(self.dispatch, xs) == "grouped":  # one grouped GEMM per projection
+        dispatch = resolve_dispatch(self.dispatch, xs)
+        if dispatch == "grouped":  # one grouped GEMM per projection
             hs = F.gelu(grouped_linear(xs, self.w1, self.b1, groups))  # (N, I)
             ys = grouped_linear(hs, self.w2, self.b2, groups)  # (N, H)
+        elif dispatch == "padded":  # one batched GEMM per projection over zero-padded groups
+            slots, index = to_slots(xs, groups, self.w1.shape[0])  # (E, C, H), (N,)
+            hs = F.gelu(torch.baddbmm(self.b1[:, None], slots, self.w1))  # (E, C, I); padding rows are dropped
+            ys = from_slots(torch.baddbmm(self.b2[:, None], hs, self.w2), index)  # (N, H)
         else:  # whole FFN per slice (loop_linear twice would concatenate and re-split (N, I) in between)
             ys = loop_experts(expert_ffn, xs, groups, self.w1, self.b1, self.w2, self.b2)  # (N, H)
         return ys

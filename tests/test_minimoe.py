@@ -100,12 +100,12 @@ def moe_case(case, N=37, H=16, I=32, E=4):
 CASES = ["random", "one_expert", "empty_expert", "single_token", "padding"]
 
 
-@pytest.mark.parametrize("dispatch", ["loop", "grouped"])
+@pytest.mark.parametrize("dispatch", ["loop", "grouped", "padded"])
 @pytest.mark.parametrize("case", CASES)
 def test_moe_dispatch_matches_float64_reference(dispatch, case):
     moe, x, mask = moe_case(case)
     moe.dispatch = dispatch
-    dtype, tol = (torch.float64, 1e-10) if dispatch == "loop" else (torch.float32, 2e-5)  # grouped_mm has no f64
+    dtype, tol = (torch.float32, 2e-5) if dispatch == "grouped" else (torch.float64, 1e-10)  # grouped_mm has no f64
     moe = moe.to(dtype)
     xr = x.clone().to(dtype).requires_grad_()
     y, aux = moe(xr[None], mask[None])  # (1, N, H)
@@ -129,6 +129,22 @@ def test_moe_dispatch_matches_float64_reference(dispatch, case):
             close(p.grad, r.grad, f"grad {name}")
         else:  # an expert that got no token gets an exactly-zero gradient
             assert p.grad is None or p.grad.abs().max() == 0
+
+
+def test_padded_dispatch_slots_and_auto_choice():
+    """to_slots puts expert e's rows first in slots[e] and zeros the rest; auto takes the padded GEMM on CPU
+    up to PADDED_MAX_TOKENS tokens and the loop above."""
+    expert = torch.tensor([2, 0, 2, 2, 0])  # expert 1 gets no token
+    groups = mm.group_tokens(expert, 3)
+    xs = torch.arange(5.0)[:, None].expand(5, 2)[groups.order]  # (5, 2) sorted rows: token ids 1, 4 | 0, 2, 3
+    slots, index = mm.to_slots(xs, groups, 3)
+    assert slots.shape == (3, 3, 2)
+    assert slots[0, :, 0].tolist() == [1, 4, 0] and slots[1].abs().sum() == 0 and slots[2, :, 0].tolist() == [0, 2, 3]
+    assert torch.equal(mm.from_slots(slots, index), xs)
+    n = mm.PADDED_MAX_TOKENS
+    assert mm.resolve_dispatch("auto", torch.zeros(1, n, 8)) == "padded"
+    assert mm.resolve_dispatch("auto", torch.zeros(1, n + 1, 8)) == "loop"
+    assert mm.resolve_dispatch("loop", torch.zeros(1, 4, 8)) == "loop"
 
 
 def test_router_noise_only_in_training():
@@ -208,7 +224,7 @@ def reference_moe_attention(att, x, mask):
     return out.view(B, T, H)
 
 
-@pytest.mark.parametrize("dispatch", ["loop", "grouped"])
+@pytest.mark.parametrize("dispatch", ["loop", "grouped", "padded"])  # padded: attention experts loop
 def test_attention_experts_match_float64_reference(dispatch):
     cfg = tiny(num_attn_experts=3, dispatch=dispatch)
     att = mm.MoEAttention(cfg).eval()
