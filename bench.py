@@ -4,13 +4,16 @@ step, inference latency, the whole distillation step vs the teacher's forward, a
 
 Every headline is a ratio measured in one run with the variants interleaved (round-robin: each round
 times the dense variant, then each MoE one, so a noisy shared machine slows them alike), after a
-warm-up, as the median of the rounds. Absolute times are context only. CPU always (fp32); CUDA when a
+warm-up. Each round gives one ratio; a row reports their median and their min-max spread, and each
+section the machine's load average before and after it (the spread says how far to trust a row; a
+loaded machine shows in the load). Absolute times are context only. CPU always (fp32); CUDA when a
 GPU is present (bf16 autocast, SDPA, --compile optional, CUDA events, max_memory_allocated, MFU).
 
     python bench.py                                # CPU: 3-4 min on 2 shared cores; prints the table last
     python bench.py --json runs/bench_cpu.json     # also writes the ratios, raw timings and the machine
     python bench.py --quick                        # a smoke test: tiny models, 1 thread, seconds (tests/test_bench.py)
     python bench.py --profile                      # + torch.profiler tables of one call of each variant
+    python bench.py --table A.json [B.json]        # the table of a saved run (and how a second run differs)
 
 Rounds: --repeats (7) for the FFN and the 1x128 inference (x3), --heavy (3) for the steps of seconds
 (student step, 32x128 inference, distillation). Warm-up: every variant is first run alone inside its
@@ -61,6 +64,8 @@ parser.add_argument("--compile", action="store_true", help="torch.compile the mo
 parser.add_argument("--peak_tflops", type=POSITIVE, default=None, help="peak dense bf16 TFLOP/s for MFU (default: by GPU name)")
 parser.add_argument("--skip_cpu", action="store_true", help="the CUDA section only (no top-level CPU ratios then)")
 parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of one call of each variant")
+parser.add_argument("--table", nargs="+", metavar="JSON", help="print the table of a saved --json run (no "
+                    "measuring); with a second file, each row's median ratio in both and their relative difference")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 if args.json:  # a bad path fails now, not after minutes of timing
@@ -84,7 +89,7 @@ SIZES = {  # batch sizes per device and section; 16 = the batch of train_distill
 if args.quick:
     SIZES = {dev: dict(ffn=2, student=2, infer=(2, 1), distill=2) for dev in SIZES}
 REPEATS, HEAVY, WARMUP = (2, 2, 0) if args.quick else (args.repeats, args.heavy, args.warmup)
-TARGETS = dict(ffn=1.10, ffn_cuda=1.15, student=1.10, infer=1.05, distill=1.6)
+TARGETS = dict(ffn=1.10, ffn_cuda=1.15, student=1.10, infer=1.05, infer_1=1.25, distill=1.45, sweep=1.0)
 PEAK_BF16_TFLOPS = [  # dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets; first match wins
     ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),
     ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0)]
@@ -184,6 +189,15 @@ def median(xs):
     return statistics.median(xs)
 
 
+def round_ratios(t, num, den, den_scale=1):
+    """Per-round ratios t[num][i] / (den_scale * t[den][i]) of interleaved rounds."""
+    return [a / (den_scale * b) for a, b in zip(t[num], t[den])]
+
+
+def load_avg():
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def ffn_of(config):
     """The FFN of a one-layer `Bert` of this config, initialised as Bert initialises it (split experts)."""
     return mm.Bert(replace(config, num_layers=1, vocab_size=8, relation_head="layer")).layers[0].ffn
@@ -210,8 +224,8 @@ def measure(device):
     S = SIZES[device]
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     compiled = torch.compile if cuda and args.compile else (lambda m: m)
-    res, rows, mem = dict(timings_s={}, section_s={}), [], {}
-    t_section = time.time()
+    res, rows, mem = dict(timings_s={}, section_s={}, load_avg={}), [], {}
+    t_section, load_section = time.time(), load_avg()
 
     def cfg(name, **kw):
         """A preset; --quick shrinks it to 2 layers of width 64 (the teacher 128)."""
@@ -220,16 +234,21 @@ def measure(device):
             kw = dict(vocab_size=VOCAB, num_layers=2, hidden_size=w, intermediate_size=4 * w, num_heads=4, **kw)
         return mm.BertConfig.preset(name, **kw)
 
-    def row(name, ratio, target):
-        rows.append(dict(device=device, name=name, ratio=ratio, target=target, ok=ratio <= target))
+    def row(name, ratios, target):
+        """A table row from the per-round ratios: their median (judged against the target) and spread."""
+        r = median(ratios)
+        rows.append(dict(device=device, name=name, ratio=r, min=min(ratios), max=max(ratios), rounds=len(ratios),
+                         target=target, ok=r <= target))
+        return r
 
     def section_done(name, fns=None):
-        nonlocal t_section
+        nonlocal t_section, load_section
         res["section_s"][name] = round(time.time() - t_section, 1)
-        print(f"{device} {name}: {res['section_s'][name]:.0f} s", flush=True)
+        res["load_avg"][name] = [load_section, load_avg()]  # 1-minute load average before, after
+        print(f"{device} {name}: {res['section_s'][name]:.0f} s, load {load_section} -> {load_avg()}", flush=True)
         if args.profile and fns:
             profile(fns, device, name)
-        t_section = time.time()
+        t_section, load_section = time.time(), load_avg()
 
     def train_step(model, batch, teacher_qkv):
         """One optimizer step as in train_distill.py: relation loss + 0.01 load balance, backward, clip, AdamW
@@ -270,16 +289,15 @@ def measure(device):
         return ffn_step(compiled(m.to(device)))
 
     fns = {}
-    for name in ("dense", "loop", "grouped"):
+    for name in ("dense", "loop", "grouped", "padded"):
         fns[name], mem[f"ffn_{name}"] = build(lambda: make_ffn(name), device, calls=2)
     t = timeit(fns, WARMUP, REPEATS, device)
-    ratios = {d: median(t[d]) / median(t["dense"]) for d in ("loop", "grouped")}
     auto = mm.resolve_dispatch("auto", x)
-    for d, r in ratios.items():
-        row(f"moe_ffn {d}{' (= auto)' if d == auto else ''} vs dense, {B}x{T} tok", r,
-            TARGETS["ffn_cuda" if cuda else "ffn"])
+    ratios = {d: row(f"moe_ffn {d}{' (= auto)' if d == auto else ''} vs dense, {B}x{T} tok",
+                     round_ratios(t, d, "dense"), TARGETS["ffn_cuda" if cuda else "ffn"])
+              for d in ("loop", "grouped", "padded")}
     if cuda:
-        row("moe_ffn grouped vs loop", ratios["grouped"] / ratios["loop"], 1.0)  # the grouped GEMM must win
+        row("moe_ffn grouped vs loop", round_ratios(t, "grouped", "loop"), 1.0)  # the grouped GEMM must win
     res["timings_s"]["ffn"] = t
     res["ffn"] = dict(tokens=B * T, H=H, I=I, E=E, ratios=ratios, auto_resolves_to=auto, dense_ms=1e3 * median(t["dense"]))
     res["moe_ffn_vs_dense"] = min(ratios.values())  # the best dispatch, as the issue's target reads
@@ -299,40 +317,53 @@ def measure(device):
                 lambda: train_step(mm.Bert(cfg(preset, num_experts=n_exp, relation_head="extra")).to(device).train(),
                                    batch, tq), device, calls=2)  # the same relation head: the experts' cost alone
         t = timeit(fns, 0, HEAVY, device)
-        r = median(t["moe"]) / median(t["dense"])
+        r = row(f"student_step {preset} E={E} vs dense, {B}x{T}", round_ratios(t, "moe", "dense"), TARGETS["student"])
         flops = 3 * B * mm.count_flops(cfg(preset), T)["flops_per_sequence"]  # forward + backward, model FLOPs
         res["timings_s"][f"student_{preset}"] = t
         res["student"][preset] = dict(ratio=r, batch=B, dense_ms=1e3 * median(t["dense"]),
                                       moe_ms=1e3 * median(t["moe"]), dense_tflops=flops / median(t["dense"]) / 1e12)
-        row(f"student_step {preset} E={E} vs dense, {B}x{T}", r, TARGETS["student"])
     res["student_step_vs_dense"] = max(v["ratio"] for v in res["student"].values())  # the worse of the two
     section_done("student", fns)
     del fns
 
-    # ---- 3. inference latency (eval mode: no dropout, no router noise) and throughput
+    # ---- 3. inference latency (eval mode: no dropout, no router noise) and throughput. MoE variants: auto
+    # dispatch (padded at 1x128 on CPU), the loop (what auto gave before the padded GEMM), and for 3L the
+    # experts compressed to rank-64 factors (compress_experts, per expert; the downstream study's 1,4E r64)
+    rank = 16 if args.quick else 64
     res["inference"] = {}
     for preset in ("3L-384H", "6L-384H"):
         models = {}
-        for name, n_exp in (("dense", 1), ("moe", E)):
-            torch.manual_seed(args.seed)
+        for name, n_exp, dispatch in (("dense", 1, "auto"), ("moe", E, "auto"), ("moe_loop", E, "loop")):
+            torch.manual_seed(args.seed)  # moe and moe_loop: the same weights
             models[name], mem[f"weights_{preset}_{name}"] = build(
-                lambda: compiled(mm.Bert(cfg(preset, num_experts=n_exp, relation_head="layer")).to(device).eval()),
-                device, calls=0)  # as deployed: finetuning drops the extra relation head
+                lambda: compiled(mm.Bert(cfg(preset, num_experts=n_exp, relation_head="layer", dispatch=dispatch))
+                                 .to(device).eval()), device, calls=0)  # as deployed: no extra relation head
+        if preset == "3L-384H":
+            models[f"moe_r{rank}"], mem[f"weights_{preset}_moe_r{rank}"] = build(
+                lambda: mm.compress_experts(models["moe"], rank, "per_expert").eval(), device, calls=0)
         for B in S["infer"]:
             batch = fake_batch(B, T, device, args.seed)
             fns = {}
             for name, model in models.items():
+                if name == "moe_loop" and B != 1:
+                    continue  # at 32x128 auto is the loop on CPU already
                 def forward(model=model):
                     with torch.inference_mode(), amp():
                         return model(**batch)
                 fns[name], mem[f"infer_{preset}_{B}x{T}_{name}"] = build(lambda: forward, device, calls=1)
             t = timeit(fns, WARMUP if B == 1 else 0, REPEATS * 3 if B == 1 else HEAVY, device)
-            r = median(t["moe"]) / median(t["dense"])
+            target = TARGETS["infer_1" if B == 1 else "infer"]
+            r = row(f"inference {preset} E={E} vs dense, {B}x{T}", round_ratios(t, "moe", "dense"), target)
+            if "moe_loop" in fns:
+                row(f"inference {preset} E={E} loop dispatch vs dense, {B}x{T}", round_ratios(t, "moe_loop", "dense"),
+                    target)
+            if f"moe_r{rank}" in fns:
+                row(f"inference {preset} E={E} rank-{rank} experts vs E={E}, {B}x{T}",
+                    round_ratios(t, f"moe_r{rank}", "moe"), 1.0)
             res["timings_s"][f"infer_{preset}_{B}x{T}"] = t
             res["inference"][f"{preset} {B}x{T}"] = dict(
-                ratio=r, dense_ms=1e3 * median(t["dense"]), moe_ms=1e3 * median(t["moe"]),
+                ratio=r, **{f"{name}_ms": 1e3 * median(ts) for name, ts in t.items()},
                 dense_seq_per_s=B / median(t["dense"]), moe_seq_per_s=B / median(t["moe"]))
-            row(f"inference {preset} E={E} vs dense, {B}x{T}", r, TARGETS["infer"])
     res["inference_vs_dense"] = max(v["ratio"] for v in res["inference"].values())  # the worst case
     section_done("inference", fns)
     del models, fns
@@ -353,8 +384,17 @@ def measure(device):
     base = mem_reset(device)  # this window stays open over the timed rounds: 1 step alone, then >= 2 more
     fns["distill_step"] = train_step(mm.Bert(scfg).to(device).train(), batch, teacher_forward)
     fns["distill_step"]()
-    t = timeit(fns, 0, HEAVY, device)
     mem[f"distill_step_6L-384H_E{E}_over_teacher"] = mem_peak(device, base)
+    # a sweep (train_distill --students): N students share each teacher forward; vs N runs of their own
+    shared, N = {}, 2
+    sweep_steps = [train_step(mm.Bert(scfg).to(device).train(), batch, lambda: shared["qkv"]) for _ in range(N)]
+
+    def sweep_step():
+        shared["qkv"] = teacher_forward()
+        for step in sweep_steps:
+            step()
+    fns[f"sweep_{N}_students"], mem[f"sweep_{N}_students_over_one"] = build(lambda: sweep_step, device, calls=1)
+    t = timeit(fns, 0, HEAVY, device)
     tf, ts = median(t["teacher_forward"]), median(t["distill_step"])
     f_teacher = B * mm.count_flops(tcfg, T)["flops_per_sequence"]
     f_distill = f_teacher + 3 * B * mm.count_flops(scfg, T)["flops_per_sequence"]  # model FLOPs; relation loss not counted
@@ -368,10 +408,13 @@ def measure(device):
         if peak:
             res["distill"]["teacher_forward_mfu"] = res["distill"]["teacher_forward_tflops"] / peak
             res["distill"]["distill_step_mfu"] = res["distill"]["distill_step_tflops"] / peak
-    res["distill_vs_teacher_forward"] = ts / tf
-    row(f"distill_step (12L-768H teacher + 6L-384H E={E}) vs teacher fwd, {B}x{T}", ts / tf, TARGETS["distill"])
+    res["distill_vs_teacher_forward"] = row(f"distill_step (12L-768H teacher + 6L-384H E={E}) vs teacher fwd, {B}x{T}",
+                                            round_ratios(t, "distill_step", "teacher_forward"), TARGETS["distill"])
+    sweep = row(f"sweep: {N} students on one teacher fwd vs {N} runs, {B}x{T}",
+                round_ratios(t, f"sweep_{N}_students", "distill_step", den_scale=N), TARGETS["sweep"])
+    res["sweep"] = dict(students=N, ratio=sweep, saving=1 - sweep, step_ms=1e3 * median(t[f"sweep_{N}_students"]))
     section_done("distill", fns)
-    del fns, teacher
+    del fns, teacher, sweep_steps, shared
 
     # ---- 5. the relation loss alone, forward + backward: readable vs fused (ChunkedRelationKL, 8 heads a block)
     B = S["distill"]
@@ -392,12 +435,11 @@ def measure(device):
     for name, fused in (("readable", False), ("fused", True)):
         fns[name], mem[f"relation_loss_{name}"] = build(lambda: relation_step(fused), device, calls=1)
     t = timeit(fns, WARMUP, HEAVY, device)
-    r = median(t["fused"]) / median(t["readable"])
+    r = row(f"relation_loss fused vs readable, fwd+bwd {B}x{T}, R=32", round_ratios(t, "fused", "readable"), 1.0)
     res["timings_s"]["relation_loss"] = t
     res["relation_loss"] = dict(batch=B, relation_heads=32, ratio=r, readable_ms=1e3 * median(t["readable"]),
                                 fused_ms=1e3 * median(t["fused"]), readable_mib=mem["relation_loss_readable"],
                                 fused_mib=mem["relation_loss_fused"])
-    row(f"relation_loss fused vs readable, fwd+bwd {B}x{T}, R=32", r, 1.0)
     section_done("relation_loss", fns)
     del fns
 
@@ -418,9 +460,59 @@ def machine():
     return m
 
 
+def print_table(out, other=None):
+    """The summary and the table of one run's JSON; with `other` (a second run's JSON), each row's median
+    there and the relative difference of the two medians."""
+    m, rows = out["machine"], []
+    print(f"\ntorch {m['torch']}, {m['threads']} threads (OMP_WAIT_POLICY={m['omp_wait_policy']}), {m['cpu']}"
+          + (f", GPU {m['gpu']}" if "gpu" in m else "")
+          + f", load avg {m['load_avg_at_start'][0]:.1f} -> {m['load_avg_at_end'][0]:.1f}; {out['wall_s']:.0f} s")
+    for dev, res in (("cpu", out if "rows" in out else None), ("cuda", out["cuda"])):
+        if res is None:
+            continue
+        rows += res["rows"]
+        print(f"{dev} peak memory added, MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_memory_mib"].items()
+                                                           if v is not None))
+        print(f"{dev} load average before -> after each section: "
+              + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in res.get("load_avg", {}).items()))
+        print(f"{dev} inference seq/s dense/MoE: " + ", ".join(f"{k} {v['dense_seq_per_s']:.1f}/{v['moe_seq_per_s']:.1f}"
+                                                             for k, v in res["inference"].items()))
+        d = res["distill"]
+        mfu = f", MFU {d['teacher_forward_mfu']:.1%} / {d['distill_step_mfu']:.1%}" if "distill_step_mfu" in d else ""
+        print(f"{dev} teacher forward {d['teacher_forward_ms']:.0f} ms ({d['teacher_forward_tflops']:.3f} TFLOP/s), "
+              f"distillation step {d['distill_step_ms']:.0f} ms ({d['distill_step_tflops']:.3f} TFLOP/s){mfu}")
+    if not rows:
+        raise SystemExit("nothing measured (--skip_cpu without a GPU)")
+    quick = out["args"]["quick"]
+    if quick:
+        print("\n--quick: a smoke test on tiny models (2 layers, width 64, 16 tokens); the ratios say nothing about "
+              "the targets, which are for the real sizes (python bench.py)")
+    again = {(r["device"], r["name"]): r for r in (other["rows"] + (other["cuda"] or {}).get("rows", []))} if other else {}
+    w = max(len(r["device"] + r["name"]) for r in rows) + 1
+    print(f"\n{'name':<{w}} {'ratio':>7} {'min-max':>13} {'target':>7}  result" + ("   run 2  diff" if other else "")
+          + "  (per-round ratios of interleaved rounds: median, spread)")
+    for r in rows:
+        result = "smoke" if quick else "pass" if r["ok"] else "MISS"
+        spread = f"{r['min']:.2f}-{r['max']:.2f}" if "min" in r else ""
+        line = f"{r['device'] + ' ' + r['name']:<{w}} {r['ratio']:>6.3f}x {spread:>13} {r['target']:>6.2f}x  {result:<6}"
+        if (r["device"], r["name"]) in again:
+            r2 = again[(r["device"], r["name"])]["ratio"]
+            line += f" {r2:>6.3f}x {(r2 - r['ratio']) / r['ratio']:+6.1%}"
+        print(line.rstrip())
+
+
 # -----------------------------------------------------------------------------
 # run: CPU, then CUDA when present; the JSON; the table last
 
+if args.table:
+    if len(args.table) > 2:
+        parser.error("--table takes one saved run, or two to compare")
+    try:
+        runs = [json.loads(open(path).read()) for path in args.table]
+    except (OSError, ValueError) as e:
+        parser.error(f"--table: cannot read {e}")
+    print_table(*runs)
+    raise SystemExit(0)
 t_start = time.time()
 out = dict(machine=machine(), args=vars(args))
 if not args.skip_cpu:
@@ -438,29 +530,4 @@ if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
-
-m, rows = out["machine"], []
-print(f"\ntorch {m['torch']}, {m['threads']} threads (OMP_WAIT_POLICY={m['omp_wait_policy']}), {m['cpu']}"
-      + (f", GPU {m['gpu']}" if "gpu" in m else "")
-      + f", load avg {m['load_avg_at_start'][0]:.1f} -> {m['load_avg_at_end'][0]:.1f}; {out['wall_s']:.0f} s")
-for dev, res in (("cpu", None if args.skip_cpu else out), ("cuda", out["cuda"])):
-    if res is None:
-        continue
-    rows += res["rows"]
-    print(f"{dev} peak memory added, MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_memory_mib"].items() if v is not None))
-    print(f"{dev} inference seq/s dense/MoE: " + ", ".join(f"{k} {v['dense_seq_per_s']:.1f}/{v['moe_seq_per_s']:.1f}"
-                                                         for k, v in res["inference"].items()))
-    d = res["distill"]
-    mfu = f", MFU {d['teacher_forward_mfu']:.1%} / {d['distill_step_mfu']:.1%}" if "distill_step_mfu" in d else ""
-    print(f"{dev} teacher forward {d['teacher_forward_ms']:.0f} ms ({d['teacher_forward_tflops']:.3f} TFLOP/s), "
-          f"distillation step {d['distill_step_ms']:.0f} ms ({d['distill_step_tflops']:.3f} TFLOP/s){mfu}")
-if not rows:
-    raise SystemExit("nothing measured (--skip_cpu without a GPU)")
-w = max(len(r["device"] + r["name"]) for r in rows) + 1
-if args.quick:
-    print("\n--quick: a smoke test on tiny models (2 layers, width 64, 16 tokens); the ratios say nothing about "
-          "the targets, which are for the real sizes (python bench.py)")
-print(f"\n{'name':<{w}} {'ratio':>7} {'target':>7}  result  (medians of interleaved rounds)")
-for r in rows:
-    result = "smoke" if args.quick else "pass" if r["ok"] else "MISS"
-    print(f"{r['device'] + ' ' + r['name']:<{w}} {r['ratio']:>6.3f}x {r['target']:>6.2f}x  {result}")
+print_table(out)

@@ -21,8 +21,18 @@ def test_bench_quick_writes_finite_ratios(tmp_path):
             assert math.isfinite(sec[key]) and sec[key] > 0, (key, sec[key])
         for row in sec["rows"]:
             assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
+            assert row["min"] <= row["ratio"] <= row["max"] and row["rounds"] >= 2, row  # the median of its rounds
+        assert all(len(v) == 2 for v in sec["load_avg"].values()) and "distill" in sec["load_avg"]
+        assert 0 < sec["sweep"]["ratio"] and sec["sweep"]["saving"] == 1 - sec["sweep"]["ratio"]
     assert res["machine"]["threads"] >= 1 and res["machine"]["torch"] == __import__("torch").__version__
     n_rows = sum(len(sec["rows"]) for sec in sections)
     table = proc.stdout.rstrip().splitlines()[-n_rows:]  # the table is printed last
     assert all(line.endswith("smoke") for line in table), table  # tiny models: not judged against the targets
     assert "--quick: a smoke test on tiny models" in proc.stdout
+
+    # --table reprints a saved run without measuring; given twice, every row differs by +0.0%
+    again = subprocess.run([sys.executable, "bench.py", "--table", str(out), str(out)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr[-2000:]
+    lines = again.stdout.rstrip().splitlines()[-n_rows:]
+    assert [line.split()[-1] for line in lines] == ["+0.0%"] * n_rows, lines
