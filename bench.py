@@ -14,6 +14,7 @@ GPU is present (bf16 autocast, SDPA, --compile optional, CUDA events, max_memory
     python bench.py --quick                        # a smoke test: tiny models, 1 thread, seconds (tests/test_bench.py)
     python bench.py --profile                      # + torch.profiler tables of one call of each variant
     python bench.py --table A.json [B.json]        # the table of a saved run (and how a second run differs)
+    python bench.py --authors DIR --json PATH      # our distillation step vs the authors' (README: setup)
 
 Rounds: --repeats (7) for the FFN and the 1x128 inference (x3), --heavy (3) for the steps of seconds
 (student step, 32x128 inference, distillation). Warm-up: every variant is first run alone inside its
@@ -60,12 +61,16 @@ parser.add_argument("--repeats", type=POSITIVE_INT, default=7, help="timed round
 parser.add_argument("--heavy", type=POSITIVE_INT, default=3, help="timed rounds of the sections of seconds per call")
 parser.add_argument("--warmup", type=NONNEGATIVE_INT, default=1, help="interleaved warm-up rounds of the light sections")
 parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's, all cores; --quick: 1)")
-parser.add_argument("--compile", action="store_true", help="torch.compile the models in the CUDA section")
+parser.add_argument("--compile", action="store_true", help="torch.compile the models in the CUDA section; on "
+                    "CPU, add a distillation step whose student forward and loss are compiled")
 parser.add_argument("--peak_tflops", type=POSITIVE, default=None, help="peak dense bf16 TFLOP/s for MFU (default: by GPU name)")
 parser.add_argument("--skip_cpu", action="store_true", help="the CUDA section only (no top-level CPU ratios then)")
 parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of one call of each variant")
 parser.add_argument("--table", nargs="+", metavar="JSON", help="print the table of a saved --json run (no "
                     "measuring); with a second file, each row's median ratio in both and their relative difference")
+parser.add_argument("--authors", metavar="DIR", help="only time our whole distillation step against the authors' "
+                    "(a checkout of github.com/GeneZC/MiniMoE; their code imports transformers 4.x, so run this in "
+                    "an environment that has it)")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 if args.json:  # a bad path fails now, not after minutes of timing
@@ -250,16 +255,18 @@ def measure(device):
             profile(fns, device, name)
         t_section, load_section = time.time(), load_avg()
 
-    def train_step(model, batch, teacher_qkv):
+    def train_step(model, batch, teacher_qkv, compile_loss=False):
         """One optimizer step as in train_distill.py: relation loss + 0.01 load balance, backward, clip, AdamW
-        (bf16 or fp32: a disabled GradScaler, as train_distill's)."""
+        (bf16 or fp32: a disabled GradScaler, as train_distill's). compile_loss: torch.compile the student's
+        forward and the loss together (what inductor can fuse: dropout, GELU, the relation softmaxes)."""
         opt, scaler = configure_optimizer(model, lr=1e-4), torch.amp.GradScaler("cuda", enabled=False)
         raw, model = model, compiled(model)
+        loss_fn = torch.compile(distill_loss) if compile_loss else distill_loss
 
         def step():
             qkv = teacher_qkv() if callable(teacher_qkv) else teacher_qkv
             with amp():
-                loss = distill_loss(qkv, model, batch)[0]
+                loss = loss_fn(qkv, model, batch)[0]
             scaler.scale(loss).backward()
             optimizer_step(raw, opt, scaler, 1.0)
             scaler.update()
@@ -394,6 +401,13 @@ def measure(device):
         for step in sweep_steps:
             step()
     fns[f"sweep_{N}_students"], mem[f"sweep_{N}_students_over_one"] = build(lambda: sweep_step, device, calls=1)
+    if args.compile and not cuda:  # on CUDA --compile compiles every model already
+        t0 = time.time()
+        fns["distill_step_compiled"] = train_step(mm.Bert(scfg).to(device).train(), batch, teacher_forward,
+                                                  compile_loss=True)
+        for _ in range(5):  # compiles, then recompiles until the experts' token counts are dynamic
+            fns["distill_step_compiled"]()
+        res["compile_s"] = round(time.time() - t0, 1)
     t = timeit(fns, 0, HEAVY, device)
     tf, ts = median(t["teacher_forward"]), median(t["distill_step"])
     f_teacher = B * mm.count_flops(tcfg, T)["flops_per_sequence"]
@@ -410,6 +424,9 @@ def measure(device):
             res["distill"]["distill_step_mfu"] = res["distill"]["distill_step_tflops"] / peak
     res["distill_vs_teacher_forward"] = row(f"distill_step (12L-768H teacher + 6L-384H E={E}) vs teacher fwd, {B}x{T}",
                                             round_ratios(t, "distill_step", "teacher_forward"), TARGETS["distill"])
+    if "distill_step_compiled" in fns:
+        row(f"distill_step, student fwd + loss compiled, vs teacher fwd, {B}x{T}",
+            round_ratios(t, "distill_step_compiled", "teacher_forward"), TARGETS["distill"])
     sweep = row(f"sweep: {N} students on one teacher fwd vs {N} runs, {B}x{T}",
                 round_ratios(t, f"sweep_{N}_students", "distill_step", den_scale=N), TARGETS["sweep"])
     res["sweep"] = dict(students=N, ratio=sweep, saving=1 - sweep, step_ms=1e3 * median(t[f"sweep_{N}_students"]))
@@ -447,6 +464,83 @@ def measure(device):
     return res
 
 
+def authors_side_by_side(repo):
+    """Our whole distillation step against the authors' (their HF-style classes, imported from a checkout of
+    their repository at `repo`, never copied): the same shapes as the original comparison, a 6L-384H teacher
+    and a 3L-384H 1,4E student at 32x128 with padding, fp32, one process, rounds interleaved. Each side runs
+    its own step as its training script does: theirs BertMiniLM / MoEBertMiniLM.loss_fn (relations from an
+    extra Q/K/V head, the teacher's in all its layers), loss.item(), clip 5, transformers.AdamW; ours
+    train_distill's distill_loss, optimizer_step (clip 1) and torch's AdamW. Random weights on both sides."""
+    import sys
+    sys.path.insert(0, os.path.abspath(repo))
+    try:
+        import transformers
+        from models.bert_minilm import BertMiniLM
+        from models.moebert_minilm import MoEBertMiniLM
+    except ImportError as e:
+        raise SystemExit(f"--authors {repo}: cannot import the authors' models ({e}). Give a checkout of "
+                         "github.com/GeneZC/MiniMoE and run in an environment with transformers 4.x (4.23 installs "
+                         "on Python 3.11); see the README") from None
+    B, L_t, L_s, H, R = (2, 2, 1, 48, 4) if args.quick else (32, 6, 3, 384, 32)
+    torch.manual_seed(args.seed)
+    ids, mask, types = (fake_batch(B, T, "cpu", args.seed)[k] for k in ("input_ids", "attention_mask", "token_type_ids"))
+
+    def their_config(layers, moe=None):  # the edits their scripts make to a bert-base config
+        c = transformers.BertConfig(num_hidden_layers=layers, hidden_size=H, num_attention_heads=12,
+                                    intermediate_size=4 * H * (4 if moe else 1), vocab_size=VOCAB)
+        c.num_relation_heads, c.attention_head_size = R, H // 12
+        return c
+    t_theirs = BertMiniLM(their_config(L_t)).eval()
+    s_theirs = MoEBertMiniLM(their_config(L_s, moe="1,4"))
+    s_theirs.bert.moefy("1,4")  # 4 experts of 4H neurons, split from one wide FFN as in their script
+    s_theirs.config.moe = "1,4"
+    no_decay = ("bias", "LayerNorm.weight")
+    groups = [dict(params=[p for n, p in s_theirs.named_parameters() if not any(k in n for k in no_decay)],
+                   weight_decay=0.01),
+              dict(params=[p for n, p in s_theirs.named_parameters() if any(k in n for k in no_decay)],
+                   weight_decay=0.0)]
+    opt_theirs = transformers.AdamW(groups, lr=3e-4)
+    their_batch = [ids, mask.bool(), types]
+
+    def theirs():
+        s_theirs.train()
+        with torch.no_grad():
+            t_out = t_theirs(their_batch)
+        loss = MoEBertMiniLM.loss_fn(t_out, s_theirs(their_batch))
+        loss.item()  # their loop logs every step's loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(s_theirs.parameters(), 5.0)
+        opt_theirs.step()
+        opt_theirs.zero_grad()
+
+    def our_cfg(layers, experts=1, relation_head="layer"):
+        return mm.BertConfig(vocab_size=VOCAB, num_layers=layers, hidden_size=H, intermediate_size=4 * H,
+                             num_heads=12, num_experts=experts, relation_head=relation_head)
+    t_ours = mm.Bert(our_cfg(L_t)).eval().requires_grad_(False)
+    s_ours = mm.Bert(our_cfg(L_s, experts=E, relation_head="extra")).train()
+    opt_ours, scaler = configure_optimizer(s_ours, lr=3e-4), torch.amp.GradScaler("cuda", enabled=False)
+    batch = dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
+
+    def ours():
+        with torch.no_grad():
+            qkv = t_ours(**batch).qkv
+        loss = distill_loss(qkv, s_ours, batch, num_relation_heads=R)[0]
+        loss.backward()
+        optimizer_step(s_ours, opt_ours, scaler, 1.0)
+
+    fns = {"theirs": theirs, "ours": ours}
+    for fn in fns.values():  # warm-up: optimizer state exists
+        fn(), fn()
+    t = timeit(fns, 0, 2 if args.quick else max(HEAVY, 5))
+    ratios = round_ratios(t, "ours", "theirs")
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return dict(rows=[dict(device="cpu", name=f"authors' code: our distill step vs theirs, {L_t}L-{H}H teacher + "
+                           f"{L_s}L-{H}H E={E}, {B}x{T}", ratio=median(ratios), min=min(ratios), max=max(ratios),
+                           rounds=len(ratios), target=0.30, ok=median(ratios) <= 0.30)],
+                timings_s=t, transformers=transformers.__version__, ours_ms=1e3 * median(t["ours"]),
+                theirs_ms=1e3 * median(t["theirs"]), student_params=dict(ours=n(s_ours), theirs=n(s_theirs)))
+
+
 def machine():
     cpu = platform.processor()
     with contextlib.suppress(OSError):
@@ -467,7 +561,12 @@ def print_table(out, other=None):
     print(f"\ntorch {m['torch']}, {m['threads']} threads (OMP_WAIT_POLICY={m['omp_wait_policy']}), {m['cpu']}"
           + (f", GPU {m['gpu']}" if "gpu" in m else "")
           + f", load avg {m['load_avg_at_start'][0]:.1f} -> {m['load_avg_at_end'][0]:.1f}; {out['wall_s']:.0f} s")
-    for dev, res in (("cpu", out if "rows" in out else None), ("cuda", out["cuda"])):
+    if "authors" in out:
+        a = out["authors"]
+        rows += a["rows"]
+        print(f"authors' code (transformers {a['transformers']}): theirs {a['theirs_ms']:.0f} ms, ours "
+              f"{a['ours_ms']:.0f} ms a step; student parameters {a['student_params']}")
+    for dev, res in (("cpu", out if "peak_memory_mib" in out else None), ("cuda", out.get("cuda"))):
         if res is None:
             continue
         rows += res["rows"]
@@ -487,7 +586,8 @@ def print_table(out, other=None):
     if quick:
         print("\n--quick: a smoke test on tiny models (2 layers, width 64, 16 tokens); the ratios say nothing about "
               "the targets, which are for the real sizes (python bench.py)")
-    again = {(r["device"], r["name"]): r for r in (other["rows"] + (other["cuda"] or {}).get("rows", []))} if other else {}
+    again = {(r["device"], r["name"]): r for sec in (other, other.get("cuda"), other.get("authors")) if sec
+             for r in sec.get("rows", [])} if other else {}
     w = max(len(r["device"] + r["name"]) for r in rows) + 1
     print(f"\n{'name':<{w}} {'ratio':>7} {'min-max':>13} {'target':>7}  result" + ("   run 2  diff" if other else "")
           + "  (per-round ratios of interleaved rounds: median, spread)")
@@ -515,15 +615,19 @@ if args.table:
     raise SystemExit(0)
 t_start = time.time()
 out = dict(machine=machine(), args=vars(args))
+if args.authors:
+    out["authors"] = authors_side_by_side(args.authors)
+    args.skip_cpu = True
 if not args.skip_cpu:
     out.update(measure("cpu"))
-if torch.cuda.is_available():
+if torch.cuda.is_available() and not args.authors:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     out["cuda"] = measure("cuda")
 else:
     out["cuda"] = None
-    print("CUDA: not available, section skipped")
+    if not args.authors:
+        print("CUDA: not available, section skipped")
 out["wall_s"] = round(time.time() - t_start, 1)
 out["machine"]["load_avg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
 if args.json:

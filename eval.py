@@ -94,12 +94,16 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, file=None, batch_size=6
 def find_runs(root, tasks):
     """{task: [run dirs]} under root: a task's seed runs (directories seedN, from finetune.py --seeds or
     --plan), all of them; otherwise its one finetune.json with the best stored dev score. Hidden
-    directories, such as a save in progress, are left out."""
+    directories, such as a save in progress, are left out, and so are runs that still hold their lock
+    file (in progress, or cut off: their finetune.json is only the best so far)."""
     if not Path(root).is_dir():
         raise FileNotFoundError(f"--runs {root}: no such directory (give the --out_dir parent of finetune.py runs)")
     seeds, best = {}, {}
     for f in sorted(Path(root).rglob("finetune.json")):
         if any(part.startswith(".") for part in f.relative_to(root).parts):
+            continue
+        if (f.parent / ".lock").exists():
+            print(f"{f.parent}: in progress or cut off (it holds .lock), left out")
             continue
         meta = json.loads(f.read_text())
         t = meta.get("task")

@@ -36,3 +36,9 @@ def test_bench_quick_writes_finite_ratios(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     lines = again.stdout.rstrip().splitlines()[-n_rows:]
     assert [line.split()[-1] for line in lines] == ["+0.0%"] * n_rows, lines
+
+
+def test_bench_authors_without_their_code_fails_clearly(tmp_path):
+    proc = subprocess.run([sys.executable, "bench.py", "--authors", str(tmp_path), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "cannot import the authors' models" in proc.stderr, proc.stderr[-2000:]

@@ -2,6 +2,7 @@
 best checkpoint is kept and reloads in eval.py with the same dev metrics, early stopping, the lr grid,
 regression and NER heads, the pretrained pooler, and the compute report."""
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -345,8 +346,13 @@ def test_plan_workers_skip_runs_another_live_process_holds(tiny_dir, tmp_path, m
         assert calls == [2] and (tmp_path / "d" / "a" / "sst2" / "seed2" / "done.json").exists()
         assert not (tmp_path / "d" / "a" / "sst2" / "seed2" / ".lock").exists()  # released after its run
         assert (busy / "log.jsonl").read_text() == "its partial log\n" and not (busy / "done.json").exists()
+        # the table leaves out a run in progress (its finetune.json is only its best so far)
+        seed2 = tmp_path / "d" / "a" / "sst2" / "seed2"
+        shutil.copy(seed2 / "finetune.json", busy / "finetune.json")
+        assert ev.find_runs(tmp_path / "d" / "a", ["sst2"]) == {"sst2": [seed2]}
     finally:
         other.kill()
         other.wait()
     ft.main(["--plan", str(tmp_path / "plan.json")])  # the other worker died: its run is started again
     assert calls == [2, 1] and (busy / "done.json").exists()
+    assert ev.find_runs(tmp_path / "d" / "a", ["sst2"]) == {"sst2": [busy, seed2]}
