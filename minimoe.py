@@ -264,9 +264,10 @@ def load_balance(probs, expert, token_mask):
 
 
 # -----------------------------------------------------------------------------
-# Token dispatch: tokens sorted by expert, then a loop over experts (the readable oracle), one grouped
-# GEMM per projection (the fast path on CUDA), or one batched GEMM over the groups zero-padded to the
-# largest (few tokens on CPU). Tests prove that they agree in outputs and gradients.
+# Token dispatch: tokens sorted by expert, then a loop over experts (the readable oracle, and the
+# fastest on CPU), one grouped GEMM per projection (the fast path on CUDA), or one batched GEMM over the
+# groups zero-padded to the largest (measured in bench.py). Tests prove that they agree in outputs and
+# gradients.
 
 
 class Groups(NamedTuple):
@@ -332,20 +333,13 @@ def from_slots(ys, index):
     return ys.reshape(-1, ys.shape[-1]).index_select(0, index)  # (N, M)
 
 
-PADDED_MAX_TOKENS = 1024  # auto on CPU: the padded batched GEMM up to this many tokens, the loop above (bench.py)
-
-
 def resolve_dispatch(dispatch, x):
     """'auto': the grouped GEMM on CUDA, and under torch.compile in bf16 (no graph breaks; the
-    compile-time grouped_mm kernel takes only bf16). Elsewhere (CPU) the padded batched GEMM for
-    small inputs (up to PADDED_MAX_TOKENS tokens: inference of a few sequences, where MKL splits one
-    bmm over its threads better than four small GEMMs) and the per-expert loop above (bench.py)."""
+    compile-time grouped_mm kernel takes only bf16); elsewhere the per-expert loop, the fastest on CPU
+    at every size bench.py measures (the padded GEMM too loses at 1x128 in the whole model)."""
     if dispatch != "auto":
         return dispatch
-    if x.is_cuda or (torch.compiler.is_compiling() and x.dtype == torch.bfloat16):
-        return "grouped"
-    small = x.numel() // x.shape[-1] <= PADDED_MAX_TOKENS
-    return "padded" if small and not torch.compiler.is_compiling() else "loop"
+    return "grouped" if x.is_cuda or (torch.compiler.is_compiling() and x.dtype == torch.bfloat16) else "loop"
 
 
 # -----------------------------------------------------------------------------
@@ -801,7 +795,7 @@ class ChunkedRelationKL(torch.autograd.Function):
 
 
 def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=32, dropout=0.0,
-                  per_sequence=False, fused=False, block=8):
+                  per_sequence=False, fused=None, block=8):
     """MiniLMv2 (Wang et al. 2021, eq. 1-3): for Q-Q, K-K and V-V, KL(teacher || student) between the
     relation distributions of R heads, averaged over real query rows and heads; mean of the three.
     Teacher and student widths may differ (768 vs 384): each is split into R heads of its own size.
@@ -812,8 +806,12 @@ def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=3
     loss is noisier and larger than the KL it stands for. Pass it in training only.
     per_sequence=True returns ((B,) KL summed over each pair's rows and heads, (B,) its row count),
     so that a mean over any subset of pairs (a bootstrap resample) is sums.sum() / rows.sum().
-    fused=True computes the same with ChunkedRelationKL, `block` relation heads at a time."""
+    fused=True computes the same with ChunkedRelationKL, `block` relation heads at a time; None (the
+    default) takes it unless dropout > 0: it is faster and a third of the memory (bench.py). fused=False
+    is the readable computation below, the oracle of the tests."""
     token_mask = attention_mask.bool()  # (B, T)
+    if fused is None:
+        fused = dropout == 0
     if fused:
         if dropout > 0:
             raise ValueError("the fused relation loss has no relation dropout; use fused=False")
