@@ -756,7 +756,7 @@ def finetune(args):
     out_dir = Path(args.out_dir or f"runs/finetune/{task.name}")
     data_dir = None if args.data_dir in (None, "", "hub") else args.data_dir
     if rt.is_master:
-        lock_out_dir(out_dir, "finetune run")  # creates it; refuses a file, or a directory another run uses
+        lock = lock_out_dir(out_dir, "finetune run")  # creates it; refuses a file, or a directory another run uses
         print(f"task {task.name} | model {model_path} | data {args.train_file or data_dir or 'hub'} | device {rt.device}")
 
     # data
@@ -875,6 +875,8 @@ def finetune(args):
     if rt.is_master and best.get("lr") is None:  # only the master evaluates
         raise SystemExit(f"no learning rate of --lr {args.lr} gave a model with finite weights and dev score (see "
                          f"{out_dir / 'log.jsonl'}); nothing was saved. Try lower learning rates.")
+    if rt.is_master:
+        release_lock(lock)  # finished: eval.py leaves out only runs that still hold their lock (cut off)
     return best
 
 

@@ -1020,7 +1020,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("runtime and output")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on CUDA if supported, else fp32")
-    g.add_argument("--compile", action="store_true", help="torch.compile the teacher and student(s)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the teacher, and each student's forward with "
+                   "its loss (one graph: inductor fuses dropout, GELU and the relation softmaxes)")
     g.add_argument("--out_dir", default="out", help="(%(default)s)")
     g.add_argument("--log_every", type=POSITIVE_INT, default=10, help="steps between log lines (%(default)s)")
     g.add_argument("--eval_every", type=POSITIVE_INT, default=50,
@@ -1173,10 +1174,11 @@ def main(argv=None):
             raise SystemExit(f"--init_from {args.init_from}: does not fit the students ({str(e)[:300]})") from None
     for m in raw.values():
         m.to(rt.device).train()
-    models = dict(raw)  # what the loop calls: compiled and/or DDP-wrapped
+    models = dict(raw)  # what the loop calls: DDP-wrapped under torchrun
+    loss_fn = distill_loss  # the student's forward and loss
     if args.compile:
         teacher = torch.compile(teacher)
-        models = {k: torch.compile(m) for k, m in models.items()}
+        loss_fn = torch.compile(distill_loss)
     if rt.is_ddp:  # with the layer relation head the last layer's FFN (and more) gets no gradient
         models = {k: DDP(m, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
                          find_unused_parameters=True) for k, m in models.items()}
@@ -1279,8 +1281,8 @@ def main(argv=None):
                 sync = contextlib.nullcontext() if not rt.is_ddp or k_acc == accum - 1 else model.no_sync()
                 with sync:
                     with rt.autocast():
-                        loss, rel, lb, out = distill_loss(t_qkv, model, batch, args.num_relation_heads,
-                                                          args.load_balance_weight, args.relation_dropout)
+                        loss, rel, lb, out = loss_fn(t_qkv, model, batch, args.num_relation_heads,
+                                                     args.load_balance_weight, args.relation_dropout)
                     rt.scaler.scale(loss / accum).backward()
                 rngs[k] = torch_rng_state()
                 sums[k]["rel"] += rel.detach().float()
