@@ -2,8 +2,18 @@
 # One downstream worker: works through the plans in order, sharing them with any other worker
 # (finetune.py --plan skips runs another live process holds). Run from the repository root; start it twice
 # on a 2-core machine (each plan runs finetune.py with --threads 1). Rerun to continue a cut-off plan.
+#   a: MiniLM, MiniMoE 1,4E, MiniLM w/ TA (and the teacher) on STS-B, MRPC, CoLA, RTE, seed 1
+#   b: CoNLL-2003 for MiniLM and MiniMoE 1,4E
+#   c: controls: a randomly initialised 3L-384H student, and MiniMoE 1,4E compressed to rank-64 experts
+#   d: seeds 2 and 3 of MiniLM and MiniMoE 1,4E;  e: the study's other students
+# The students are the study's (results/study); the rank-64 one is written by
+#   python eval.py --compress /work/study/r1/moe4/student --rank 64 --basis per_expert --out /work/study/compressed/moe4_r64
 set -e
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_WAIT_POLICY=PASSIVE
-for plan in a b c d; do
+if [ ! -e /work/study/random/student/config.json ]; then  # the random-init control: MiniLM's config, seed 776
+  python -c "import torch, minimoe as mm; src = '/work/study/r1/minilm/student'; torch.manual_seed(776)
+mm.save_bert(mm.Bert(mm.load_bert(src).config), '/work/study/random/student', tokenizer=mm.load_tokenizer(src))"
+fi
+for plan in a b c d e; do
   python finetune.py --plan results/downstream/plan_$plan.json
 done
