@@ -3,7 +3,7 @@
 # (finetune.py --plan skips runs another live process holds). Run from the repository root; start it twice
 # on a 2-core machine (each plan runs finetune.py with --threads 1). Rerun to continue a cut-off plan.
 #   a: MiniLM, MiniMoE 1,4E, MiniLM w/ TA (and the teacher) on STS-B, MRPC, CoLA, RTE, seed 1
-#   b: CoNLL-2003 for MiniLM and MiniMoE 1,4E
+#   b: CoNLL-2003 for MiniLM and MiniMoE 1,4E, and the two controls of plan c
 #   c: controls: a randomly initialised 3L-384H student, and MiniMoE 1,4E compressed to rank-64 experts
 #   d: seeds 2 and 3 of MiniLM and MiniMoE 1,4E;  e: the study's other students
 # The students are the study's (results/study); the rank-64 one is written by
