@@ -739,15 +739,17 @@ def run_plan(path):
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         t0 = time.time()
         model = ["--model", str(models[name])] if models[name] else []  # null: the embedded teacher
-        best = main(["--task", task, *model, "--seed", str(seed), "--out_dir", str(out), *extra])
+        best = finetune(parse_args(["--task", task, *model, "--seed", str(seed), "--out_dir", str(out), *extra]),
+                        keep_lock=True)
         write_json(out / "done.json", dict(model=name, task=task, seed=seed, wall_s=round(time.time() - t0, 1),
                                            best_lr=best.get("lr"), score=best.get("score")))
-        release_lock(lock)
+        release_lock(lock)  # only now: a run without done.json and without a live lock is restarted
     return root
 
 
-def finetune(args):
-    """One finetuning run (all learning rates of the grid) of args.task; returns the grid's best."""
+def finetune(args, keep_lock=False):
+    """One finetuning run (all learning rates of the grid) of args.task; returns the grid's best. The run
+    directory's lock is released at the end, unless keep_lock (run_plan releases it after done.json)."""
     rt = setup_runtime(args.seed, args.precision)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -875,7 +877,7 @@ def finetune(args):
     if rt.is_master and best.get("lr") is None:  # only the master evaluates
         raise SystemExit(f"no learning rate of --lr {args.lr} gave a model with finite weights and dev score (see "
                          f"{out_dir / 'log.jsonl'}); nothing was saved. Try lower learning rates.")
-    if rt.is_master:
+    if rt.is_master and not keep_lock:
         release_lock(lock)  # finished: eval.py leaves out only runs that still hold their lock (cut off)
     return best
 

@@ -312,10 +312,18 @@ def test_plan_runs_models_tasks_seeds_and_skips_finished(tiny_dir, tmp_path, mon
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     calls = []
     real = ft.finetune
-    monkeypatch.setattr(ft, "finetune", lambda args: (calls.append((args.model, args.seed)), real(args))[1])
+    held = []  # whether the run's lock is still held when its finetune returns (until done.json is written)
+
+    def spy(args, **kw):
+        calls.append((args.model, args.seed))
+        best = real(args, **kw)
+        held.append((Path(args.out_dir) / ".lock").exists())
+        return best
+    monkeypatch.setattr(ft, "finetune", spy)
     ft.main(["--plan", str(tmp_path / "plan.json")])
     assert len(calls) == 4 and all((tmp_path / "d" / m / "sst2" / f"seed{s}" / "done.json").exists()
                                    for m in "ab" for s in (1, 2))
+    assert held == [True] * 4 and not list((tmp_path / "d").rglob(".lock"))  # released after done.json
     (tmp_path / "d" / "b" / "sst2" / "seed2" / "done.json").unlink()  # as if cut off during this run
     ft.main(["--plan", str(tmp_path / "plan.json")])
     assert len(calls) == 5 and calls[-1][1] == 2
@@ -343,7 +351,7 @@ def test_plan_workers_skip_runs_another_live_process_holds(tiny_dir, tmp_path, m
         (busy / "log.jsonl").write_text("its partial log\n")
         calls = []
         real = ft.finetune
-        monkeypatch.setattr(ft, "finetune", lambda args: (calls.append(args.seed), real(args))[1])
+        monkeypatch.setattr(ft, "finetune", lambda args, **kw: (calls.append(args.seed), real(args, **kw))[1])
         ft.main(["--plan", str(tmp_path / "plan.json")])
         assert calls == [2] and (tmp_path / "d" / "a" / "sst2" / "seed2" / "done.json").exists()
         assert not (tmp_path / "d" / "a" / "sst2" / "seed2" / ".lock").exists()  # released after its run
