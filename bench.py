@@ -45,6 +45,7 @@ import ctypes
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import replace
 
@@ -199,6 +200,13 @@ def round_ratios(t, num, den, den_scale=1):
     return [a / (den_scale * b) for a, b in zip(t[num], t[den])]
 
 
+def ratio_row(device, name, ratios, target):
+    """A table row from the per-round ratios: their median (judged against the target) and spread."""
+    r = median(ratios)
+    return dict(device=device, name=name, ratio=r, min=min(ratios), max=max(ratios), rounds=len(ratios),
+                target=target, ok=r <= target)
+
+
 def load_avg():
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
@@ -240,17 +248,16 @@ def measure(device):
         return mm.BertConfig.preset(name, **kw)
 
     def row(name, ratios, target):
-        """A table row from the per-round ratios: their median (judged against the target) and spread."""
-        r = median(ratios)
-        rows.append(dict(device=device, name=name, ratio=r, min=min(ratios), max=max(ratios), rounds=len(ratios),
-                         target=target, ok=r <= target))
-        return r
+        """Add a ratio_row to the table; returns its median ratio."""
+        rows.append(ratio_row(device, name, ratios, target))
+        return rows[-1]["ratio"]
 
     def section_done(name, fns=None):
         nonlocal t_section, load_section
         res["section_s"][name] = round(time.time() - t_section, 1)
         res["load_avg"][name] = [load_section, load_avg()]  # 1-minute load average before, after
-        print(f"{device} {name}: {res['section_s'][name]:.0f} s, load {load_section} -> {load_avg()}", flush=True)
+        print(f"{device} {name}: {res['section_s'][name]:.0f} s, load {load_section} -> {res['load_avg'][name][1]}",
+              flush=True)
         if args.profile and fns:
             profile(fns, device, name)
         t_section, load_section = time.time(), load_avg()
@@ -471,7 +478,6 @@ def authors_side_by_side(repo):
     its own step as its training script does: theirs BertMiniLM / MoEBertMiniLM.loss_fn (relations from an
     extra Q/K/V head, the teacher's in all its layers), loss.item(), clip 5, transformers.AdamW; ours
     train_distill's distill_loss, optimizer_step (clip 1) and torch's AdamW. Random weights on both sides."""
-    import sys
     sys.path.insert(0, os.path.abspath(repo))
     try:
         import transformers
@@ -532,11 +538,9 @@ def authors_side_by_side(repo):
     for fn in fns.values():  # warm-up: optimizer state exists
         fn(), fn()
     t = timeit(fns, 0, 2 if args.quick else max(HEAVY, 5))
-    ratios = round_ratios(t, "ours", "theirs")
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return dict(rows=[dict(device="cpu", name=f"authors' code: our distill step vs theirs, {L_t}L-{H}H teacher + "
-                           f"{L_s}L-{H}H E={E}, {B}x{T}", ratio=median(ratios), min=min(ratios), max=max(ratios),
-                           rounds=len(ratios), target=0.30, ok=median(ratios) <= 0.30)],
+    return dict(rows=[ratio_row("cpu", f"authors' code: our distill step vs theirs, {L_t}L-{H}H teacher + {L_s}L-{H}H "
+                                f"E={E}, {B}x{T}", round_ratios(t, "ours", "theirs"), 0.30)],
                 timings_s=t, transformers=transformers.__version__, ours_ms=1e3 * median(t["ours"]),
                 theirs_ms=1e3 * median(t["theirs"]), student_params=dict(ours=n(s_ours), theirs=n(s_theirs)))
 
