@@ -303,6 +303,9 @@ def test_seeds_and_their_mean_and_std(tiny_dir, tmp_path):
     assert res["row"]["SST-2"] == pytest.approx(100 * statistics.fmean(scores))
     assert res["row"]["SST-2±"] == pytest.approx(100 * statistics.stdev(scores))
     assert len(res["runs"]["sst2"]) == 3
+    assert [r["acc"] for r in res["scores"]["sst2"]] == pytest.approx(scores)  # each seed's own score, for the plot
+    png = tmp_path / "t.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
 def test_plan_runs_models_tasks_seeds_and_skips_finished(tiny_dir, tmp_path, monkeypatch):
