@@ -448,6 +448,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:  # every mode: the table, --compute, --svd, --tradeoff
+        torch.set_num_threads(args.threads)
     if args.plot:  # distillation runs: their results.json
         baselines = args.baseline.split(",")
         rows = study_report(args.plot, baselines)
@@ -479,8 +481,6 @@ def main(argv=None):
     if args.tradeoff:
         return tradeoff(args, argv)
     rt = setup_runtime(0, args.precision)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     data_dir = None if args.data_dir in (None, "", "hub") else args.data_dir
 
     if args.compute:

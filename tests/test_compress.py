@@ -115,10 +115,16 @@ def test_tradeoff_and_compress_commands(tmp_path):
     student = tmp_path / "run" / "moe4" / "student"
     out = ev.main(["--compress", str(student), "--rank", "8", "--basis", "shared", "--out", str(tmp_path / "small")])
     assert mm.load_bert(out).config.expert_rank == 8
-    rows = ev.main(["--tradeoff", str(student), "--ranks", "4,32", "--basis", "per_expert,shared", "--teacher",
-                    setup["teacher"], "--corpus", setup["corpus"], "--reference", str(tmp_path / "run" / "minilm" / "student"),
-                    "--out_dir", str(tmp_path / "res"), "--eval_pairs", "16", "--max_seq_length", "32",
-                    "--num_relation_heads", "4"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = ev.main(["--tradeoff", str(student), "--ranks", "4,32", "--basis", "per_expert,shared", "--teacher",
+                        setup["teacher"], "--corpus", setup["corpus"], "--reference", str(tmp_path / "run" / "minilm" / "student"),
+                        "--out_dir", str(tmp_path / "res"), "--eval_pairs", "16", "--max_seq_length", "32",
+                        "--num_relation_heads", "4", "--threads", "1"])
+        assert torch.get_num_threads() == 1  # --threads holds in every mode of eval.py
+    finally:
+        torch.set_num_threads(threads)
     by = {r["student"]: r for r in rows}
     assert set(by) == {"uncompressed", "minilm", "per_expert r4", "per_expert r32", "shared r4", "shared r32"}
     assert by["per_expert r32"]["heldout"] == pytest.approx(by["uncompressed"]["heldout"], abs=1e-4)  # full rank
