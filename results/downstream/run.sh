@@ -6,7 +6,7 @@
 #   b: CoNLL-2003 for MiniLM and MiniMoE 1,4E, and the two controls of plan c
 #   c: controls: a randomly initialised 3L-384H student, and MiniMoE 1,4E compressed to rank-64 experts
 #   d: seeds 2 and 3 of MiniLM and MiniMoE 1,4E;  e: the study's other students
-#   f: SST-2 for MiniLM and MiniMoE 1,4E, cut to one epoch (67k examples: three would take ~75 min a run here)
+#   f: SST-2 for MiniLM and MiniMoE 1,4E, cut to one epoch (67k examples, ~15 min a run here)
 #   g: seeds 2 and 3 of the rank-64 control;  h: seeds 2 and 3 of MiniLM w/ TA and of the random-init control
 # Order: a b c d f e g h (what the claims need first).
 # The students are the study's (results/study); the rank-64 one is written by
