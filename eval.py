@@ -80,6 +80,8 @@ def glue_plot(results, names, tasks, path):
     plt = pyplot("the table's plot")
     cols = [(c, t, m) for c, t, m in GLUE_COLUMNS + EXTRA_COLUMNS
             if t in tasks and any(t in res["scores"] for res in results)]
+    if not cols:  # no run of any asked task: nothing to draw
+        return None
     fig, axes = plt.subplots(1, len(cols), figsize=(1.2 + 0.4 * len(names) * len(cols), 3.4), squeeze=False)
     for ax, (col, t, m) in zip(axes[0], cols):
         for x, res in enumerate(results):
@@ -550,7 +552,8 @@ def main(argv=None):
             try:  # the tables are written; the plot is optional here
                 png = glue_plot([results[str(root)] for root in args.runs], list(rows), set(tasks),
                                 Path(args.json).with_suffix(".png"))
-                print(f"wrote {png}", file=sys.stderr)
+                if png:
+                    print(f"wrote {png}", file=sys.stderr)
             except SystemExit as e:
                 print(e, file=sys.stderr)
         print(f"wrote {out}", file=sys.stderr)
