@@ -141,7 +141,7 @@ def find_runs(root, tasks):
             seeds.setdefault(t, []).append(f.parent)
         elif t not in best or meta["metrics"][meta["metric"]] > best[t][1]:
             best[t] = (f.parent, meta["metrics"][meta["metric"]])
-    return {t: seeds.get(t) or [best[t][0]] for t in tasks if t in seeds or t in best}
+    return {t: seeds.get(t) or [best[t][0]] for t in sorted(tasks) if t in seeds or t in best}  # sorted: the same JSON every time
 
 
 def mean_std(runs):
