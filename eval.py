@@ -85,13 +85,11 @@ def glue_plot(results, names, tasks, path):
     fig, axes = plt.subplots(1, len(cols), figsize=(1.2 + 0.4 * len(names) * len(cols), 3.4), squeeze=False)
     for ax, (col, t, m) in zip(axes[0], cols):
         for x, res in enumerate(results):
-            seeds = [100 * r[m] for r in res["scores"].get(t, []) if m in r]
-            if not seeds:
+            if m not in res["metrics"].get(t, {}):  # mean_std keeps a metric only if every seed run has it
                 continue
-            mean = statistics.fmean(seeds)
-            std = statistics.stdev(seeds) if len(seeds) > 1 else 0.0
-            ax.errorbar(x, mean, yerr=std, fmt="_", ms=16, mew=2, color=f"C{x % 10}", capsize=4)
-            ax.scatter([x] * len(seeds), seeds, color="k", s=8, zorder=3)
+            ax.errorbar(x, 100 * res["metrics"][t][m], yerr=100 * res["std"][t][m], fmt="_", ms=16, mew=2,
+                        color=f"C{x % 10}", capsize=4)
+            ax.scatter([x] * len(res["scores"][t]), [100 * r[m] for r in res["scores"][t]], color="k", s=8, zorder=3)
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{col} ({m})", fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
@@ -141,7 +139,8 @@ def find_runs(root, tasks):
             seeds.setdefault(t, []).append(f.parent)
         elif t not in best or meta["metrics"][meta["metric"]] > best[t][1]:
             best[t] = (f.parent, meta["metrics"][meta["metric"]])
-    return {t: seeds.get(t) or [best[t][0]] for t in sorted(tasks) if t in seeds or t in best}  # sorted: the same JSON every time
+    # sorted: the same order (and JSON) every time, whatever collection the caller passes
+    return {t: seeds.get(t) or [best[t][0]] for t in sorted(tasks) if t in seeds or t in best}
 
 
 def mean_std(runs):
