@@ -47,7 +47,8 @@ EXTRA_COLUMNS = [("CoNLL", "conll", "f1")]
 
 def glue_row(metrics_by_task, std_by_task=None, average_over=None):
     """{column: score in percent or None} plus the GLUE average over the columns present (or over the
-    columns `average_over` only); with std_by_task, "COLUMN±" holds each column's std in percent."""
+    columns `average_over` only); with std_by_task, "COLUMN±" holds each column's std in percent (give it only
+    for tasks with several runs: the table prints "± std" wherever it is set, 0.0 included)."""
     row = {col: (100 * metrics_by_task[t][m] if t in metrics_by_task and m in metrics_by_task[t] else None)
            for col, t, m in GLUE_COLUMNS + EXTRA_COLUMNS}
     for col, t, m in GLUE_COLUMNS + EXTRA_COLUMNS:
@@ -69,7 +70,7 @@ def markdown_table(rows, tasks=None):
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     for name, row in rows.items():
         cell = lambda c: "–" if row[c] is None else f"{row[c]:.1f}" + (  # noqa: E731
-            f" ± {row[c + '±']:.1f}" if row.get(c + "±") else "")
+            f" ± {row[c + '±']:.1f}" if c + "±" in row else "")
         lines.append(f"| {name} | " + " | ".join(cell(c) for c in cols) + " |")
     return "\n".join(lines)
 
@@ -530,7 +531,8 @@ def main(argv=None):
         rows = {}
         for root in args.runs:
             res = results[str(root)]
-            res["row"] = rows[Path(root).name or str(root)] = glue_row(res["metrics"], res["std"], glue_cols)
+            several = {t: sd for t, sd in res["std"].items() if len(res["scores"][t]) > 1}  # one run: no "± 0.0"
+            res["row"] = rows[Path(root).name or str(root)] = glue_row(res["metrics"], several, glue_cols)
             res["row_last"] = glue_row(res["last_metrics"], None, glue_cols)
         averaged = [col for col, _, _ in GLUE_COLUMNS if col in glue_cols]
         shown = None if args.tasks == "all" else set(tasks)

@@ -304,6 +304,11 @@ def test_seeds_and_their_mean_and_std(tiny_dir, tmp_path):
     assert res["row"]["SST-2±"] == pytest.approx(100 * statistics.stdev(scores))
     assert len(res["runs"]["sst2"]) == 3
     assert [r["acc"] for r in res["scores"]["sst2"]] == pytest.approx(scores)  # each seed's own score, for the plot
+    # "± std" marks a mean over seeds, even when the seeds agree exactly; one run has none
+    assert "| a | 50.0 ± 0.0 |" in ev.markdown_table({"a": ev.glue_row({"rte": {"acc": .5}}, {"rte": {"acc": 0.0}})},
+                                                      {"rte"})
+    one = ev.main(["--tasks", "sst2", "--runs", str(root / "sst2" / "seed1"), "--cached"])
+    assert "SST-2±" not in one[str(root / "sst2" / "seed1")]["row"]
     png = tmp_path / "t.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
