@@ -10,7 +10,8 @@
 #   g: seeds 2 and 3 of the rank-64 control;  h: seeds 2 and 3 of MiniLM w/ TA and of the random-init control
 #   i: SST-2, the one task here the students learn: the random-init control, and seed 2;  j: its seed 3
 #   k: seeds 2 and 3 of the study's other students;  l: seeds 2 and 3 of the teacher
-# Order: a b c d f i g e h k j l (what the claims need first).
+#   m: CoNLL-2003 for the teacher, MiniLM w/ TA and the study's other students, one seed
+# Order: a b c d f i g e h k j l m (what the claims need first).
 # The students are the study's (results/study); the rank-64 one is written by
 #   python eval.py --compress /work/study/r1/moe4/student --rank 64 --basis per_expert --out /work/study/compressed/moe4_r64
 set -e
@@ -19,6 +20,6 @@ if [ ! -e /work/study/random/student/config.json ]; then  # the random-init cont
   python -c "import torch, minimoe as mm; src = '/work/study/r1/minilm/student'; torch.manual_seed(776)
 mm.save_bert(mm.Bert(mm.load_bert(src).config), '/work/study/random/student', tokenizer=mm.load_tokenizer(src))"
 fi
-for plan in a b c d f i g e h k j l; do
+for plan in a b c d f i g e h k j l m; do
   python finetune.py --plan results/downstream/plan_$plan.json
 done
