@@ -18,6 +18,7 @@ finetune.py, which evaluates on dev while it trains; eval.py re-exports the metr
 import argparse
 import contextlib
 import json
+import os
 import resource
 import statistics
 import sys
@@ -445,7 +446,16 @@ def parse_args(argv=None):
     p.add_argument("--eval_pairs", type=POSITIVE_INT, default=1000, help="--tradeoff: held-out pairs")
     p.add_argument("--max_seq_length", type=POSITIVE_INT, default=128, help="--tradeoff: as the distillation run")
     p.add_argument("--num_relation_heads", type=POSITIVE_INT, default=32, help="--tradeoff: as the distillation run")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.json:  # a bad path fails now, not after the table is built; a missing folder is made
+        folder = Path(args.json).resolve().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            p.error(f"--json {args.json}: cannot create {folder} ({e.strerror})")
+        if Path(args.json).is_dir() or not os.access(folder, os.W_OK):
+            p.error(f"--json {args.json}: not a writable file path")
+    return args
 
 
 def main(argv=None):

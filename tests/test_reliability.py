@@ -206,6 +206,19 @@ def test_bench_validates_its_arguments(tmp_path):
         assert r.returncode == 2 and message in r.stderr, r.stderr
 
 
+def test_eval_json_path_is_checked_first_and_its_folder_made(tmp_path, capsys):
+    import eval as ev
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args(["--tasks", "all", "--json", str(tmp_path)])
+    assert e.value.code == 2 and "not a writable file path" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args(["--tasks", "all", "--json", str(tmp_path / "file" / "t.json")])
+    assert e.value.code == 2 and "cannot create" in capsys.readouterr().err
+    ev.parse_args(["--tasks", "all", "--json", str(tmp_path / "new" / "deeper" / "t.json")])
+    assert (tmp_path / "new" / "deeper").is_dir()
+
+
 # ----------------------------------------------------------------------------- 6. early checks
 
 
