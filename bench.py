@@ -52,10 +52,12 @@ from dataclasses import replace
 import torch
 
 import minimoe as mm
-from train_distill import NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, configure_optimizer, distill_loss, optimizer_step
+from train_distill import NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, configure_optimizer, distill_loss, optimizer_step, \
+    writable_file
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+parser.add_argument("--json", metavar="PATH", type=writable_file, help="also write the results as JSON here "
+                    "(checked before any timing; its folder is made)")
 parser.add_argument("--quick", action="store_true", help="a smoke test: tiny models, 1 thread, 2 rounds (seconds); "
                     "its ratios are not compared with the targets")
 parser.add_argument("--repeats", type=POSITIVE_INT, default=7, help="timed rounds of the light sections")
@@ -74,14 +76,6 @@ parser.add_argument("--authors", metavar="DIR", help="only time our whole distil
                     "an environment that has it)")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
-if args.json:  # a bad path fails now, not after minutes of timing
-    json_dir = os.path.dirname(os.path.abspath(args.json))
-    try:
-        os.makedirs(json_dir, exist_ok=True)
-    except OSError as e:
-        parser.error(f"--json {args.json}: cannot create {json_dir} ({e.strerror})")
-    if os.path.isdir(args.json) or not os.access(json_dir, os.W_OK):
-        parser.error(f"--json {args.json}: not a writable file path")
 if args.threads or args.quick:
     torch.set_num_threads(args.threads or 1)  # on a loaded machine, tiny ops wait on descheduled OpenMP threads
 

@@ -18,7 +18,6 @@ finetune.py, which evaluates on dev while it trains; eval.py re-exports the metr
 import argparse
 import contextlib
 import json
-import os
 import resource
 import statistics
 import sys
@@ -34,7 +33,7 @@ import minimoe
 import train_distill
 from finetune import (accuracy, entities, f1_binary, matthews, ner_scores, pearson, rankdata,  # noqa: F401
                       spearman, split_tag, task_metrics)  # the metrics, re-exported
-from train_distill import NONNEGATIVE_INT, POSITIVE_INT, run_script, setup_runtime
+from train_distill import NONNEGATIVE_INT, POSITIVE_INT, run_script, setup_runtime, writable_file
 
 # -----------------------------------------------------------------------------
 # The GLUE table
@@ -410,7 +409,7 @@ def parse_args(argv=None):
     p.add_argument("--split", default=None, help="split to evaluate (default: the task's dev set(s)); e.g. test for "
                    "CoNLL (GLUE test files have no labels)")
     p.add_argument("--file", default=None, help="any labelled file in the task's format")
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--json", type=writable_file, default=None, help="write the results here (its folder is made)")
     p.add_argument("--batch_size", type=POSITIVE_INT, default=64, help="evaluation batch size")
     p.add_argument("--compute", action="store_true", help="compute report instead of task metrics")
     p.add_argument("--preset", default=None, help="--compute for a config: e.g. 3L-384H (random weights)")
@@ -446,16 +445,7 @@ def parse_args(argv=None):
     p.add_argument("--eval_pairs", type=POSITIVE_INT, default=1000, help="--tradeoff: held-out pairs")
     p.add_argument("--max_seq_length", type=POSITIVE_INT, default=128, help="--tradeoff: as the distillation run")
     p.add_argument("--num_relation_heads", type=POSITIVE_INT, default=32, help="--tradeoff: as the distillation run")
-    args = p.parse_args(argv)
-    if args.json:  # a bad path fails now, not after the table is built; a missing folder is made
-        folder = Path(args.json).resolve().parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            p.error(f"--json {args.json}: cannot create {folder} ({e.strerror})")
-        if Path(args.json).is_dir() or not os.access(folder, os.W_OK):
-            p.error(f"--json {args.json}: not a writable file path")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None):

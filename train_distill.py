@@ -926,6 +926,19 @@ def number(kind=int, low=None, high=None, above=None):
     return parse
 
 
+def writable_file(text):
+    """An argparse type: a path a file can be written to, its folder made if missing. A --json flag checked
+    at parse time fails at once, not after minutes of work."""
+    folder = Path(text).resolve().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot create {folder} ({e.strerror})") from None
+    if Path(text).is_dir() or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"not a writable file path: {text!r}")
+    return text
+
+
 POSITIVE_INT, NONNEGATIVE_INT = number(int, low=1), number(int, low=0)
 POSITIVE, NONNEGATIVE, FRACTION = number(float, above=0), number(float, low=0), number(float, low=0, high=1)
 
