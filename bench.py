@@ -43,8 +43,10 @@ import argparse
 import contextlib
 import ctypes
 import json
+import math
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -53,7 +55,7 @@ import torch
 
 import minimoe as mm
 from train_distill import NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, configure_optimizer, distill_loss, optimizer_step, \
-    writable_file
+    run_script, setup_runtime, writable_file
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--json", metavar="PATH", type=writable_file, help="also write the results as JSON here "
@@ -74,11 +76,15 @@ parser.add_argument("--table", nargs="+", metavar="JSON", help="print the table 
 parser.add_argument("--authors", metavar="DIR", help="only time our whole distillation step against the authors' "
                     "(a checkout of github.com/GeneZC/MiniMoE; their code imports transformers 4.x, so run this in "
                     "an environment that has it)")
+parser.add_argument("--device_check", action="store_true", help="the one-command GPU check (< 8 min on "
+                    "one GPU): the CUDA rows (eager bf16, a compiled FFN; tokens/s, MFU), the CUDA tests, "
+                    "a short distillation, in --json (default results/device_check.json); no GPU: on CPU")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 if args.threads or args.quick:
     torch.set_num_threads(args.threads or 1)  # on a loaded machine, tiny ops wait on descheduled OpenMP threads
 
+HERE = os.path.dirname(os.path.abspath(__file__))  # the repository: tests/, results/
 E = 4  # experts of every MiniMoE here (the paper's "1,4E")
 T = 16 if args.quick else 128  # tokens per sequence
 VOCAB = 2000 if args.quick else 30522  # BERT uncased WordPiece
@@ -210,6 +216,14 @@ def ffn_of(config):
     return mm.Bert(replace(config, num_layers=1, vocab_size=8, relation_head="layer")).layers[0].ffn
 
 
+def cfg(name, **kw):
+    """A preset; --quick shrinks it to 2 layers of width 64 (the teacher 128)."""
+    if args.quick:
+        w = 128 if name == "12L-768H" else 64
+        kw = dict(vocab_size=VOCAB, num_layers=2, hidden_size=w, intermediate_size=4 * w, num_heads=4, **kw)
+    return mm.BertConfig.preset(name, **kw)
+
+
 def profile(fns, device, title):
     """torch.profiler table of one call of each fn, sorted by self time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -233,13 +247,6 @@ def measure(device):
     compiled = torch.compile if cuda and args.compile else (lambda m: m)
     res, rows, mem = dict(timings_s={}, section_s={}, load_avg={}), [], {}
     t_section, load_section = time.time(), load_avg()
-
-    def cfg(name, **kw):
-        """A preset; --quick shrinks it to 2 layers of width 64 (the teacher 128)."""
-        if args.quick:
-            w = 128 if name == "12L-768H" else 64
-            kw = dict(vocab_size=VOCAB, num_layers=2, hidden_size=w, intermediate_size=4 * w, num_heads=4, **kw)
-        return mm.BertConfig.preset(name, **kw)
 
     def row(name, ratios, target):
         """Add a ratio_row to the table; returns its median ratio."""
@@ -296,15 +303,16 @@ def measure(device):
         m = ffn_of(scfg) if name == "dense" else ffn_of(cfg("3L-384H", num_experts=E, dispatch=name))
         return ffn_step(compiled(m.to(device)))
 
+    with amp():  # the grouped GEMM only where it runs as asked (on CUDA: bf16 on compute capability 9.x/10.x)
+        auto = mm.resolve_dispatch("auto", x)
+        dispatches = ["loop", "grouped"] if mm.grouped_mm_unfit(x) is None else ["loop"]
     fns = {}
-    for name in ("dense", "loop", "grouped", "padded"):
+    for name in ["dense"] + dispatches:
         fns[name], mem[f"ffn_{name}"] = build(lambda: make_ffn(name), device, calls=2)
     t = timeit(fns, WARMUP, REPEATS, device)
-    auto = mm.resolve_dispatch("auto", x)
     ratios = {d: row(f"moe_ffn {d}{' (= auto)' if d == auto else ''} vs dense, {B}x{T} tok",
-                     round_ratios(t, d, "dense"), TARGETS["ffn_cuda" if cuda else "ffn"])
-              for d in ("loop", "grouped", "padded")}
-    if cuda:
+                     round_ratios(t, d, "dense"), TARGETS["ffn_cuda" if cuda else "ffn"]) for d in dispatches}
+    if cuda and "grouped" in fns:
         row("moe_ffn grouped vs loop", round_ratios(t, "grouped", "loop"), 1.0)  # the grouped GEMM must win
     res["timings_s"]["ffn"] = t
     res["ffn"] = dict(tokens=B * T, H=H, I=I, E=E, ratios=ratios, auto_resolves_to=auto, dense_ms=1e3 * median(t["dense"]))
@@ -335,16 +343,16 @@ def measure(device):
     del fns
 
     # ---- 3. inference latency (eval mode: no dropout, no router noise) and throughput. MoE variants: auto
-    # dispatch, at 1x128 the padded batched GEMM, and for 3L the experts compressed to rank-64 factors
-    # (compress_experts, per expert; the downstream study's 1,4E r64)
+    # dispatch, and for 3L the experts compressed to rank-64 factors (compress_experts, per expert; the
+    # downstream study's 1,4E r64)
     rank = 16 if args.quick else 64
     res["inference"] = {}
     for preset in ("3L-384H", "6L-384H"):
         models = {}
-        for name, n_exp, dispatch in (("dense", 1, "auto"), ("moe", E, "auto"), ("moe_padded", E, "padded")):
-            torch.manual_seed(args.seed)  # moe and moe_padded: the same weights
+        for name, n_exp in (("dense", 1), ("moe", E)):
+            torch.manual_seed(args.seed)
             models[name], mem[f"weights_{preset}_{name}"] = build(
-                lambda: compiled(mm.Bert(cfg(preset, num_experts=n_exp, relation_head="layer", dispatch=dispatch))
+                lambda: compiled(mm.Bert(cfg(preset, num_experts=n_exp, relation_head="layer"))
                                  .to(device).eval()), device, calls=0)  # as deployed: no extra relation head
         if preset == "3L-384H":
             models[f"moe_r{rank}"], mem[f"weights_{preset}_moe_r{rank}"] = build(
@@ -353,8 +361,6 @@ def measure(device):
             batch = fake_batch(B, T, device, args.seed)
             fns = {}
             for name, model in models.items():
-                if name == "moe_padded" and B != 1:
-                    continue  # padding pays, if ever, only for few tokens
                 def forward(model=model):
                     with torch.inference_mode(), amp():
                         return model(**batch)
@@ -362,9 +368,6 @@ def measure(device):
             t = timeit(fns, WARMUP if B == 1 else 0, REPEATS * 3 if B == 1 else HEAVY, device)
             target = TARGETS["infer_1" if B == 1 else "infer"]
             r = row(f"inference {preset} E={E} vs dense, {B}x{T}", round_ratios(t, "moe", "dense"), target)
-            if "moe_padded" in fns:
-                row(f"inference {preset} E={E} padded dispatch vs dense, {B}x{T}",
-                    round_ratios(t, "moe_padded", "dense"), target)
             if f"moe_r{rank}" in fns:
                 row(f"inference {preset} E={E} rank-{rank} experts vs E={E}, {B}x{T}",
                     round_ratios(t, f"moe_r{rank}", "moe"), 1.0)
@@ -472,6 +475,8 @@ def authors_side_by_side(repo):
     its own step as its training script does: theirs BertMiniLM / MoEBertMiniLM.loss_fn (relations from an
     extra Q/K/V head, the teacher's in all its layers), loss.item(), clip 5, transformers.AdamW; ours
     train_distill's distill_loss, optimizer_step (clip 1) and torch's AdamW. Random weights on both sides."""
+    if not os.path.isdir(repo):
+        raise SystemExit(f"--authors {repo}: no such directory (a checkout of github.com/GeneZC/MiniMoE)")
     sys.path.insert(0, os.path.abspath(repo))
     try:
         import transformers
@@ -552,6 +557,24 @@ def machine():
     return m
 
 
+def read_saved_runs(paths):
+    """The JSON files of saved runs (--table), each checked to be what --json writes."""
+    if len(paths) > 2:
+        raise SystemExit("--table takes one saved run, or two to compare")
+    runs = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                run = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--table {path}: cannot read it ({type(e).__name__}: {e})") from None
+        if not isinstance(run, dict) or not {"machine", "args", "wall_s"} <= set(run):
+            raise SystemExit(f"--table {path}: not a run saved by bench.py --json "
+                             "(no machine, args and wall_s)")
+        runs.append(run)
+    return runs
+
+
 def print_table(out, other=None):
     """The summary and the table of one run's JSON; with `other` (a second run's JSON), each row's median
     there and the relative difference of the two medians."""
@@ -600,25 +623,122 @@ def print_table(out, other=None):
 
 
 # -----------------------------------------------------------------------------
+# the device check: what a person with a GPU runs in one command (--quick: the same at test size, on CPU)
+
+
+def compiled_ffn_row(device, amp):
+    """Section 1's FFN compiled, MoE (auto dispatch) vs dense, forward + backward: (row, tokens/s of each).
+    Inductor on CUDA; aot_eager on CPU (the trace without C++ codegen, to keep a CPU check to seconds)."""
+    scfg, B = cfg("3L-384H"), SIZES[device]["ffn"]
+    x = torch.randn(B, T, scfg.hidden_size, device=device, requires_grad=True)  # (B, T, H)
+    mask = fake_batch(B, T, device, args.seed)["attention_mask"]  # (B, T)
+    backend = "inductor" if device == "cuda" else "aot_eager"
+
+    def make(config):
+        torch.manual_seed(args.seed)
+        m = torch.compile(ffn_of(config).to(device), backend=backend)
+
+        def step():
+            with amp():
+                y, aux = m(x, mask)  # (B, T, H), MoEAux or None
+                loss = y.float().square().mean() + (0.01 * aux.loss if aux is not None else 0.0)
+            loss.backward()
+        return step
+    fns = {name: build(lambda: make(replace(scfg, num_experts=n)), device, calls=5)[0]  # the loop: recompiles
+           for name, n in (("dense", 1), ("moe", E))}  # until its experts' token counts are dynamic
+    t = timeit(fns, WARMUP, REPEATS, device)
+    with amp():
+        auto = mm.resolve_dispatch("auto", x)
+    row = ratio_row(device, f"moe_ffn compiled ({auto}) vs dense compiled, {B}x{T} tok",
+                    round_ratios(t, "moe", "dense"), TARGETS["ffn_cuda" if device == "cuda" else "ffn"])
+    return row, {name: B * T / median(ts) for name, ts in t.items()}
+
+
+def short_distillation(steps):
+    """`steps` optimizer steps as train_distill.py takes them (its runtime and precision, distill_loss,
+    optimizer_step), from a random-init teacher of the default teacher's shape (12L-768H: the 90 MB
+    checkpoint need not travel) into a 6L-384H 1,4E student, on synthetic WordPiece batches (no corpus, no
+    `datasets`)."""
+    rt = setup_runtime(args.seed)  # bf16 autocast on a CUDA device that has it, else fp32
+    B = SIZES["cuda" if rt.device.type == "cuda" else "cpu"]["distill"]
+    teacher = mm.Bert(cfg("12L-768H")).to(rt.device).eval().requires_grad_(False)
+    student = mm.Bert(cfg("6L-384H", num_experts=E)).to(rt.device).train()
+    opt = configure_optimizer(student, lr=3e-4)
+    batches = [fake_batch(B, T, rt.device, args.seed + i) for i in range(4)]
+    losses = []
+    for step in range(steps):
+        if step == 1:  # the first step warms up: time the rest
+            sync(rt.device.type)
+            t0 = time.time()
+        batch = batches[step % len(batches)]
+        with torch.no_grad(), rt.autocast():
+            qkv = teacher(**batch).qkv
+        with rt.autocast():
+            loss = distill_loss(qkv, student, batch)[0]
+        rt.scaler.scale(loss).backward()
+        optimizer_step(student, opt, rt.scaler, 1.0)
+        rt.scaler.update()
+        if step in (0, steps - 1):
+            losses.append(loss.item())  # sync-ok: logging, first and last step
+    sync(rt.device.type)
+    return dict(steps=steps, batch=B, precision=str(rt.amp_dtype or torch.float32), first_loss=losses[0],
+                last_loss=losses[-1], tokens_per_s=(steps - 1) * B * T / (time.time() - t0))
+
+
+def device_check():
+    """The CUDA rows of measure() (eager, bf16 autocast: the FFN per dispatch, student steps, inference, the
+    distillation step with MFU), the compiled FFN, tests/test_cuda.py and short_distillation, in one JSON.
+    Returns the run's dict and whether everything passed."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda_amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    amp = cuda_amp if device == "cuda" else contextlib.nullcontext
+    res = measure(device)
+    row, ffn_compiled = compiled_ffn_row(device, amp)
+    res["rows"].append(row)
+    pytest = [sys.executable, "-m", "pytest", "tests/test_cuda.py", "-q", "-p", "no:cacheprovider"]
+    tests = subprocess.run(pytest, cwd=HERE, capture_output=True, text=True)
+    lines = (tests.stdout + tests.stderr).strip().splitlines() or [""]
+    if tests.returncode:
+        print("\n".join(lines[-40:]))
+    distill = short_distillation(4 if args.quick else 100)
+    d = res["distill"]
+    tok = dict(ffn={k: res["ffn"]["tokens"] / median(v) for k, v in res["timings_s"]["ffn"].items()},
+               ffn_compiled=ffn_compiled, distill_step=d["batch"] * T / d["distill_step_ms"] * 1e3,
+               short_distillation=distill["tokens_per_s"])
+    res["device_check"] = dict(tokens_per_s=tok, tests=dict(returncode=tests.returncode, summary=lines[-1]),
+                               short_distillation=distill, peak_bf16_tflops=res.get("peak_bf16_tflops"))
+    print(f"\n{device} tokens/s: " + ", ".join(f"ffn {k} {v:,.0f}" for k, v in tok["ffn"].items())
+          + ", " + ", ".join(f"ffn compiled {k} {v:,.0f}" for k, v in ffn_compiled.items())
+          + f", distill step {tok['distill_step']:,.0f}")
+    print(f"tests/test_cuda.py: {lines[-1]} (exit {tests.returncode})")
+    d = distill
+    print(f"short distillation ({d['steps']} steps, {d['precision']}): loss {d['first_loss']:.4f} -> "
+          f"{d['last_loss']:.4f}, {d['tokens_per_s']:,.0f} tokens/s")
+    ok = tests.returncode == 0 and all(math.isfinite(distill[k]) for k in ("first_loss", "last_loss"))
+    return res, ok
+
+
+# -----------------------------------------------------------------------------
 # run: CPU, then CUDA when present; the JSON; the table last
 
-if args.table:
-    if len(args.table) > 2:
-        parser.error("--table takes one saved run, or two to compare")
-    try:
-        runs = [json.loads(open(path).read()) for path in args.table]
-    except (OSError, ValueError) as e:
-        parser.error(f"--table: cannot read {e}")
-    print_table(*runs)
+if args.table:  # user errors (here and in --authors): `error: ...`, exit 2, as the other scripts
+    run_script(lambda: print_table(*read_saved_runs(args.table)))
     raise SystemExit(0)
 t_start = time.time()
 out = dict(machine=machine(), args=vars(args))
 if args.authors:
-    out["authors"] = authors_side_by_side(args.authors)
+    run_script(lambda: out.update(authors=authors_side_by_side(args.authors)))
     args.skip_cpu = True
-if not args.skip_cpu:
+passed = True
+if args.device_check:  # on a GPU: the CUDA section and the checks; without one: the CPU section and them
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    res, passed = device_check()
+    out.update({"cuda": res} if torch.cuda.is_available() else {**res, "cuda": None})
+    args.json = args.json or os.path.join(HERE, "results", "device_check.json")
+elif not args.skip_cpu:
     out.update(measure("cpu"))
-if torch.cuda.is_available() and not args.authors:
+if torch.cuda.is_available() and not args.authors and not args.device_check:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     out["cuda"] = measure("cuda")
@@ -633,3 +753,5 @@ if args.json:
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
 print_table(out)
+if not passed:
+    raise SystemExit("device check: tests/test_cuda.py failed or the distillation loss is not finite (above)")

@@ -8,7 +8,7 @@ token to one expert, so the student stores ×E parameters while each token costs
 the dense student (plus a router of H·E multiply-adds).
 
 The file reads top to bottom in the paper's order: config; embeddings and attention; the dense FFN;
-the router and its load-balancing loss; token dispatch (the per-expert loop, the grouped and padded GEMMs);
+the router and its load-balancing loss; token dispatch (the per-expert loop and the grouped GEMM);
 the MoE FFN with its split init (the paper's idea); attention experts (an extension); the encoder
 layer, the extra relation head and `Bert`; the MiniLMv2 relation loss; parameter/FLOP counts; and
 last, checkpoint I/O (Hugging Face and the authors' layouts, tokenizer, default teacher) with the small
@@ -21,6 +21,7 @@ Masks: `key_mask` (B, 1, 1, T) bool, True = a real key (attention); `token_mask`
 1 = a real token (router statistics and losses).
 """
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, fields, replace
@@ -30,6 +31,24 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+MIN_TORCH = (2, 13)  # the torch CI installs and tests (torch 2.8, for one, has no F.grouped_mm)
+
+
+def torch_version(version):
+    """(major, minor) of a torch version string such as '2.13.0+cpu' or '2.14.0a0+git1234'."""
+    return tuple(int(n) for n in re.match(r"(\d+)\.(\d+)", version).groups())
+
+
+def check_torch(version):
+    """Refuse a torch older than MIN_TORCH at import, with one clear message (not an AttributeError later)."""
+    if torch_version(version) < MIN_TORCH:
+        need = ".".join(map(str, MIN_TORCH))
+        raise ImportError(f"MiniMoE needs torch >= {need}, found torch {version}: "
+                          f"pip install 'torch>={need}' (on a CPU-only machine: pip install torch=={need}.0)")
+
+
+check_torch(torch.__version__)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -52,8 +71,8 @@ class BertConfig:
     num_experts: int = 1  # FFN experts per layer; 1 = dense MiniLM student, 4 = the paper's "1,4E"
     num_attn_experts: int = 1  # attention experts per layer; 1 = ordinary attention
     router_noise: float = 0.1  # eps of the U(-eps, eps) noise added to router logits in training
-    dispatch: str = "auto"  # MoE dispatch: "loop" (readable oracle), "grouped" (grouped GEMM), "padded"
-    # (batched GEMM over zero-padded groups; FFN experts only, others loop), "auto" (resolve_dispatch)
+    dispatch: str = "auto"  # MoE dispatch: "loop" (the readable oracle), "grouped" (grouped GEMM), "auto"
+    # (resolve_dispatch: grouped only where torch runs it fused, else the loop)
     use_sdpa: bool = True  # F.scaled_dot_product_attention; False = the manual softmax path
     # where the relations come from (distillation only): "layer" = the Q/K/V of the relation layer
     # (MiniLMv2, the original's dense MiniLM); "extra" = an extra Q/K/V projection of the final hidden
@@ -67,13 +86,15 @@ class BertConfig:
     expert_basis: str = "per_expert"  # with expert_rank: "per_expert" factors, or "shared" mean + low-rank deltas
 
     def __post_init__(self):
+        if bad := bad_config_values(self):
+            raise ValueError(f"bad value(s) {', '.join(bad)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_experts < 1 or self.num_attn_experts < 1:
             raise ValueError("num_experts and num_attn_experts must be >= 1, "
                              f"got {self.num_experts}, {self.num_attn_experts}")
-        if self.dispatch not in ("auto", "loop", "grouped", "padded"):
-            raise ValueError(f"dispatch must be 'auto', 'loop', 'grouped' or 'padded', got {self.dispatch!r}")
+        if self.dispatch not in ("auto", "loop", "grouped"):
+            raise ValueError(f"dispatch must be 'auto', 'loop' or 'grouped', got {self.dispatch!r}")
         if self.relation_head not in ("auto", "layer", "extra"):
             raise ValueError(f"relation_head must be 'auto', 'layer' or 'extra', got {self.relation_head!r}")
         if self.expert_init not in ("split", "independent"):
@@ -143,6 +164,30 @@ class BertConfig:
                     num_experts=self.num_experts, num_attn_experts=self.num_attn_experts,
                     router_noise=self.router_noise, relation_head=self.relation_head, expert_init=self.expert_init,
                     expert_rank=self.expert_rank, expert_basis=self.expert_basis)
+
+
+def bad_config_values(cfg):
+    """'field=value (what it must be)' for each field of a BertConfig of the wrong type or range."""
+    def is_int(x):
+        return type(x) is int
+
+    def is_number(x):
+        return type(x) in (int, float) and math.isfinite(x)
+    sizes = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings",
+             "type_vocab_size", "num_experts", "num_attn_experts")
+    rules = {**{k: (is_int, 1) for k in sizes}, "expert_rank": (is_int, 0), "initializer_range": (is_number, 0),
+             "router_noise": (is_number, 0)}  # (type check, lowest value)
+    bad = [f"{k}={getattr(cfg, k)!r} (must be {'an integer' if ok is is_int else 'a number'} >= {low})"
+           for k, (ok, low) in rules.items() if not ok(getattr(cfg, k)) or getattr(cfg, k) < low]
+    bad += [f"{k}={getattr(cfg, k)!r} (must be a probability in [0, 1))"
+            for k in ("hidden_dropout", "attention_dropout")
+            if not is_number(getattr(cfg, k)) or not 0 <= getattr(cfg, k) < 1]
+    if not is_number(cfg.layer_norm_eps) or cfg.layer_norm_eps <= 0:
+        bad.append(f"layer_norm_eps={cfg.layer_norm_eps!r} (must be a number > 0)")
+    vocab_size = cfg.vocab_size if is_int(cfg.vocab_size) else 1
+    if not is_int(cfg.pad_token_id) or not 0 <= cfg.pad_token_id < vocab_size:
+        bad.append(f"pad_token_id={cfg.pad_token_id!r} (must be a token id: an integer in [0, vocab_size))")
+    return bad
 
 
 # students of the paper (12 heads, 4·H per expert) and the two teachers
@@ -265,9 +310,8 @@ def load_balance(probs, expert, token_mask):
 
 # -----------------------------------------------------------------------------
 # Token dispatch: tokens sorted by expert, then a loop over experts (the readable oracle, and the
-# fastest on CPU), one grouped GEMM per projection (the fast path on CUDA), or one batched GEMM over the
-# groups zero-padded to the largest (measured in bench.py). Tests prove that they agree in outputs and
-# gradients.
+# fastest on CPU) or one grouped GEMM per projection (the fast twin, where torch runs it as one kernel).
+# Tests prove that they agree in outputs and gradients.
 
 
 class Groups(NamedTuple):
@@ -310,36 +354,64 @@ def loop_linear(xs, w, b, groups):
 
 def grouped_linear(xs, w, b, groups):
     """One grouped GEMM: sorted rows xs (N, K) times their expert's w[e] (E, K, M), plus b[e] (E, M).
-    bf16 on CUDA (tensor cores); CPU keeps the input dtype (grouped_mm has no float64)."""
-    dtype = torch.bfloat16 if xs.is_cuda else xs.dtype
-    return F.grouped_mm(xs.to(dtype), w.to(dtype), offs=groups.offs) + b.to(dtype)[groups.expert]  # (N, M)
+    In the loop's precision: autocast does not cover grouped_mm, so under autocast the operands are cast
+    as it casts the loop's addmm; otherwise they stay as they are (no cast to bf16 behind the user's back)."""
+    if torch.is_autocast_enabled(xs.device.type):
+        dtype = torch.get_autocast_dtype(xs.device.type)
+        xs, w, b = xs.to(dtype), w.to(dtype), b.to(dtype)
+    return F.grouped_mm(xs, w, offs=groups.offs) + b[groups.expert]  # (N, M)
 
 
-def to_slots(xs, groups, E):
-    """The padded layout of the sorted rows xs (N, K): expert e's rows at the front of slots[e], the rest
-    zero -> (slots (E, C, K) with C the largest group, index (N,) of each row in slots.view(E·C, K)).
-    C needs one host sync, as the loop's split sizes do."""
-    counts = torch.diff(groups.offs, prepend=groups.offs.new_zeros(1))  # (E,)
-    C = int(counts.max())  # sync-ok: padded path only (not under compile)
-    start = (groups.offs - counts).long()  # (E,) first sorted row of each expert
-    rank = torch.arange(xs.shape[0], device=xs.device) - start[groups.expert]  # (N,) row's place in its group
-    index = groups.expert * C + rank  # (N,)
-    slots = xs.new_zeros(E * C, xs.shape[1]).index_copy_(0, index, xs)  # (E·C, K)
-    return slots.view(E, C, -1), index
+def compute_dtype(x):
+    """The dtype x's matmuls run in: autocast's where autocast is on for x's device, else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
-def from_slots(ys, index):
-    """(E, C, M) padded outputs -> the real rows (N, M), still sorted by expert."""
-    return ys.reshape(-1, ys.shape[-1]).index_select(0, index)  # (N, M)
+def grouped_mm_unfit(x):
+    """Why one grouped GEMM cannot run on rows like x as asked, or None where it can.
+    CUDA: torch's fast kernel takes bf16 operands on compute capability 9.x/10.x (H100/H200, B200) only;
+    on any other GPU or dtype _grouped_mm_cuda falls back to a loop of matmuls that first copies the
+    offsets to the host, a host sync in every call. This follows torch 2.13's
+    aten/src/ATen/native/cuda/GroupedBlas.cpp: `use_fast_path = _scaled_mm_allowed_device(sm90_only,
+    sm100_only) && a_b_and_out_are_bf16`. The F.grouped_mm docstring's "SM >= 80" is looser than the
+    code, and the rule changes between releases: recheck it on a torch upgrade.
+    CPU: fp32, bf16 or fp16 (no float64). Under torch.compile: bf16 only, on any device.
+    Device properties are cached by torch: a host query, no device sync."""
+    if not hasattr(F, "grouped_mm"):
+        return f"torch {torch.__version__} has no F.grouped_mm"
+    dtype = compute_dtype(x)
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:  # torch/_meta_registrations.py checks it
+        return f"compiled, grouped_mm takes bf16 only, this computation is {dtype}"
+    if x.is_cuda:
+        cc = torch.cuda.get_device_properties(x.device)
+        if cc.major not in (9, 10):
+            return (f"torch's fused grouped GEMM needs compute capability 9.x or 10.x, "
+                    f"the GPU's is {cc.major}.{cc.minor}")
+        if dtype != torch.bfloat16:
+            return f"torch's fused grouped GEMM needs bf16, this computation is {dtype} (use bf16 autocast)"
+        return None
+    if x.device.type != "cpu":
+        return f"grouped_mm runs on CPU and CUDA, not {x.device.type}"
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"grouped_mm takes fp32, bf16 or fp16, not {dtype}"
+    return None
 
 
 def resolve_dispatch(dispatch, x):
-    """'auto': the grouped GEMM on CUDA, and under torch.compile in bf16 (no graph breaks; the
-    compile-time grouped_mm kernel takes only bf16); elsewhere the per-expert loop, the fastest on CPU
-    at every size bench.py measures (the padded GEMM too loses at 1x128 in the whole model)."""
-    if dispatch != "auto":
-        return dispatch
-    return "grouped" if x.is_cuda or (torch.compiler.is_compiling() and x.dtype == torch.bfloat16) else "loop"
+    """'auto': the grouped GEMM where it runs as asked (grouped_mm_unfit is None) on CUDA, and on CPU under
+    torch.compile (no graph break); elsewhere the per-expert loop, the fastest on CPU at every size bench.py
+    measures. It never changes precision and adds no host sync. 'grouped' where it cannot run as asked: a
+    ValueError saying why."""
+    if dispatch == "loop":
+        return "loop"
+    why = grouped_mm_unfit(x)
+    if dispatch == "grouped":
+        if why:
+            raise ValueError(f"dispatch='grouped' cannot run here: {why}. Use dispatch='auto' (the grouped "
+                             "GEMM only where it runs fused, else the loop) or dispatch='loop'")
+        return "grouped"
+    return "grouped" if why is None and (x.is_cuda or torch.compiler.is_compiling()) else "loop"
 
 
 # -----------------------------------------------------------------------------
@@ -397,14 +469,9 @@ class MoEFeedForward(nn.Module):
 
     def experts(self, xs, groups):
         """Tokens sorted by expert xs (N, H) -> each one's expert FFN output (N, H), still sorted."""
-        dispatch = resolve_dispatch(self.dispatch, xs)
-        if dispatch == "grouped":  # one grouped GEMM per projection
+        if resolve_dispatch(self.dispatch, xs) == "grouped":  # one grouped GEMM per projection
             hs = F.gelu(grouped_linear(xs, self.w1, self.b1, groups))  # (N, I)
             ys = grouped_linear(hs, self.w2, self.b2, groups)  # (N, H)
-        elif dispatch == "padded":  # one batched GEMM per projection over zero-padded groups
-            slots, index = to_slots(xs, groups, self.w1.shape[0])  # (E, C, H), (N,)
-            hs = F.gelu(torch.baddbmm(self.b1[:, None], slots, self.w1))  # (E, C, I); padding rows are dropped
-            ys = from_slots(torch.baddbmm(self.b2[:, None], hs, self.w2), index)  # (N, H)
         else:  # whole FFN per slice (loop_linear twice would concatenate and re-split (N, I) in between)
             ys = loop_experts(expert_ffn, xs, groups, self.w1, self.b1, self.w2, self.b2)  # (N, H)
         return ys
@@ -736,7 +803,7 @@ def relation_logprobs(x, R, key_bias):
     """Relation heads of one of Q, K, V: x (B, T, H) -> log softmax(x_r x_r^T / sqrt(d_R)) (B, R, T, T).
     key_bias (B, 1, 1, T) is 0 for real keys and a large negative number for padding."""
     x = relation_heads(x, R)  # (B, R, T, d_R)
-    return (x @ x.transpose(-2, -1)).add_(key_bias).log_softmax(-1)  # (B, R, T, T)
+    return relation_scores(x).add_(key_bias).log_softmax(-1)  # (B, R, T, T)
 
 
 def padding_key_bias(token_mask):
@@ -753,6 +820,13 @@ def relation_heads(x, R):
     return x.view(B, T, R, H // R).transpose(1, 2) * (H // R) ** -0.25
 
 
+def relation_scores(x):
+    """x (B, R, T, d) -> x x^T (B, R, T, T) in fp32 also under autocast: in bf16/fp16 the padding bias would
+    round to -inf, and p_t·log p_t = 0·-inf on padding keys to NaN."""
+    with torch.autocast(x.device.type, enabled=False):
+        return x @ x.transpose(-2, -1)
+
+
 class ChunkedRelationKL(torch.autograd.Function):
     """The fused twin of relation_loss's inner loop for one of Q, K, V: per-pair KL(teacher || student)
     sums (B,), computed `block` relation heads at a time. Backward recomputes each block and writes the
@@ -767,8 +841,8 @@ class ChunkedRelationKL(torch.autograd.Function):
         sums = real.new_zeros(student.shape[0])  # (B,)
         for r in range(0, R, block):
             t, s = xt[:, r:r + block], xs[:, r:r + block]  # (B, b, T, d)
-            lt = (t @ t.transpose(-2, -1)).add_(key_bias).log_softmax(-1)  # (B, b, T, T)
-            ls = (s @ s.transpose(-2, -1)).add_(key_bias).log_softmax(-1)
+            lt = relation_scores(t).add_(key_bias).log_softmax(-1)  # (B, b, T, T)
+            ls = relation_scores(s).add_(key_bias).log_softmax(-1)
             kl = (lt.exp() * (lt - ls)).sum(-1)  # (B, b, T); 0 on padding keys (p_t = 0 there)
             sums += (kl * real).sum((1, 2))
         ctx.save_for_backward(teacher, student, token_mask)
@@ -785,8 +859,8 @@ class ChunkedRelationKL(torch.autograd.Function):
         grad_xs = torch.empty_like(xs)
         for r in range(0, R, block):
             t, s = xt[:, r:r + block], xs[:, r:r + block]
-            pt = (t @ t.transpose(-2, -1)).add_(key_bias).softmax(-1)  # (B, b, T, T)
-            ps = (s @ s.transpose(-2, -1)).add_(key_bias).softmax(-1)
+            pt = relation_scores(t).add_(key_bias).softmax(-1)  # (B, b, T, T)
+            ps = relation_scores(s).add_(key_bias).softmax(-1)
             g = (ps - pt) * weight  # dKL/dscores of each real query row
             grad_xs[:, r:r + block] = (g + g.transpose(-2, -1)) @ s  # scores = s s^T
         B, T, H = student.shape
@@ -1091,7 +1165,9 @@ def load_bert(path_or_id, **overrides):
 def atomic_write(path, data):
     """Write `data` (bytes, text, or a function that writes into the open binary file) to a temporary file
     beside `path`, fsync it, then os.replace: a reader, or a killed run, finds the old file or the whole new
-    one, never half of one. A failed write (disk full, Ctrl-C) removes its temporary file."""
+    one, never half of one. A failed write (disk full, Ctrl-C) removes its temporary file; a write that the
+    disk refuses is an OSError naming `path` (torch's zip writer turns the disk's OSError into a
+    RuntimeError)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -1103,10 +1179,18 @@ def atomic_write(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # also a KeyboardInterrupt: leave no temporary file behind
+    except BaseException as e:  # also a KeyboardInterrupt: leave no temporary file behind
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) or is_write_failure(e):
+            detail = f"{type(e).__name__}: {str(e)[:200]}"
+            raise OSError(f"{path}: could not be written ({detail}); is the disk full?") from None
         raise
     return path
+
+
+def is_write_failure(e):
+    """torch.save's zip writer reports a failed write (a full disk) as this RuntimeError."""
+    return isinstance(e, RuntimeError) and ("inline_container" in str(e) or "PytorchStreamWriter" in str(e))
 
 
 def save_bert(model, out_dir, tokenizer=None):
@@ -1120,12 +1204,12 @@ def save_bert(model, out_dir, tokenizer=None):
     atomic_write(out / "model.safetensors", save(state, metadata={"format": "pt"}))
     atomic_write(out / "config.json", json.dumps(model.config.to_hf(), indent=2))
     if tokenizer is not None:
-        tokenizer.save(str(out / "tokenizer.json"))
+        atomic_write(out / "tokenizer.json", tokenizer.to_str(pretty=True))
         vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-        (out / "vocab.txt").write_text("".join(tok + "\n" for tok, _ in vocab), encoding="utf-8")
+        atomic_write(out / "vocab.txt", "".join(tok + "\n" for tok, _ in vocab))
         lower = getattr(tokenizer.normalizer, "lowercase", True)
         tokenizer_config = {"do_lower_case": lower, "tokenizer_class": "BertTokenizer"}
-        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+        atomic_write(out / "tokenizer_config.json", json.dumps(tokenizer_config))
     return out
 
 
@@ -1136,11 +1220,13 @@ def load_tokenizer(path_or_id):
     path = resolve_path(path_or_id)
     directory = path.parent if path.is_file() else path
     if (directory / "tokenizer.json").exists():
-        tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        try:
+            tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as e:  # the Rust library raises a bare Exception
+            raise ValueError(f"{directory / 'tokenizer.json'}: not a valid tokenizer file "
+                             f"({str(e)[:200]})") from None
     elif (directory / "vocab.txt").exists():
-        config_path = directory / "tokenizer_config.json"
-        tokenizer_config = json.loads(config_path.read_text()) if config_path.exists() else {}
-        vocab = {w: i for i, w in enumerate((directory / "vocab.txt").read_text(encoding="utf-8").splitlines())}
+        tokenizer_config, vocab = read_tokenizer_files(directory)
         tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=tokenizer_config.get("do_lower_case", True))
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -1157,6 +1243,26 @@ def load_tokenizer(path_or_id):
     tok.no_padding()
     tok.no_truncation()
     return tok
+
+
+def read_tokenizer_files(directory):
+    """(tokenizer_config.json as a dict, {} when absent; vocab.txt as {token: id}), checked: a ValueError
+    naming the file when one is not what BERT's tokenizer writes."""
+    config_path, vocab_path = directory / "tokenizer_config.json", directory / "vocab.txt"
+    config = {}
+    if config_path.exists():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except ValueError as e:  # invalid JSON or UTF-8
+            raise ValueError(f"{config_path}: invalid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path}: expected a JSON object, got a {type(config).__name__}")
+    try:
+        words = vocab_path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{vocab_path}: not a UTF-8 text file of tokens, one a line ({e.reason} at byte "
+                         f"{e.start})") from None
+    return config, {w: i for i, w in enumerate(words)}
 
 
 def default_teacher():

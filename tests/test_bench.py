@@ -42,3 +42,24 @@ def test_bench_authors_without_their_code_fails_clearly(tmp_path):
     proc = subprocess.run([sys.executable, "bench.py", "--authors", str(tmp_path), "--quick"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "cannot import the authors' models" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_device_check_runs_end_to_end_on_cpu(tmp_path):
+    """The one-command GPU check at test size on CPU: bench rows, the compiled FFN, the CUDA tests (skipped
+    here, which must not fail the check) and a short distillation, all in the JSON."""
+    out = tmp_path / "device_check.json"
+    cmd = [sys.executable, "bench.py", "--device_check", "--quick", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    sec = res["cuda"] or res  # the CUDA section on a GPU, else the CPU one
+    check = sec["device_check"]
+    assert check["tests"]["returncode"] == 0
+    assert ("skipped" if res["cuda"] is None else "passed") in check["tests"]["summary"]
+    d = check["short_distillation"]
+    assert math.isfinite(d["first_loss"]) and math.isfinite(d["last_loss"]) and d["tokens_per_s"] > 0
+    tokens = check["tokens_per_s"]
+    assert {"dense", "loop"} <= set(tokens["ffn"]) and set(tokens["ffn_compiled"]) == {"dense", "moe"}
+    assert min(*tokens["ffn"].values(), *tokens["ffn_compiled"].values(), tokens["distill_step"]) > 0
+    assert any(r["name"].startswith("moe_ffn compiled") for r in sec["rows"])
+    assert "short distillation (4 steps" in proc.stdout and "tests/test_cuda.py: " in proc.stdout

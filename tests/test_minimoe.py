@@ -1,6 +1,11 @@
 """minimoe.py against oracles: a float64 per-token loop, HF transformers, the paper's counts."""
 import json
 import math
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +13,7 @@ import torch.nn.functional as F
 
 import minimoe as mm
 
+ROOT = Path(__file__).resolve().parents[1]
 
 def tiny(**kw):
     return mm.BertConfig(**{**dict(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
@@ -62,17 +68,19 @@ def test_counts_match_the_paper_table():
 # ----------------------------------------------------------------------------- MoE dispatch
 
 
-def reference_moe(x, w1, b1, w2, b2, rw, rb, mask):
-    """Per-token float64 reference: y_n = p_e(n) · FFN_e(n)(x_n), and the Switch loss over real tokens."""
+def reference_moe(x, w1, b1, w2, b2, rw, rb, mask, expert=None):
+    """Per-token float64 reference: y_n = p_e(n) · FFN_e(n)(x_n), and the Switch loss over real tokens.
+    expert (N,): the routing to follow (the model's own: rounding may flip a near-tie), else the argmax."""
     x, w1, b1, w2, b2, rw, rb = (t.double() for t in (x, w1, b1, w2, b2, rw, rb))
     probs = (x @ rw.T + rb).softmax(-1)  # (N, E)
+    expert = probs.argmax(-1) if expert is None else expert.to(probs.device)
     ys = []
     for n in range(x.shape[0]):
-        e = int(probs[n].argmax())
+        e = int(expert[n])
         h = F.gelu(x[n] @ w1[e] + b1[e])
         ys.append(probs[n, e] * (h @ w2[e] + b2[e]))
     E, m = probs.shape[1], mask.double()
-    f = torch.stack([((probs.argmax(-1) == i).double() * m).sum() for i in range(E)]) / m.sum()
+    f = torch.stack([((expert == i).double() * m).sum() for i in range(E)]) / m.sum()
     P = (probs * m[:, None]).sum(0) / m.sum()
     return torch.stack(ys), E * (f * P).sum()
 
@@ -100,7 +108,7 @@ def moe_case(case, N=37, H=16, I=32, E=4):
 CASES = ["random", "one_expert", "empty_expert", "single_token", "padding"]
 
 
-@pytest.mark.parametrize("dispatch", ["loop", "grouped", "padded"])
+@pytest.mark.parametrize("dispatch", ["loop", "grouped"])
 @pytest.mark.parametrize("case", CASES)
 def test_moe_dispatch_matches_float64_reference(dispatch, case):
     moe, x, mask = moe_case(case)
@@ -131,17 +139,87 @@ def test_moe_dispatch_matches_float64_reference(dispatch, case):
             assert p.grad is None or p.grad.abs().max() == 0
 
 
-def test_padded_dispatch_slots_and_auto_choice():
-    """to_slots puts expert e's rows first in slots[e] and zeros the rest; on CPU auto is the loop."""
-    expert = torch.tensor([2, 0, 2, 2, 0])  # expert 1 gets no token
-    groups = mm.group_tokens(expert, 3)
-    xs = torch.arange(5.0)[:, None].expand(5, 2)[groups.order]  # (5, 2) sorted rows: token ids 1, 4 | 0, 2, 3
-    slots, index = mm.to_slots(xs, groups, 3)
-    assert slots.shape == (3, 3, 2)
-    assert slots[0, :, 0].tolist() == [1, 4, 0] and slots[1].abs().sum() == 0 and slots[2, :, 0].tolist() == [0, 2, 3]
-    assert torch.equal(mm.from_slots(slots, index), xs)
-    assert mm.resolve_dispatch("auto", torch.zeros(1, 128, 8)) == "loop"
-    assert mm.resolve_dispatch("padded", torch.zeros(1, 4, 8)) == "padded"
+class FakeRows:
+    """Stands for a tensor on a GPU this machine lacks: what resolve_dispatch reads of its input."""
+
+    def __init__(self, dtype, device="cuda"):
+        self.dtype, self.device, self.is_cuda = dtype, torch.device(device, 0), device == "cuda"
+
+
+def fake_gpu(monkeypatch, major, minor=0, autocast=None):
+    """Fake the GPU's compute capability and, optionally, bf16/fp16 autocast on CUDA."""
+    props = types.SimpleNamespace(major=major, minor=minor)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    on = autocast is not None
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda kind=None: on and kind == "cuda")
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda kind: autocast if kind == "cuda" else None)
+
+
+@pytest.mark.parametrize("major, minor, autocast, dtype, expect", [
+    (9, 0, None, torch.bfloat16, "grouped"),  # H100/H200, bf16 weights
+    (10, 0, torch.bfloat16, torch.float32, "grouped"),  # B200, bf16 autocast over fp32 weights
+    (9, 0, None, torch.float32, "loop"),  # fp32: torch would fall back to a host-syncing loop
+    (9, 0, torch.float16, torch.float32, "loop"),  # fp16 autocast: no fused kernel either
+    (8, 0, torch.bfloat16, torch.float32, "loop"),  # A100
+    (8, 9, torch.bfloat16, torch.float32, "loop"),  # L4
+    (7, 5, None, torch.bfloat16, "loop"),  # T4
+    (12, 0, torch.bfloat16, torch.float32, "loop"),  # consumer Blackwell: not in torch's list
+])
+def test_auto_takes_grouped_only_where_torch_fuses_it(monkeypatch, major, minor, autocast, dtype, expect):
+    fake_gpu(monkeypatch, major, minor, autocast)
+    assert mm.resolve_dispatch("auto", FakeRows(dtype)) == expect
+    if expect == "loop":  # asked for explicitly, grouped says why it cannot run and what to use instead
+        with pytest.raises(ValueError, match=r"'grouped' cannot run here: .*(capability|bf16).*'loop'"):
+            mm.resolve_dispatch("grouped", FakeRows(dtype))
+    else:
+        assert mm.resolve_dispatch("grouped", FakeRows(dtype)) == "grouped"
+    assert mm.resolve_dispatch("loop", FakeRows(dtype)) == "loop"
+
+
+def test_auto_on_cpu_and_without_grouped_mm(monkeypatch):
+    """CPU: the loop, except under torch.compile in bf16; a torch without F.grouped_mm: always the loop."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        assert mm.resolve_dispatch("auto", torch.zeros(2, 8, dtype=dtype)) == "loop"
+    with pytest.raises(ValueError, match="float64"):
+        mm.resolve_dispatch("grouped", torch.zeros(2, 8, dtype=torch.float64))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert mm.resolve_dispatch("auto", torch.zeros(2, 8, dtype=torch.bfloat16)) == "grouped"
+    assert mm.resolve_dispatch("auto", torch.zeros(2, 8)) == "loop"
+    with pytest.raises(ValueError, match="compiled, grouped_mm takes bf16 only"):
+        mm.resolve_dispatch("grouped", torch.zeros(2, 8))
+    monkeypatch.delattr(F, "grouped_mm")
+    fake_gpu(monkeypatch, 9, autocast=torch.bfloat16)
+    assert mm.resolve_dispatch("auto", FakeRows(torch.bfloat16)) == "loop"
+    assert mm.resolve_dispatch("auto", torch.zeros(2, 8, dtype=torch.bfloat16)) == "loop"
+    with pytest.raises(ValueError, match="has no F.grouped_mm"):
+        mm.resolve_dispatch("grouped", FakeRows(torch.bfloat16))
+
+
+def test_grouped_keeps_the_precision_it_is_given():
+    """fp32 in, fp32 out (no cast to bf16); under autocast, the dtype autocast gives the loop's addmm."""
+    moe, x, mask = moe_case("random")
+    groups = mm.group_tokens(torch.arange(x.shape[0]) % 4, 4)
+    for dispatch in ("loop", "grouped"):
+        moe.dispatch = dispatch
+        assert moe(x[None], mask[None])[0].dtype == torch.float32
+    assert mm.grouped_linear(x, moe.w1, moe.b1, groups).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grouped = mm.grouped_linear(x, moe.w1, moe.b1, groups)
+        loop = mm.loop_linear(x, moe.w1, moe.b1, groups)
+    assert grouped.dtype == loop.dtype == torch.bfloat16
+    assert (grouped.float() - loop.float()).norm() / loop.float().norm() < 1e-2
+
+
+def test_old_torch_is_refused_at_import_with_one_clear_message():
+    for ok in ("2.13.0", "2.13.0+cpu", "2.14.0a0+git1234", "3.0.1"):
+        mm.check_torch(ok)
+    for old in ("2.8.0", "2.12.1+cu126", "1.13.1"):
+        with pytest.raises(ImportError, match=r"MiniMoE needs torch >= 2\.13, found torch " + re.escape(old)):
+            mm.check_torch(old)
+    code = "import torch; torch.__version__ = '2.8.0'; import minimoe"  # the check that runs at import
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stderr[-1000:]
+    assert "MiniMoE needs torch >= 2.13, found torch 2.8.0" in proc.stderr, proc.stderr[-1000:]
 
 
 def test_router_noise_only_in_training():
@@ -205,13 +283,15 @@ def test_sdpa_matches_manual_attention_with_padding():
     assert torch.allclose(o2[mask.bool()], oa.last_hidden_state[mask.bool()], atol=1e-6)
 
 
-def reference_moe_attention(att, x, mask):
-    """Float64 per-token reference of attention experts: token n uses expert e(n)'s projections."""
+def reference_moe_attention(att, x, mask, expert=None):
+    """Float64 per-token reference of attention experts: token n uses expert e(n)'s projections
+    (e: the given routing, else the argmax)."""
     B, T, H = x.shape
     nh, hd = att.nh, H // att.nh
     xf = x.double().reshape(-1, H)
     probs = (xf @ att.router.weight.double().T + att.router.bias.double()).softmax(-1)
-    gate, e = probs.max(-1)
+    e = probs.argmax(-1) if expert is None else expert.to(probs.device)
+    gate = probs.gather(1, e[:, None])[:, 0]
     qkv = torch.stack([xf[n] @ att.wqkv.double()[e[n]] + att.bqkv.double()[e[n]] for n in range(B * T)]).view(B, T, 3, nh, hd)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, nh, T, hd)
     s = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
@@ -221,7 +301,7 @@ def reference_moe_attention(att, x, mask):
     return out.view(B, T, H)
 
 
-@pytest.mark.parametrize("dispatch", ["loop", "grouped", "padded"])  # padded: attention experts loop
+@pytest.mark.parametrize("dispatch", ["loop", "grouped"])
 def test_attention_experts_match_float64_reference(dispatch):
     cfg = tiny(num_attn_experts=3, dispatch=dispatch)
     att = mm.MoEAttention(cfg).eval()
@@ -289,6 +369,18 @@ def test_relation_loss_matches_float64_loop_with_different_widths(fused):
     assert abs(same.item()) < 1e-6
     with pytest.raises(ValueError, match="relation heads"):
         mm.relation_loss(teacher, student, mask, num_relation_heads=5)
+
+
+def test_relation_loss_stays_fp32_under_autocast():
+    """bf16 autocast must not round the relation scores: the padding bias would become -inf, 0·-inf NaN."""
+    ids, mask, _ = batch()
+    teacher = [torch.randn(*ids.shape, 48) for _ in range(3)]
+    student = [torch.randn(*ids.shape, 24) for _ in range(3)]
+    for fused in (False, True):
+        ref = mm.relation_loss(teacher, student, mask, num_relation_heads=4, fused=fused)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = mm.relation_loss(teacher, student, mask, num_relation_heads=4, fused=fused)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss) and abs(loss - ref) < 1e-6 * max(1.0, ref)
 
 
 def test_distillation_step_lowers_relation_loss():
