@@ -132,8 +132,8 @@ def find_runs(root, tasks):
         if (f.parent / ".lock").exists():
             print(f"{f.parent}: in progress or cut off (it holds .lock), left out")
             continue
-        meta = json.loads(f.read_text())
-        t = meta.get("task")
+        meta = read_run_meta(f.parent)
+        t = meta["task"]
         if t not in tasks:
             continue
         if f.parent.name.startswith("seed") and f.parent.name[4:].isdigit():
@@ -144,11 +144,35 @@ def find_runs(root, tasks):
     return {t: seeds.get(t) or [best[t][0]] for t in sorted(tasks) if t in seeds or t in best}
 
 
+def read_run_meta(directory):
+    """A finetuned run's finetune.json, with the dev score its table cell needs (an error naming the file)."""
+    meta = finetune.read_meta(directory, need=("task", "metric", "metrics"))
+    score = meta["metrics"].get(str(meta["metric"])) if isinstance(meta["metrics"], dict) else None
+    if not isinstance(score, (int, float)):
+        raise ValueError(f"{Path(directory) / 'finetune.json'}: its metrics have no score of "
+                         f"{meta['metric']!r}")
+    return meta
+
+
 def mean_std(runs):
     """{metric: mean} and {metric: sample std (0 for one run)} over runs' metric dicts."""
     keys = [k for k in runs[0] if all(k in r for r in runs)]
     return ({k: statistics.fmean(r[k] for r in runs) for k in keys},
             {k: statistics.stdev([r[k] for r in runs]) if len(runs) > 1 else 0.0 for k in keys})
+
+
+def table_output(json_path, first_root, found, tasks):
+    """Where the GLUE table's JSON goes (--json, or FIRST_RUNS/glue_results.json), checked before any
+    evaluation; refused when a --runs directory holds no finished run of the tasks (nothing is written)."""
+    if empty := [str(root) for root, runs in found.items() if not runs]:
+        raise SystemExit(f"--runs {', '.join(empty)}: no finished finetune.py run of {', '.join(tasks)} "
+                         "found (a run is a directory with finetune.json and no .lock)")
+    out = Path(json_path or Path(first_root) / "glue_results.json")
+    try:
+        writable_file(str(out))
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(f"{out}: {e}") from None
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -503,16 +527,16 @@ def main(argv=None):
     if args.tasks:
         tasks = [c[1] for c in GLUE_COLUMNS + EXTRA_COLUMNS] if args.tasks == "all" else \
             [finetune.get_task(t).name for t in args.tasks.split(",")]
-        found, results = {}, {}
+        found, results = {root: find_runs(root, set(tasks)) for root in args.runs}, {}
+        out = table_output(args.json, args.runs[0], found, tasks)
         for root in args.runs:
-            found[root] = find_runs(root, set(tasks))
             metrics, std, last, scores = {}, {}, {}, {}
             for t in dict.fromkeys(tasks):
                 if t not in found[root]:
                     continue
                 runs, lasts = [], []
                 for d in found[root][t]:
-                    meta = json.loads((d / "finetune.json").read_text())
+                    meta = read_run_meta(d)
                     if args.cached:
                         runs.append(meta["metrics"])
                     else:
@@ -542,7 +566,6 @@ def main(argv=None):
             ", ".join(f"{finetune.get_task(t).name} {'/'.join(map(str, n))}" for t, n in seeds.items() if n != [0]) + "."
         last = markdown_table({name: results[str(root)]["row_last"] for name, root in zip(rows, args.runs)}, shown)
         print(table)
-        out = Path(args.json or Path(args.runs[0]) / "glue_results.json")
         out.write_text(json.dumps(dict(columns=[c for c, _, _ in GLUE_COLUMNS + EXTRA_COLUMNS], results=results,
                                        markdown=table, markdown_last=last), indent=2))
         if args.json:  # the two tables, readable, beside the JSON, with the command that wrote them

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import minimoe
 from train_distill import (FRACTION, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, DirectoryInUse, Runtime,
                            configure_optimizer, hub_reachable, lock_out_dir, lr_lambda, number, optimizer_step, pad_batch,
-                           release_lock, run_script, setup_runtime, write_json)
+                           release_lock, remove_stale_temp_files, run_script, setup_runtime, write_json)
 
 # -----------------------------------------------------------------------------
 # Tasks
@@ -426,6 +426,23 @@ def save_finetuned(model, out_dir, tok, meta):
     commit_saved(out)
 
 
+RUN_FILES = ("finetune.json", "head.safetensors", "model.safetensors", "config.json", "tokenizer.json",
+             "vocab.txt", "tokenizer_config.json", "log.jsonl", ".saving")  # what a run writes in --out_dir
+
+
+def clear_previous_run(out_dir, overwrite):
+    """Refuse an --out_dir that holds a previous run (so that log.jsonl never mixes two runs and finetune.json
+    describes the weights beside it), unless overwrite: then delete that run's files (only those), and the
+    temporary files a killed save left."""
+    previous = [out_dir / f for f in RUN_FILES if (out_dir / f).exists()]
+    if previous and not overwrite:
+        raise SystemExit(f"{out_dir} holds a previous run ({', '.join(str(f) for f in previous)}): pass "
+                         "--overwrite to start afresh, or another --out_dir")
+    for f in previous:
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    remove_stale_temp_files(out_dir)
+
+
 def commit_saved(out):
     """Move a complete set of files from out/.saving into out, finetune.json last. From the moment the
     old finetune.json is removed until the new one lands, `out` is no checkpoint (load_finetuned would
@@ -439,14 +456,27 @@ def commit_saved(out):
     tmp.rmdir()
 
 
+def read_meta(directory, need=("task", "num_labels")):
+    """A checkpoint's finetune.json, with the keys `need`: a clear error naming the file otherwise."""
+    f = Path(directory) / "finetune.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{directory}: no finetune.json (not a checkpoint written by finetune.py)")
+    try:
+        meta = json.loads(f.read_text())
+    except ValueError as e:  # invalid JSON or UTF-8: a half-written or damaged file
+        raise ValueError(f"{f}: not valid JSON, damaged or cut short ({e})") from None
+    if not isinstance(meta, dict) or (missing := [k for k in need if k not in meta]):
+        raise ValueError(f"{f}: lacks {', '.join(need if not isinstance(meta, dict) else missing)} "
+                         "(not written by finetune.py?)")
+    return meta
+
+
 def load_finetuned(path, **overrides):
     """(TaskModel in eval mode, tokenizer, meta) from a directory written by save_finetuned."""
     from safetensors.torch import load_file
     p = Path(path)
     commit_saved(p)  # a save that was killed while moving its files in
-    if not (p / "finetune.json").is_file():
-        raise FileNotFoundError(f"{p}: no finetune.json (not a checkpoint written by finetune.py)")
-    meta = json.loads((p / "finetune.json").read_text())
+    meta = read_meta(p)
     task = get_task(meta["task"])
     model = TaskModel(minimoe.load_bert(p, **overrides), task.kind, meta["num_labels"], pooling=meta.get("pooling", "cls"))
     head = load_file(str(p / "head.safetensors"))
@@ -671,6 +701,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--log_every", type=POSITIVE_INT, default=50)
     p.add_argument("--no_save", action="store_true", help="do not write the checkpoint (log and summary only)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out_dir that holds a "
+                   "previous run (its checkpoint and log.jsonl are deleted)")
     p.add_argument("--debug", action="store_true", help="a traceback for every error, user errors included")
     args = p.parse_args(argv)
     if args.plan:
@@ -713,12 +745,8 @@ def run_plan(path):
     (the run that was cut restarts from its beginning). Several processes may work through one plan at once
     (e.g. two with `"args": ["--threads", "1"]` on a 2-core machine): each takes a run's lock before starting
     it and skips the runs another live process holds."""
-    try:
-        plan = json.loads(Path(path).read_text())
-        models, tasks, seeds = plan["models"], plan["tasks"], plan.get("seeds", [42])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"--plan {path}: expected JSON {{models: {{name: path}}, tasks: [...], seeds: [...], "
-                         f"out_dir, args: [...]}} ({type(e).__name__}: {e})") from None
+    plan = read_plan(path)
+    models, tasks, seeds = plan["models"], plan["tasks"], plan.get("seeds", [42])
     root, extra = Path(plan.get("out_dir", "runs/downstream")), [str(a) for a in plan.get("args", [])]
     todo = [(m, t, s) for s in seeds for t in tasks for m in models]
     for i, (name, task, seed) in enumerate(todo):
@@ -747,6 +775,39 @@ def run_plan(path):
     return root
 
 
+def read_plan(path):
+    """A --plan file, checked before anything is created: {models: {name: path or null}, tasks: [task, ...],
+    seeds: [int, ...], out_dir: str, args: [...]} (seeds, out_dir and args optional)."""
+    shape = "{models: {name: path}, tasks: [...], seeds: [...], out_dir, args: [...]}"
+    try:
+        plan = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--plan {path}: cannot read a JSON plan {shape} ({type(e).__name__}: {e})") \
+            from None
+    plan = plan if isinstance(plan, dict) else {}
+
+    def is_list_of(key, kind):
+        return isinstance(plan.get(key), list) and plan[key] and all(type(x) is kind for x in plan[key])
+    bad = [] if "models" in plan and "tasks" in plan else ["models and tasks are required"]
+    if not isinstance(plan.get("models", {}), dict) or not all(
+            isinstance(v, str) or v is None for v in plan.get("models", {}).values()):
+        bad.append("models must be an object {name: path or null}")
+    if "tasks" in plan and not is_list_of("tasks", str):
+        bad.append("tasks must be a list of task names")
+    if "seeds" in plan and not is_list_of("seeds", int):
+        bad.append("seeds must be a list of integers")
+    if not isinstance(plan.get("out_dir", ""), str) or not isinstance(plan.get("args", []), list):
+        bad.append("out_dir must be a path and args a list")
+    if bad:
+        raise SystemExit(f"--plan {path}: {'; '.join(bad)} (expected {shape})")
+    for task in plan["tasks"]:
+        try:
+            get_task(task)
+        except ValueError as e:
+            raise SystemExit(f"--plan {path}: {e}") from None
+    return plan
+
+
 def finetune(args, keep_lock=False):
     """One finetuning run (all learning rates of the grid) of args.task; returns the grid's best. The run
     directory's lock is released at the end, unless keep_lock (run_plan releases it after done.json)."""
@@ -759,6 +820,7 @@ def finetune(args, keep_lock=False):
     data_dir = None if args.data_dir in (None, "", "hub") else args.data_dir
     if rt.is_master:
         lock = lock_out_dir(out_dir, "finetune run")  # creates it; refuses a file, or a directory another run uses
+        clear_previous_run(out_dir, args.overwrite)  # or refuses one that holds a run: one run per directory
         print(f"task {task.name} | model {model_path} | data {args.train_file or data_dir or 'hub'} | device {rt.device}")
 
     # data
@@ -862,7 +924,7 @@ def finetune(args, keep_lock=False):
                        protocol=args.protocol)
         log.write(json.dumps(dict(event="summary", **summary)) + "\n")
         log.close()
-        if (out_dir / "finetune.json").exists():  # add the grid to the kept checkpoint's metadata
+        if kept and not args.no_save:  # add the grid to the kept checkpoint's metadata
             meta = json.loads((out_dir / "finetune.json").read_text())
             best_run = grid[str(best["lr"])]  # the last evaluation's scores and each metric's own best
             meta.update(grid=grid, wall_s=summary["wall_s"], last_metrics=best_run["last_metrics"],

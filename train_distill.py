@@ -56,9 +56,11 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -315,6 +317,51 @@ def pairs_batch(batch, indices, tokenizer, max_seq_length, short_seq_prob, seed)
     return out
 
 
+def workers_die_with_us(fn):
+    """Decorator: a plain `kill` (SIGTERM: a scheduler, `timeout`) of this process while `fn` runs exits
+    through fn's cleanup and ends the worker processes it started (datasets' map and generator pools), rather
+    than leaving them running with no parent. A forked worker inherits the handler and just dies."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+            return fn(*args, **kwargs)
+        me, received = os.getpid(), []
+
+        def on_sigterm(signum, frame):
+            if os.getpid() != me:  # a worker: the default action, death
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            received.append(signum)
+            raise SystemExit(128 + signum)  # unwinds: the pools terminate their workers, the build dir goes
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:
+            end_child_processes()
+            if received:  # whatever the pools' cleanup raised on the way out (datasets: a TimeoutError)
+                warn("stopped by SIGTERM; the worker processes were ended")
+                raise SystemExit(128 + received[0]) from None
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return wrapped
+
+
+def end_child_processes(timeout=5.0):
+    """Terminate (then kill) the worker processes still alive, of multiprocessing and of its fork
+    `multiprocess` (which `datasets` uses)."""
+    import multiprocessing
+    modules = [multiprocessing] + ([sys.modules["multiprocess"]] if "multiprocess" in sys.modules else [])
+    children = [c for m in modules for c in m.active_children()]
+    for c in children:
+        c.terminate()
+    for c in children:
+        c.join(timeout)
+        if c.is_alive():
+            c.kill()
+
+
+@workers_die_with_us
 def build_pairs(corpus, tokenizer, cache_dir, max_seq_length=128, short_seq_prob=0.1, min_words=8,
                 heldout=0.05, seed=776, num_proc=None):
     """Train and held-out segment pairs of `corpus` as a datasets.DatasetDict with splits "train" and
@@ -425,6 +472,18 @@ def check_tokenizer(tokenizer, tokenizer_path, teacher_path, tcfg):
             raise SystemExit(f"--tokenizer {tokenizer_path}: its vocabulary differs from the teacher's own "
                              f"({teacher_path}; same size, other tokens or ids): drop --tokenizer, or pass "
                              "--force_tokenizer if this is intended")
+
+
+@torch.no_grad()
+def check_teacher(teacher, path, layer=-1):
+    """Blame a teacher whose outputs are not finite (overflowing weights, a bad config value) once, at load,
+    on a tiny input, rather than as a training run that diverged."""
+    device = next(teacher.parameters()).device
+    ids = torch.arange(1, 9, device=device).clamp(max=teacher.config.vocab_size - 1)[None]  # (1, 8)
+    out = teacher(ids, torch.ones_like(ids), torch.zeros_like(ids), relation_layer=layer)
+    if not all(torch.isfinite(t).all() for t in (out.last_hidden_state, *out.qkv)):
+        raise SystemExit(f"--teacher {path}: its outputs on a short input are not finite (NaN/inf): the "
+                         "teacher's weights or config.json are broken; use another teacher")
 
 
 def pad_batch(ids, types, pad_id, T):
@@ -575,7 +634,9 @@ def load_checkpoint(path):
     its students' weights checked to be finite: a ValueError naming the file otherwise."""
     path = Path(path)
     if checksum_path(path).exists():
-        want = checksum_path(path).read_text().split()[0]
+        want = (checksum_path(path).read_text(errors="replace").split() or [""])[0]
+        if not re.fullmatch(r"[0-9a-f]{64}", want):
+            raise ValueError(f"{checksum_path(path)}: empty or not a sha256 checksum file (damaged)")
         if sha256_file(path) != want:
             raise ValueError(f"{path}: the sha256 checksum does not match {checksum_path(path).name} "
                              "(the file is damaged or truncated)")
@@ -698,10 +759,13 @@ def release_lock(lock):
 
 
 def remove_stale_temp_files(out_dir):
-    """Temporary files that a killed or failed save left in a run's directory (its lock is ours, so no
-    other process writes there), and checksums whose checkpoint is gone."""
+    """Temporary files that a killed or failed save (minimoe.atomic_write: .NAME.tmpPID) left anywhere in a
+    run's directory: checkpoints, results, every student's or a finetuned model's files (the directory's lock
+    is ours, so no other process writes there); and checksums whose checkpoint is gone."""
     ckpt_dir = Path(out_dir) / "checkpoints"
-    for f in [*ckpt_dir.glob(".step_*.tmp*"), *Path(out_dir).glob(".*.json*.tmp*"), *ckpt_dir.glob("step_*.pt.sha256")]:
+    temp = [f for f in Path(out_dir).rglob(".*.tmp*") if re.fullmatch(r"\..+\.tmp\d+", f.name)
+            and f.is_file()]
+    for f in [*temp, *ckpt_dir.glob("step_*.pt.sha256")]:
         if f.name.endswith(".sha256") and f.with_name(f.name[:-len(".sha256")]).exists():
             continue
         warn(f"removing {f}, left by an interrupted save")
@@ -811,6 +875,23 @@ def log_sums(cfg, device):
             "tokens": torch.zeros((), device=device), "load": torch.zeros(load_shape, device=device)}
 
 
+def window_state(sums, n_micro):
+    """What a checkpoint keeps of the log window it cuts: each student's sums and the micro-steps summed."""
+    sums = {k: {n: t.detach().cpu() for n, t in s.items()} for k, s in sums.items()}
+    return {"n_micro": n_micro, "sums": sums}
+
+
+def restore_window(ckpt, fresh, rt):
+    """(sums, n_micro) to go on from: the window a checkpoint cut, so that the first log record after a resume
+    is the uninterrupted run's; `fresh` (empty sums) without a checkpoint, or one from before this was saved,
+    or of another world size."""
+    rng = (ckpt or {}).get("rng") or []
+    saved = rng[rt.rank].get("log_window") if len(rng) == rt.world_size else None
+    if not saved or set(saved["sums"]) != set(fresh):
+        return fresh, 0
+    return {k: {n: t.to(rt.device) for n, t in s.items()} for k, s in saved["sums"].items()}, saved["n_micro"]
+
+
 def torch_rng_state():
     """The torch generators that dropout and router noise draw from (CPU, and CUDA when present)."""
     return {"cpu": torch.get_rng_state(),
@@ -870,7 +951,13 @@ def resumed_results(path, fresh, step):
     """results.json of the run being resumed, cut back to the checkpoint's step."""
     if not path.exists():
         return fresh
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:  # damaged (an interrupted copy, a full disk): start it afresh
+        old = None
+    if not isinstance(old, dict):
+        warn(f"{path}: not valid JSON, so its held-out evaluations up to step {step} are dropped")
+        return fresh
     for k, st in old.get("students", {}).items():
         if k in fresh["students"]:
             fresh["students"][k]["heldout"] = [x for x in st["heldout"] if x[0] <= step]
@@ -1120,6 +1207,7 @@ def main(argv=None):
 
     # ---- the frozen teacher and its tokenizer, which the student shares
     teacher = load_bert(args.teacher).to(rt.device).eval().requires_grad_(False)
+    check_teacher(teacher, args.teacher, args.teacher_layer)
     eval_teacher = teacher  # held-out relation loss against this one (--eval_teacher: e.g. the TA's own teacher)
     if args.eval_teacher:
         eval_teacher = load_bert(args.eval_teacher).to(rt.device).eval().requires_grad_(False)
@@ -1216,9 +1304,10 @@ def main(argv=None):
             log(f"fresh run: removing {len(old)} old checkpoints in {ckpt_dir}")
             for f in old:
                 remove_checkpoint(f)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(ckpt_dir / "tokenizer.json"))  # so that a checkpoint file can be a --teacher
         (out_dir / "log.jsonl").write_text("")
+    if rt.is_master:  # also when resumed into another --out_dir: so that a checkpoint file can be a --teacher
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        minimoe.atomic_write(ckpt_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
     log(f"training {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs) of {args.batch_size} pairs = "
         f"{W} ranks x {args.micro_batch_size} x {accum} accumulation; lr {args.lr}, {rt.device}, "
         f"{rt.amp_dtype or torch.float32}")
@@ -1243,7 +1332,7 @@ def main(argv=None):
 
     def save_checkpoint(step):
         check_finite(step, weights=True)
-        mine = {"process": rng_state(), "students": rngs}
+        mine = {"process": rng_state(), "students": rngs, "log_window": window_state(sums, n_micro)}
         rng_all = [None] * W
         if rt.is_ddp:
             dist.all_gather_object(rng_all, mine)
@@ -1257,7 +1346,11 @@ def main(argv=None):
         ckpt = {"students": state, "out_dirs": outs, "config": state[first]["config"], "model": state[first]["model"],
                 "step": step, "total_steps": total_steps, "rng": rng_all, "elapsed": elapsed + time.time() - t_start,
                 "scaler": rt.scaler.state_dict(), "args": vars(args)}
-        atomic_save(ckpt, ckpt_dir / f"step_{step:07d}.pt", checksum=True)
+        try:
+            atomic_save(ckpt, ckpt_dir / f"step_{step:07d}.pt", checksum=True)
+        except OSError:  # a full disk: the error on a line of its own, not after the progress bar
+            bar.close()
+            raise
         for f in checkpoints(ckpt_dir)[:-args.keep_last]:
             remove_checkpoint(f)
 
@@ -1274,10 +1367,11 @@ def main(argv=None):
 
     # ---- the loop: teacher forward once per micro-batch, then each student's forward/backward on it
     batches = global_batches(len(train), args.batch_size, args.seed, start_step=step)
-    sums = {k: log_sums(m.config, rt.device) for k, m in raw.items()}  # per student, since the last log point
+    # per student, summed since the last log point (a resumed run: the checkpoint's sums of the window it cut)
+    sums, n_micro = restore_window(resume, {k: log_sums(m.config, rt.device) for k, m in raw.items()}, rt)
     prefix = {k: "" if i == 0 else f"{k}_" for i, k in enumerate(raw)}  # log fields: the first student's plain
     diverged = {k: torch.zeros((), dtype=torch.long, device=rt.device) for k in raw}  # first non-finite step, 0 = none
-    last_eval, t0, t_start, n_micro = None, time.time(), time.time(), 0
+    last_eval, t0, t_start = None, time.time(), time.time()
     bar = tqdm(total=total_steps, initial=step, disable=not rt.is_master, dynamic_ncols=True, desc="distill")
     while step < total_steps:
         idx = next(batches)
@@ -1339,7 +1433,7 @@ def main(argv=None):
                 bar.set_postfix(tok_s=f"{rec['tok_per_s']:.0f}", lr=f"{rec['lr']:.2e}",
                                 **{k: f"{rec[pre + 'rel']:.4f}" for k, pre in prefix.items()})
                 results["tok_per_s"].append([step, rec["tok_per_s"]])
-            sums = {k: log_sums(m.config, rt.device) for k, m in raw.items()}
+            sums, n_micro = {k: log_sums(m.config, rt.device) for k, m in raw.items()}, 0
         if rt.is_master and (step % args.eval_every == 0 or step == total_steps):
             check_finite(step)
             last_eval = evaluate_and_record(step)
@@ -1349,7 +1443,7 @@ def main(argv=None):
         if step % args.save_every == 0 or step == total_steps:
             save_checkpoint(step)
         if step % args.log_every == 0:  # restart the clock: tokens/s leaves evaluation and saving out
-            t0, n_micro = time.time(), 0
+            t0 = time.time()
     bar.close()
 
     # ---- save: the students as HF-layout directories, and what they reached on held-out pairs

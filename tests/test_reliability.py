@@ -1,13 +1,18 @@
-"""Reliability (issue 10): no silent NaN, no two runs on one directory, checksummed checkpoints, exact
+"""Reliability (issues 10 and 22): no silent NaN, no two runs on one directory, checksummed checkpoints, exact
 resumes only, argument validation, early checks, no leaked temporary files, atomic finetuned
 checkpoints, and `error: <message>` (exit 2) for user errors. Tiny configs, seconds each."""
+import contextlib
 import json
 import os
+import resource
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -409,3 +414,311 @@ def test_a_tokenizer_other_than_the_teachers_is_refused_unless_forced(tmp_path, 
         td.main(args("b", "swapped"))
     td.main(args("c", "swapped") + ["--force_tokenizer"])
     assert mm.load_tokenizer(tmp_path / "c" / "student").token_to_id(vocab[2000]) == 2001  # what was asked for
+
+
+# ============================================================================= round 2 (issue 22)
+# ----------------------------------------------------------------------------- 12. a full disk
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes):
+    """Writes past `nbytes` fail as on a full disk (RLIMIT_FSIZE; SIGXFSZ ignored: write() returns EFBIG)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_full_disk_in_torch_save_is_an_error_naming_the_file(tmp_path, tiny_setup, capsys):
+    path = tmp_path / "ckpt" / "step_0000001.pt"
+    with file_size_limit(1 << 20):  # torch's zip writer turns the OSError into RuntimeError("unexpected pos")
+        with pytest.raises(OSError, match=rf"{path}: could not be written \(RuntimeError: .*inline_contain"):
+            td.atomic_save({"a": torch.zeros(1 << 19)}, path, checksum=True)
+        student = tmp_path / "student"
+        with pytest.raises(OSError, match=rf"{student / 'model.safetensors'}: could not be written"):
+            mm.save_bert(mm.load_bert(tiny_setup["teacher"]), student)
+    assert not list(path.parent.iterdir()) and not list((tmp_path / "student").glob(".*"))
+    out = tmp_path / "run"
+    with file_size_limit(2 << 20):  # a checkpoint of the tiny run: ~12 MB
+        line = user_error(td.main, tiny_args(tiny_setup, out, "--max_steps", "2", "--save_every", "1"),
+                          capsys)
+    ckpt = out / "checkpoints" / "step_0000001.pt"
+    assert line.startswith(f"error: {ckpt}: could not be written (RuntimeError")
+    assert line.endswith("is the disk full?")
+
+
+def test_stale_temporary_files_go_from_every_student_and_finetune_directory(tmp_path, tiny_setup, tokenizer):
+    out = tmp_path / "run"
+    left = [out / "student" / ".model.safetensors.tmp4242", out / "moe" / "student" / ".config.json.tmp77",
+            out / "student_dense" / ".vocab.txt.tmp5"]  # what a kill during the final save_bert leaves
+    for f in left:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x" * 100)
+    td.main(tiny_args(tiny_setup, out, "--max_steps", "1", "--overwrite"))
+    assert not any(f.exists() for f in left)
+
+    import finetune as ft
+    from tests.test_finetune import sst2_files, tiny_config
+    model = mm.save_bert(mm.Bert(tiny_config()), tmp_path / "tiny", tokenizer=tokenizer)
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / ".finetune.json.tmp99").write_text("{")
+    data = sst2_files(tmp_path / "SST-2")
+    ft.main(["--task", "sst2", "--model", str(model), "--data_dir", str(data), "--out_dir",
+             str(tmp_path / "ft"), "--max_steps", "1", "--batch_size", "8", "--precision", "fp32",
+             "--no_save"])
+    assert not (tmp_path / "ft" / ".finetune.json.tmp99").exists()
+
+
+# ----------------------------------------------------------------------------- 13. SIGTERM building pairs
+
+
+def children(pid):
+    return {int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()}
+
+
+def running(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_while_building_pairs_ends_the_worker_processes(tmp_path, tiny_setup):
+    from tests.test_train_distill import write_corpus
+    (tmp_path / "corpus").mkdir()
+    for i in range(2):  # two files: two reader processes; 3000 documents: two map workers
+        write_corpus(tmp_path / "corpus" / f"{i}.txt", docs=1500, seed=i)
+    cache = tmp_path / "cache"
+    argv = ["train_distill.py", "--prepare_only", "--corpus", str(tmp_path / "corpus"), "--teacher",
+            tiny_setup["teacher"], "--cache_dir", str(cache), "--num_proc", "2", "--max_seq_length", "32"]
+    p = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = set()
+    while p.poll() is None and len(seen) < 2:
+        seen |= children(p.pid)
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)  # a plain `kill`: the process alone, not its group
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM" in err
+    deadline = time.time() + 10
+    while any(running(c) for c in seen) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [c for c in seen if running(c)]  # no orphan worker
+    assert not list(cache.glob(".build-*"))  # and no build directory for one to write into
+
+
+# ----------------------------------------------------------------------------- 14. resume inside a log window
+
+
+def test_resume_inside_a_log_window_logs_as_the_uninterrupted_run(tmp_path, tiny_setup, capsys):
+    def args(out):
+        return tiny_args(tiny_setup, out, "--max_steps", "6", "--save_every", "2", "--log_every", "3",
+                         "--keep_last", "5", "--eval_every", "100")
+    td.main(args(tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "step_0000004.pt"  # inside the window of steps 4-6
+    td.main(args(tmp_path / "b") + ["--resume", str(ckpt)])  # resumed into another --out_dir
+    whole, resumed = ([r for r in read_log(tmp_path / d) if "loss" in r] for d in "ab")
+    drop = lambda r: {k: v for k, v in r.items() if k != "tok_per_s"}  # noqa: E731 (time: not reproducible)
+    assert [drop(r) for r in resumed] == [drop(whole[-1])]
+    assert (tmp_path / "b" / "checkpoints" / "tokenizer.json").exists()  # its checkpoints can be a --teacher
+
+    # a checkpoint written before the window was saved (the running jobs' ones) still resumes
+    old = torch.load(ckpt, weights_only=True)
+    for r in old["rng"]:
+        del r["log_window"]
+    td.atomic_save(old, tmp_path / "old" / "step_0000004.pt", checksum=True)
+    td.main(args(tmp_path / "c") + ["--resume", str(tmp_path / "old" / "step_0000004.pt")])
+    assert [r["step"] for r in read_log(tmp_path / "c") if "loss" in r] == [6]
+
+    # a damaged results.json (an interrupted copy) does not stop a resume; it is named
+    (tmp_path / "a" / "results.json").write_text('{"students": {"stud')
+    td.main(args(tmp_path / "a")[:-8] + ["--max_steps", "7", "--save_every", "2", "--log_every", "3",
+                                         "--resume"])
+    assert f"{tmp_path / 'a' / 'results.json'}: not valid JSON" in capsys.readouterr().err
+
+
+def test_an_empty_checksum_file_falls_back_to_the_previous_checkpoint(tmp_path, tiny_setup, capsys):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_setup, out, "--save_every", "1", "--eval_every", "100", "--log_every", "1")
+    td.main(args + ["--max_steps", "2"])
+    sha = out / "checkpoints" / "step_0000002.pt.sha256"
+    sha.write_text("")
+    td.main(args + ["--max_steps", "3", "--resume"])
+    assert f"{sha}: empty or not a sha256 checksum file (damaged): falling back" in capsys.readouterr().err
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3]  # resumed from step 1
+
+
+# ----------------------------------------------------------------------------- 15. malformed inputs
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("pad_token_id", 99999, "pad_token_id=99999 (must be a token id"),
+    ("pad_token_id", "0", "pad_token_id='0' (must be a token id"),
+    ("hidden_dropout_prob", 5, "hidden_dropout=5 (must be a probability in [0, 1))"),
+    ("layer_norm_eps", -1, "layer_norm_eps=-1 (must be a number > 0)"),  # not "training diverged"
+    ("initializer_range", -0.5, "initializer_range=-0.5"),
+])
+def test_bad_config_values_are_blamed_on_the_teachers_config_at_load(field, value, message, tmp_path,
+                                                                      tiny_setup, capsys):
+    teacher = tmp_path / "teacher"
+    mm.save_bert(mm.load_bert(tiny_setup["teacher"]), teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, field: value}))
+    argv = tiny_args(tiny_setup, tmp_path / "run", "--max_steps", "1", "--tokenizer", tiny_setup["teacher"])
+    argv[1] = str(teacher)
+    line = user_error(td.main, argv, capsys)
+    assert line.startswith(f"error: {teacher / 'config.json'}: bad value(s) ") and message in line
+
+
+def test_a_teacher_with_non_finite_outputs_is_blamed_at_load():
+    cfg = mm.BertConfig(vocab_size=30, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8)
+    teacher = mm.Bert(cfg)
+    with torch.no_grad():
+        teacher.emb.word.weight.fill_(3e38)  # finite weights whose sums overflow
+    with pytest.raises(SystemExit, match="--teacher T: its outputs on a short input are not finite"):
+        td.check_teacher(teacher, "T")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.json", os.urandom(300), "tokenizer.json: not a valid tokenizer file"),
+    ("tokenizer.json", b'{"version": "1.0"}', "tokenizer.json: not a valid tokenizer file"),
+    ("vocab.txt", b"[PAD]\n\xff\xfe\x00binary\n", "vocab.txt: not a UTF-8 text file of tokens"),
+    ("tokenizer_config.json", b"{do_lower_case: true", "tokenizer_config.json: invalid JSON"),
+])
+def test_bad_tokenizer_files_are_named(name, content, message, tmp_path, tokenizer, capsys):
+    import finetune as ft
+    from tests.test_finetune import tiny_config
+    model = mm.save_bert(mm.Bert(tiny_config()), tmp_path / "m", tokenizer=tokenizer)
+    if name != "tokenizer.json":  # the vocab.txt route
+        (model / "tokenizer.json").unlink()
+    (model / name).write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{model / name}: "):
+        mm.load_tokenizer(model)
+    argv = ["--task", "sst2", "--model", str(model), "--out_dir", str(tmp_path / "o")]
+    line = user_error(ft.main, argv, capsys)
+    assert line.startswith(f"error: {model}/{message}")
+
+
+@pytest.mark.parametrize("plan, message", [
+    (dict(models=["a"], tasks=["sst2"]), "models must be an object"),
+    (dict(models={"a": None}, tasks="sst2"), "tasks must be a list of task names"),
+    (dict(models={"a": None}, tasks=["sst2"], seeds=1), "seeds must be a list of integers"),
+    (dict(models={"a": None}, tasks=["sst3"]), "unknown task 'sst3'"),
+])
+def test_a_bad_plan_is_refused_before_anything_is_created(plan, message, tmp_path, capsys):
+    import finetune as ft
+    (tmp_path / "plan.json").write_text(json.dumps({**plan, "out_dir": str(tmp_path / "d")}))
+    line = user_error(ft.main, ["--plan", str(tmp_path / "plan.json")], capsys)
+    assert line.startswith(f"error: --plan {tmp_path / 'plan.json'}: ") and message in line
+    assert not (tmp_path / "d").exists()
+
+
+def fake_run(root, meta):
+    (root / "sst2").mkdir(parents=True)
+    (root / "sst2" / "finetune.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
+    return root / "sst2" / "finetune.json"
+
+
+@pytest.mark.parametrize("meta, message", [
+    (dict(task="sst2", metric="acc"), "lacks metrics"),
+    ('{"task": "sst2", "metric": "acc", "metr', "not valid JSON"),
+    (dict(task="sst2", metric="acc", metrics={"f1": 1.0}), "its metrics have no score of 'acc'"),
+])
+def test_eval_names_a_bad_finetune_json(meta, message, tmp_path, capsys):
+    import eval as ev
+    f = fake_run(tmp_path / "runs", meta)
+    line = user_error(ev.main, ["--tasks", "sst2", "--runs", str(tmp_path / "runs"), "--cached"], capsys)
+    assert line.startswith(f"error: {f}: ") and message in line
+
+
+def test_eval_checks_its_runs_and_output_before_evaluating(tmp_path, capsys, monkeypatch):
+    import eval as ev
+    (tmp_path / "empty").mkdir()
+    line = user_error(ev.main, ["--tasks", "all", "--runs", str(tmp_path / "empty")], capsys)
+    assert line.startswith(f"error: --runs {tmp_path / 'empty'}: no finished finetune.py run of ")
+    assert not list((tmp_path / "empty").iterdir())  # nothing written
+    fake_run(tmp_path / "runs", dict(task="sst2", metric="acc", metrics={"acc": 0.5}, num_labels=2))
+    (tmp_path / "runs" / "glue_results.json").mkdir()  # the default output cannot be written
+    monkeypatch.setattr(ev, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated first"))
+    line = user_error(ev.main, ["--tasks", "sst2", "--runs", str(tmp_path / "runs")], capsys)
+    assert line.startswith(f"error: {tmp_path / 'runs' / 'glue_results.json'}: not a writable file path")
+
+
+def test_bench_user_errors_go_through_the_shared_handler(tmp_path):
+    (tmp_path / "dict.json").write_text("{}")
+    (tmp_path / "list.json").write_text("[]")
+    for flag, name, message in (("--table", "dict.json", "not a run"), ("--table", "list.json", "not a run"),
+                                ("--authors", "missing", "no such directory")):
+        r = subprocess.run([sys.executable, "bench.py", "--quick", flag, str(tmp_path / name)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        message = f"{flag} {tmp_path / name}: {message}"
+        assert r.returncode == 2 and r.stderr.strip().startswith(f"error: {message}"), r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- 16. finetune: one run a dir
+
+
+def test_finetune_refuses_a_finished_out_dir_unless_overwrite(tmp_path, tokenizer, capsys):
+    import finetune as ft
+    from tests.test_finetune import sst2_files, tiny_config
+    model = mm.save_bert(mm.Bert(tiny_config()), tmp_path / "tiny", tokenizer=tokenizer)
+    out = tmp_path / "ft"
+    data = sst2_files(tmp_path / "SST-2")
+    common = ["--task", "sst2", "--model", str(model), "--data_dir", str(data), "--out_dir", str(out),
+              "--epochs", "1", "--batch_size", "8", "--precision", "fp32"]
+    ft.main(common + ["--lr", "1e-3"])
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    for extra in (["--lr", "1e20"], ["--lr", "1e-3", "--no_save"]):
+        line = user_error(ft.main, common + extra, capsys)
+        assert line.startswith(f"error: {out} holds a previous run (") and "pass --overwrite" in line
+        assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != ".lock"} == before
+    with pytest.raises(SystemExit, match="no learning rate of --lr 1e20 gave a model"):  # not KeyError: 'lr'
+        ft.main(common + ["--lr", "1e20", "--overwrite"])
+    assert not (out / "finetune.json").exists()  # the old checkpoint went with --overwrite
+    assert [r["event"] for r in read_log(out)].count("summary") == 1  # one run's log
+
+
+# ----------------------------------------------------------------------------- 17. the objective, the CIs
+
+
+def test_the_distillation_loss_is_relation_kl_plus_0_01_load_balance():
+    torch.manual_seed(0)
+    cfg = mm.BertConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=16,
+                        num_experts=4, hidden_dropout=0.0, attention_dropout=0.0, router_noise=0.0)
+    student, teacher = mm.Bert(cfg).train(), mm.Bert(cfg).eval()
+    ids = torch.randint(1, 50, (3, 10))
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
+    with torch.no_grad():
+        t_qkv = teacher(ids, batch["attention_mask"], batch["token_type_ids"]).qkv
+    loss, rel, lb, out = td.distill_loss(t_qkv, student, batch, num_relation_heads=2)  # default weight 0.01
+    assert lb > 0 and torch.equal(lb, out.aux_loss)
+    assert torch.equal(rel, mm.relation_loss(t_qkv, out.qkv, batch["attention_mask"], 2))
+    assert loss.item() == pytest.approx(rel.item() + 0.01 * lb.item(), rel=1e-6)
+
+    routers = [p for n, p in student.named_parameters() if "router" in n]
+
+    def router_grads(pick):
+        loss, rel, lb, _ = td.distill_loss(t_qkv, student, batch, num_relation_heads=2)
+        return torch.autograd.grad(pick(loss, rel, lb), routers)
+    total, g_rel, g_lb = (router_grads(f) for f in (lambda t, r, b: t, lambda t, r, b: r, lambda t, r, b: b))
+    for t, r, b in zip(total, g_rel, g_lb):  # the router learns from both terms, load balance weighted 0.01
+        assert r.abs().sum() > 0 and b.abs().sum() > 0
+        torch.testing.assert_close(t, r + 0.01 * b, rtol=1e-5, atol=1e-8)
+
+
+def test_paired_bootstrap_gives_a_95_percent_interval():
+    import eval as ev
+    rng = np.random.default_rng(1)
+    n = 4000
+    a, b = rng.normal(1.0, 1.0, n), rng.normal(0.5, 1.0, n)
+    diff, lo, hi = ev.paired_bootstrap(a, b, np.ones(n))
+    assert diff == pytest.approx((a - b).mean())
+    half = 1.959964 * (a - b).std(ddof=1) / np.sqrt(n)  # the normal 95% interval of a mean: the known answer
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.1)  # an 80% interval would be 35% narrower
+    assert lo < diff < hi and (diff - lo) == pytest.approx(hi - diff, rel=0.2)
