@@ -18,12 +18,16 @@ finetune.py, which evaluates on dev while it trains; eval.py re-exports the metr
 import argparse
 import contextlib
 import json
+import os
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: on a busy machine, spinning
+# idle threads steal the cores from working ones (2-3x slower); a setting of your own wins
 
 import numpy as np
 import torch
@@ -105,8 +109,13 @@ def glue_plot(results, names, tasks, path):
 
 
 def evaluate_checkpoint(ckpt, data_dir=None, split=None, file=None, batch_size=64, device="cpu", autocast=None):
-    """Metrics of a finetuned checkpoint on its task's dev set(s), another split, or a labelled file."""
+    """Metrics of a finetuned checkpoint on its task's dev set(s), another split, or a labelled file.
+    data_dir None: where the run read its data (finetune.json), else $MINIMOE_DATA, else the hub."""
     model, tok, meta = finetune.load_finetuned(ckpt)
+    if data_dir is None:
+        recorded = meta.get("args", {}).get("data_dir")
+        data_dir = recorded if recorded and Path(recorded).is_dir() else finetune.default_data_dir()
+    data_dir = None if data_dir in ("", "hub") else data_dir
     model.to(device)
     task = finetune.get_task(meta["task"])
     splits = (split,) if split else (("dev",) if file else task.dev)
@@ -429,7 +438,8 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default=None, help="'all' or comma-separated tasks: GLUE table over --runs")
     p.add_argument("--runs", nargs="+", default=["runs/finetune"], help="run directories, one table row each")
     p.add_argument("--cached", action="store_true", help="table from the stored dev metrics, no re-evaluation")
-    p.add_argument("--data_dir", default=finetune.default_data_dir(), help="GLUE/CoNLL root, or 'hub'")
+    p.add_argument("--data_dir", default=None, help="GLUE/CoNLL root, or 'hub' (default: where each run read "
+                   "its data, else $MINIMOE_DATA, else the hub)")
     p.add_argument("--split", default=None, help="split to evaluate (default: the task's dev set(s)); e.g. test for "
                    "CoNLL (GLUE test files have no labels)")
     p.add_argument("--file", default=None, help="any labelled file in the task's format")
@@ -507,7 +517,7 @@ def main(argv=None):
     if args.tradeoff:
         return tradeoff(args, argv)
     rt = setup_runtime(0, args.precision)
-    data_dir = None if args.data_dir in (None, "", "hub") else args.data_dir
+    data_dir = args.data_dir  # None: each run's own (evaluate_checkpoint)
 
     if args.compute:
         if args.preset:

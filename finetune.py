@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: on a busy machine, spinning
+# idle threads steal the cores from working ones (2-3x slower); a setting of your own wins
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -245,9 +248,8 @@ def load_examples(task, split, data_dir=None, file=None):
 
 
 def default_data_dir():
-    """../shared/data next to this repository when present (the project's real GLUE/CoNLL copies)."""
-    d = Path(__file__).resolve().parent.parent / "shared" / "data"
-    return str(d) if d.is_dir() else None
+    """$MINIMOE_DATA: a folder of GLUE TSVs / CoNLL-2003 files (README, "Data"); unset, the hub."""
+    return os.environ.get("MINIMOE_DATA") or None
 
 
 # -----------------------------------------------------------------------------
@@ -670,7 +672,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="encoder: HF BERT dir or hub id, a save_bert dir, or a train_distill *.pt; "
                    "None = the embedded all-MiniLM-L6-v2")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir; None = the --model dir (give it for a *.pt file)")
-    p.add_argument("--data_dir", default=default_data_dir(), help="GLUE/CoNLL root (DIR/glue/RTE/train.tsv, DIR/conll2003/"
+    p.add_argument("--data_dir", default=default_data_dir(), help="$MINIMOE_DATA: GLUE/CoNLL root (DIR/glue/RTE/train.tsv, DIR/conll2003/"
                    "train.txt) or a task folder; 'hub' = download with `datasets`")
     p.add_argument("--train_file", default=None, help="labelled training file (overrides --data_dir)")
     p.add_argument("--dev_file", default=None, help="labelled dev file (overrides --data_dir; one file, also for MNLI)")

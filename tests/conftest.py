@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,7 +7,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts are flat files at the repo root
-SHARED_DATA = ROOT.parent / "shared" / "data"  # real GLUE / CoNLL / Wikipedia files, beside the checkout
+# real GLUE / CoNLL-2003 files in the layout of the README's "Data" (and a Wikipedia sample under wiki/):
+# $MINIMOE_DATA, as the scripts read it, else the copy beside the checkout where there is one
+SHARED_DATA = Path(os.environ.get("MINIMOE_DATA") or ROOT.parent / "shared" / "data")
 
 
 @pytest.fixture(autouse=True)
@@ -17,7 +20,7 @@ def _seed():
 @pytest.fixture
 def shared_data():
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is absent")
+        pytest.skip(f"{SHARED_DATA} is absent (set MINIMOE_DATA to a folder of GLUE/CoNLL files)")
     return SHARED_DATA
 
 
@@ -25,7 +28,6 @@ def shared_data():
 def pytest_runtest_makereport(item, call):
     """With MINIMOE_NO_SKIPS=1 (set by .ci/run) a skipped test fails, so no oracle or data test can
     silently drop out of CI. Skips that need a GPU stay skips."""
-    import os
     if os.environ.get("MINIMOE_NO_SKIPS") != "1" or call.excinfo is None:
         return
     if call.excinfo.errisinstance(pytest.skip.Exception) and "CUDA" not in str(call.excinfo.value):

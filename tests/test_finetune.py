@@ -116,6 +116,22 @@ def test_main_keeps_best_checkpoint_and_eval_reloads_it(tiny_dir, tmp_path, caps
     assert "| runs |" in json.loads((tmp_path / "t.json").read_text())["markdown"]
 
 
+
+def test_data_from_minimoe_data_and_eval_reads_where_the_run_read(tiny_dir, tmp_path, monkeypatch):
+    """One data setting: $MINIMOE_DATA (the README's layout) is --data_dir's default; eval.py --ckpt then
+    reads the data where the run read it, with the variable gone."""
+    root = tmp_path / "data"
+    sst2_files(root / "glue" / "SST-2")
+    monkeypatch.setenv("MINIMOE_DATA", str(root))
+    out = tmp_path / "run"
+    ft.main(["--task", "sst2", "--model", str(tiny_dir), "--out_dir", str(out), "--lr", "3e-3", "--epochs", "1",
+             "--batch_size", "8", "--precision", "fp32"])
+    meta = json.loads((out / "finetune.json").read_text())
+    assert meta["args"]["data_dir"] == str(root)
+    monkeypatch.delenv("MINIMOE_DATA")
+    rep = ev.main(["--ckpt", str(out)])
+    assert rep["metrics"]["acc"] == pytest.approx(meta["metrics"]["acc"])
+
 def test_eval_schedule_says_when_dev_evaluation_happens():
     assert ft.eval_schedule(78, 60) == "dev evaluation at the last step (60)"
     assert ft.eval_schedule(78, 78, per_epoch=True) == "dev evaluation at the last step (78)"

@@ -42,3 +42,19 @@ def test_runtime_needs_none_of_the_test_oracles():
             "teacher = minimoe.default_teacher(); minimoe.load_bert(teacher); minimoe.load_tokenizer(teacher)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("script", ["train_distill", "finetune", "eval", "bench"])
+@pytest.mark.parametrize("mine", [None, "ACTIVE"])
+def test_scripts_let_idle_threads_sleep_unless_told_otherwise(script, mine):
+    """OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP (spinning threads make a busy machine 2-3x slower),
+    and a user's own setting wins."""
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if mine:
+        env["OMP_WAIT_POLICY"] = mine
+    code = (f"import os, sys; sys.argv = ['{script}.py', '--help']\n"  # bench.py runs at import: --help stops it
+            f"try:\n    import {script}\nexcept SystemExit:\n    pass\nprint(os.environ['OMP_WAIT_POLICY'])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == (mine or "PASSIVE"), proc.stdout[-500:]
