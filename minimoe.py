@@ -1068,8 +1068,9 @@ def from_hub(repo_id):
     files = ["config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "model.safetensors"]
     for local_only in (True, False):
         if not local_only and hf_offline():
-            raise OSError(f"{repo_id!r} is neither a local path nor in the Hugging Face cache, "
-                          "and HF_HUB_OFFLINE is set")
+            raise OSError(f"{repo_id!r} is neither a local path nor in the Hugging Face cache, and "
+                          "HF_HUB_OFFLINE is set: pass a local BERT directory, or leave --teacher out to use "
+                          "the embedded all-MiniLM-L6-v2 (minimoe.default_teacher())")
         try:
             snapshot = Path(snapshot_download(repo_id, allow_patterns=files, local_files_only=local_only,
                                               etag_timeout=10))
@@ -1079,9 +1080,11 @@ def from_hub(repo_id):
             return snapshot
         except Exception as e:
             err = e
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else ""  # its first line, whole
     raise OSError(f"{repo_id!r} is not a local path and could not be fetched from the Hugging Face Hub "
-                  f"({type(err).__name__}: {str(err)[:200]}). Offline? Pass a local BERT directory "
-                  "(config.json + model.safetensors or pytorch_model.bin + vocab.txt).") from None
+                  f"({type(err).__name__}{': ' + reason if reason else ''}). Offline? Pass a local BERT "
+                  "directory (config.json + model.safetensors or pytorch_model.bin + vocab.txt), or leave "
+                  "--teacher out to use the embedded all-MiniLM-L6-v2 (minimoe.default_teacher()).") from None
 
 
 def resolve_path(path_or_id):

@@ -539,6 +539,23 @@ def test_hub_id_fails_fast_and_clearly_offline(monkeypatch):
         mm.load_bert("no-such-user/no-such-bert-model")
     assert time.time() - t < 30
 
+    with pytest.raises(OSError, match=r"leave --teacher out to use the embedded all-MiniLM-L6-v2"):
+        mm.load_bert("no-such-user/no-such-bert-model")
+
+
+def test_a_failed_download_says_why_in_full_and_what_to_do(monkeypatch):
+    """The hub's own reason, whole (it was cut at 200 characters, mid-sentence), and the teacher installed."""
+    import huggingface_hub
+    reason = "An error happened while trying to locate the files on the Hub " + "x" * 200 + " on the revision main."
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(reason + "\nsecond line")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(OSError) as e:
+        mm.load_bert("no-such-user/no-such-bert-model")
+    assert reason in str(e.value) and "second line" not in str(e.value)
+    assert "minimoe.default_teacher()" in str(e.value)
 
 @pytest.mark.parametrize("value, offline", [("1", True), ("true", True), ("YES", True), ("on", True), ("0", False),
                                             ("false", False), ("no", False), ("off", False), ("", False), (None, False)])
