@@ -643,10 +643,23 @@ def test_eval_checks_its_runs_and_output_before_evaluating(tmp_path, capsys, mon
     assert line.startswith(f"error: --runs {tmp_path / 'empty'}: no finished finetune.py run of ")
     assert not list((tmp_path / "empty").iterdir())  # nothing written
     fake_run(tmp_path / "runs", dict(task="sst2", metric="acc", metrics={"acc": 0.5}, num_labels=2))
-    (tmp_path / "runs" / "glue_results.json").mkdir()  # the default output cannot be written
+    (tmp_path / "out.json").mkdir()  # an output that cannot be written
     monkeypatch.setattr(ev, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated first"))
-    line = user_error(ev.main, ["--tasks", "sst2", "--runs", str(tmp_path / "runs")], capsys)
-    assert line.startswith(f"error: {tmp_path / 'runs' / 'glue_results.json'}: not a writable file path")
+    with pytest.raises(SystemExit) as e:  # refused by argparse, before anything is read
+        td.run_script(lambda: ev.main(["--tasks", "sst2", "--runs", str(tmp_path / "runs"), "--json",
+                                       str(tmp_path / "out.json")]))
+    assert e.value.code == 2
+    assert f"--json: not a writable file path: '{tmp_path / 'out.json'}'" in capsys.readouterr().err
+
+
+def test_eval_writes_nothing_unasked(tmp_path, capsys):
+    """Without --json the table is printed, and nothing lands in the runs directory."""
+    import eval as ev
+    fake_run(tmp_path / "runs", dict(task="sst2", metric="acc", metrics={"acc": 0.5}, num_labels=2))
+    before = sorted(tmp_path.rglob("*"))
+    ev.main(["--tasks", "sst2", "--runs", str(tmp_path / "runs"), "--cached"])
+    assert "| runs |" in capsys.readouterr().out
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_bench_user_errors_go_through_the_shared_handler(tmp_path):
