@@ -205,7 +205,7 @@ def load_runs(run_dirs):
     """{student: (run dir, its results.json, the student's entry)} over several runs, in run order."""
     students = {}
     for d in run_dirs:
-        f = Path(d) / "results.json"
+        f = Path(d) if Path(d).is_file() else Path(d) / "results.json"  # a run dir, or one of its results.json
         if not f.is_file():
             raise SystemExit(f"{f}: not found (expected a train_distill.py output directory)")
         res = json.loads(f.read_text())
@@ -328,6 +328,69 @@ def study_plots(run_dirs, out_dir, baseline="minilm"):
         paths.append(save_figure(fig, out / "study_expert_load.png", dpi=110))
     return paths
 
+
+def trend_report(files, baselines, references=()):
+    """Each student's held-out loss and paired Δ to each baseline (95% CI) at each evaluation of one run, and at
+    the end of reference runs (e.g. a shorter study on the same pairs). A results.json holds the per-pair KL
+    sums of its latest evaluation only, so each point is a results.json as written at that evaluation."""
+    points = []
+    for f, reference in [(f, False) for f in files] + [(f, True) for f in references]:
+        rows = study_report([f], baselines)  # also checks the file
+        res = json.loads((Path(f) if Path(f).is_file() else Path(f) / "results.json").read_text())
+        points.append(dict(file=str(f), step=res["step"], pairs=res["step"] * res["args"]["batch_size"],
+                           reference=reference, rows=rows))
+    shown = {r["student"] for p in points if not p["reference"] for r in p["rows"]}
+    for p in points:  # a reference run's other students are left out
+        p["rows"] = [r for r in p["rows"] if r["student"] in shown]
+    return sorted(points, key=lambda p: (p["reference"], p["pairs"]))
+
+
+def trend_markdown(points, baselines):
+    lines = ["| pairs seen | run | student | held-out relation KL | " +
+             " | ".join(f"Δ vs {b} [95% CI]" for b in baselines) + " |", "|---|---|---|---|" + "---|" * len(baselines)]
+    for p in points:
+        for r in p["rows"]:
+            delta = " | ".join("–" if b not in r["vs"] else
+                               f"{r['vs'][b]['diff']:+.4f} [{r['vs'][b]['ci'][0]:+.4f}, {r['vs'][b]['ci'][1]:+.4f}]" +
+                               (" *" if r["vs"][b]["significant"] else "") for b in baselines)
+            run = f"reference ({p['step']} steps)" if p["reference"] else f"step {p['step']}"
+            lines.append(f"| {p['pairs']:,} | {run} | {r['student']} | {r['heldout']:.4f} | {delta} |")
+    return "\n".join(lines)
+
+
+def trend_plot(points, baselines, path):
+    """Held-out loss vs pairs seen (log x), and each student's Δ to each baseline with its 95% CI; a reference
+    run's end as open markers."""
+    plt = pyplot("--trend")
+    fig, axes = plt.subplots(1, 1 + len(baselines), figsize=(5 * (1 + len(baselines)), 4))
+    names = list(dict.fromkeys(r["student"] for p in points if not p["reference"] for r in p["rows"]))
+    colors = {n: f"C{i}" for i, n in enumerate(names)}
+    for ref in (False, True):
+        pts = [p for p in points if p["reference"] == ref]
+        for n in names:
+            xy = [(p["pairs"], r) for p in pts for r in p["rows"] if r["student"] == n]
+            if not xy:
+                continue
+            style = dict(color=colors[n], marker="o", ms=4, ls="none" if ref else "-", mfc="none" if ref else None)
+            axes[0].plot([x for x, _ in xy], [r["heldout"] for _, r in xy], label=None if ref else n, **style)
+            for ax, b in zip(axes[1:], baselines):
+                d = [(x, r["vs"][b]) for x, r in xy if b in r["vs"]]
+                if d:
+                    err = [[v["diff"] - v["ci"][0] for _, v in d], [v["ci"][1] - v["diff"] for _, v in d]]
+                    ax.errorbar([x for x, _ in d], [v["diff"] for _, v in d], yerr=err, capsize=2,
+                                label=None if ref else n, **style)
+    axes[0].set(ylabel="held-out relation KL (nats)", title="Held-out relation loss")
+    for ax, b in zip(axes[1:], baselines):
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set(ylabel=f"Δ vs {b} (nats), 95% CI", title=f"Paired difference to {b}")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x:,.0f}"))
+        ax.set_xlabel("pairs seen (open markers: reference run)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 # -----------------------------------------------------------------------------
 # Compressing the experts (the paper's future work): spectra, low-rank students, the trade-off
@@ -458,7 +521,10 @@ def parse_args(argv=None):
     p.add_argument("--debug", action="store_true", help="a traceback for every error, user errors included")
     p.add_argument("--plot", nargs="+", default=None, metavar="RUN_DIR",
                    help="train_distill.py output dirs: study table with paired-bootstrap CIs, and plots")
-    p.add_argument("--out_dir", default="results", help="where --plot writes its table and PNGs")
+    p.add_argument("--trend", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="one run's results.json as written at each evaluation: a table and plot of the held-out "
+                   "loss and Δ to --baseline with CIs against pairs seen; --reference runs for comparison")
+    p.add_argument("--out_dir", default="results", help="where --plot and --trend write their tables and PNGs")
     p.add_argument("--baseline", default="minilm", help="the student(s) --plot compares the others with, "
                    "comma-separated (one Δ column each; the plots use the first)")
     p.add_argument("--svd", default=None, metavar="STUDENT", help="singular-value spectra of a MiniMoE's experts "
@@ -477,7 +543,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher", default=None, help="--tradeoff: the teacher (default: the embedded all-MiniLM-L6-v2)")
     p.add_argument("--corpus", default=None, help="--tradeoff: the distillation corpus (its held-out pairs)")
     p.add_argument("--reference", nargs="*", default=[], help="--tradeoff: other students to score alike "
-                   "(e.g. the dense MiniLM)")
+                   "(e.g. the dense MiniLM); --trend: other runs' results.json, compared at their end")
     p.add_argument("--eval_pairs", type=POSITIVE_INT, default=1000, help="--tradeoff: held-out pairs")
     p.add_argument("--max_seq_length", type=POSITIVE_INT, default=128, help="--tradeoff: as the distillation run")
     p.add_argument("--num_relation_heads", type=POSITIVE_INT, default=32, help="--tradeoff: as the distillation run")
@@ -503,6 +569,19 @@ def main(argv=None):
         for path in study_plots(args.plot, out, baselines[0]):
             print(f"wrote {path}", file=sys.stderr)
         return rows
+    if args.trend:  # one distillation run at each of its evaluations
+        baselines = args.baseline.split(",")
+        points = trend_report(args.trend, baselines, args.reference)
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        command = "python eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        table = trend_markdown(points, baselines)
+        (out / "trend.md").write_text(f"<!-- generated by: {command} -->\n{table}\n\nΔ: paired bootstrap over "
+                                      "held-out pairs (2000 resamples); * = the 95% interval excludes 0.\n")
+        (out / "trend.json").write_text(json.dumps(dict(command=command, points=points), indent=1))
+        print(table)
+        print(f"wrote {trend_plot(points, baselines, out / 'trend.png')}", file=sys.stderr)
+        return points
     if args.svd:
         return svd_report(args.svd, args.out_dir)
     if args.compress:
