@@ -11,8 +11,8 @@ Evaluate finetuned checkpoints (GLUE, CoNLL-2003), print the GLUE table, report 
     python eval.py --compress out/study/moe4/student --rank 128 --basis shared --out out/moe4_r128
     python eval.py --tradeoff out/study/moe4/student --ranks 64,128,256 --corpus WIKI  # params vs held-out KL
 
-Imports run one way: minimoe <- train_distill <- finetune <- eval. The metrics (accuracy, binary F1,
-Matthews, Pearson, Spearman, entity-level micro F1), the readers, the head model and `predict` live in
+Imports run one way: minimoe <- runkeeping <- train_distill <- finetune <- eval. The metrics (accuracy,
+binary F1, Matthews, Pearson, Spearman, entity-level micro F1), the readers, the head model and `predict` live in
 finetune.py, which evaluates on dev while it trains; eval.py re-exports the metrics (eval.accuracy, ...).
 """
 import argparse
@@ -24,7 +24,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: on a busy machine, spinning
 # idle threads steal the cores from working ones (2-3x slower); a setting of your own wins
@@ -37,7 +36,7 @@ import minimoe
 import train_distill
 from finetune import (accuracy, entities, f1_binary, matthews, ner_scores, pearson, rankdata,  # noqa: F401
                       spearman, split_tag, task_metrics)  # the metrics, re-exported
-from train_distill import NONNEGATIVE_INT, POSITIVE_INT, run_script, setup_runtime, writable_file
+from runkeeping import NONNEGATIVE_INT, POSITIVE_INT, run_script, setup_runtime, writable_file
 
 # -----------------------------------------------------------------------------
 # The GLUE table
@@ -438,11 +437,11 @@ def heldout_relation_loss(students, teacher_path, corpus, eval_pairs=1000, batch
     tok = minimoe.load_tokenizer(teacher_path)
     pairs = train_distill.build_pairs(corpus, tok, cache_dir, max_seq_length, seed=seed)["heldout"]
     pairs = pairs.select(range(min(eval_pairs, len(pairs))))
-    rt = train_distill.setup_runtime(seed)
+    rt = setup_runtime(seed)
     teacher = minimoe.load_bert(teacher_path).to(rt.device)
-    args = SimpleNamespace(micro_batch_size=batch_size, teacher_layer=-1, num_relation_heads=num_relation_heads)
-    means, per_pair = train_distill.evaluate(teacher, {k: m.to(rt.device) for k, m in students.items()}, pairs, args,
-                                             rt, tok.token_to_id("[PAD]") or 0)
+    students = {k: m.to(rt.device) for k, m in students.items()}
+    means, per_pair = train_distill.evaluate(teacher, students, pairs, rt, tok.token_to_id("[PAD]") or 0,
+                                             batch_size, num_relation_heads)
     return means, per_pair
 
 

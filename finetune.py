@@ -10,7 +10,7 @@ Finetune a BERT / MiniMoE encoder on a GLUE task or CoNLL-2003 NER, keep the bes
 The file reads top to bottom: the task registry, the readers (GLUE TSV, CoNLL columns, the hub),
 tokenisation with dynamic padding, the head model and its checkpoint I/O, prediction and dev
 evaluation with the metrics, then `main`: arguments, data, and for each learning rate of the grid the
-training loop. Imports run one way: minimoe <- train_distill <- finetune <- eval (eval.py reads checkpoints
+training loop. Imports run one way: minimoe <- runkeeping <- finetune <- eval (eval.py reads checkpoints
 with this file's readers and head model, and re-exports its metrics).
 
 Recipe (MiniLM / MiniMoE finetuning): max length 128, AdamW (no decay on biases and LayerNorm),
@@ -40,9 +40,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import minimoe
-from train_distill import (FRACTION, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, DirectoryInUse, Runtime,
-                           configure_optimizer, hub_reachable, lock_out_dir, lr_lambda, number, optimizer_step, pad_batch,
-                           release_lock, remove_stale_temp_files, run_script, setup_runtime, write_json)
+from runkeeping import (FRACTION, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, DirectoryInUse,
+                        Runtime, configure_optimizer, hub_reachable, lock_out_dir, lr_lambda, number,
+                        optimizer_step, pad_batch, release_lock, remove_stale_temp_files, run_script,
+                        setup_runtime, write_json)
 
 # -----------------------------------------------------------------------------
 # Tasks
@@ -299,7 +300,7 @@ def encode(task, examples, tok, max_length=128):
 
 
 def collate_features(features, pad_id=0):
-    """A list of Features, padded to the batch's longest row (train_distill.pad_batch): input_ids,
+    """A list of Features, padded to the batch's longest row (runkeeping.pad_batch): input_ids,
     attention_mask and token_type_ids (B, T), and labels."""
     B, T = len(features), max(len(f.ids) for f in features)
     batch = pad_batch([f.ids for f in features], [f.types for f in features], pad_id, T)

@@ -39,11 +39,10 @@ later run's --teacher read it; a dense student is a plain HF BERT directory), st
 run; a checkpoint file also serves as --teacher), log.jsonl (loss, relation and load-balance losses, lr, tokens/s,
 per-layer expert load, held-out relation loss), and .lock while a run uses the directory.
 
-Imports run one way: minimoe <- train_distill <- finetune <- eval (and bench), so finetune.py and bench.py
-share this file's runtime, optimizer, optimizer step, padding and argument types.
+Imports run one way: minimoe <- runkeeping <- train_distill <- finetune <- eval (bench.py beside eval.py):
+locks, checksums, resume state, argument types and the runtime live in runkeeping.py.
 """
 import argparse
-import atexit
 import bz2
 import contextlib
 import functools
@@ -56,20 +55,17 @@ import random
 import re
 import shlex
 import shutil
-import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Optional
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: on a busy machine, spinning
 # idle threads steal the cores from working ones (2-3x slower); a setting of your own wins
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -77,14 +73,16 @@ from tqdm.auto import tqdm
 
 import minimoe
 from minimoe import Bert, BertConfig, load_bert, load_tokenizer, relation_loss, save_bert
+from runkeeping import (FRACTION, NONNEGATIVE, POSITIVE, POSITIVE_INT, Runtime, atomic_save,
+                        checkpoint_students, checkpoints, configure_optimizer, find_resume_checkpoint,
+                        hub_reachable, lock_out_dir, lr_lambda, number, optimizer_step, pad_batch,
+                        remove_checkpoint, remove_stale_temp_files, resumed_results, rng_state, run_script,
+                        set_rng_state, set_torch_rng_state, setup_runtime, torch_rng_state, truncate_log,
+                        warn, workers_die_with_us, write_json)
 
 DEMO_MAX_STEPS = 100  # the no-argument demo's budget: ~10 min on 2 CPU cores, dense baseline included
 DEMO_BATCH_SIZE = 16
 PIPELINE_VERSION = 1  # bump when the pair-building code changes: invalidates cached pairs
-
-
-def warn(msg):
-    print(f"[train_distill] {msg}", file=sys.stderr, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -160,19 +158,6 @@ def read_wiki_dump(path, min_words=8):
                 continue
             lines = (ln for ln in text.splitlines() if not ln.startswith(("=", "{", "|", "!")) and "|" not in ln)
             yield [s for ln in lines for s in split_sentences(clean_line(ln), min_words)]
-
-
-def hub_reachable(timeout=3.0):
-    """Can we open a connection to the Hugging Face Hub? (load_dataset itself retries for ~25 s offline.)
-    Behind an HTTPS proxy a direct connection says nothing: let the proxy decide."""
-    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
-        return True
-    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def open_hub_dataset(spec):
@@ -320,48 +305,15 @@ def pairs_batch(batch, indices, tokenizer, max_seq_length, short_seq_prob, seed)
     return out
 
 
-def workers_die_with_us(fn):
-    """Decorator: a plain `kill` (SIGTERM: a scheduler, `timeout`) of this process while `fn` runs exits
-    through fn's cleanup and ends the worker processes it started (datasets' map and generator pools), rather
-    than leaving them running with no parent. A forked worker inherits the handler and just dies."""
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
-            return fn(*args, **kwargs)
-        me, received = os.getpid(), []
-
-        def on_sigterm(signum, frame):
-            if os.getpid() != me:  # a worker: the default action, death
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-            received.append(signum)
-            raise SystemExit(128 + signum)  # unwinds: the pools terminate their workers, the build dir goes
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
-        try:
-            return fn(*args, **kwargs)
-        except BaseException:
-            end_child_processes()
-            if received:  # whatever the pools' cleanup raised on the way out (datasets: a TimeoutError)
-                warn("stopped by SIGTERM; the worker processes were ended")
-                raise SystemExit(128 + received[0]) from None
-            raise
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-    return wrapped
-
-
-def end_child_processes(timeout=5.0):
-    """Terminate (then kill) the worker processes still alive, of multiprocessing and of its fork
-    `multiprocess` (which `datasets` uses)."""
-    import multiprocessing
-    modules = [multiprocessing] + ([sys.modules["multiprocess"]] if "multiprocess" in sys.modules else [])
-    children = [c for m in modules for c in m.active_children()]
-    for c in children:
-        c.terminate()
-    for c in children:
-        c.join(timeout)
-        if c.is_alive():
-            c.kill()
+def pid_alive(pid):
+    """Does process `pid` exist on this host?"""
+    try:
+        os.kill(pid, 0)  # signal 0: only asks
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        pass
+    return True
 
 
 @workers_die_with_us
@@ -489,19 +441,6 @@ def check_teacher(teacher, path, layer=-1):
                          "teacher's weights or config.json are broken; use another teacher")
 
 
-def pad_batch(ids, types, pad_id, T):
-    """Lists of token ids and token type ids -> (B, T) tensors input_ids, token_type_ids and attention_mask
-    (1 = real token), padded at the end. finetune.collate_features pads its batches with it too."""
-    out = {"input_ids": torch.full((len(ids), T), pad_id, dtype=torch.long),  # (B, T)
-           "token_type_ids": torch.zeros(len(ids), T, dtype=torch.long),  # (B, T)
-           "attention_mask": torch.zeros(len(ids), T, dtype=torch.long)}  # (B, T)
-    for i, (x, t) in enumerate(zip(ids, types)):
-        out["input_ids"][i, :len(x)] = torch.tensor(x)
-        out["token_type_ids"][i, :len(t)] = torch.tensor(t)
-        out["attention_mask"][i, :len(x)] = 1
-    return out
-
-
 def collate_pairs(rows, pad_id, length=None):
     """A batch of segment pairs, as `datasets` slices them ({"input_ids": [...], "token_type_ids": [...]}), padded
     by pad_batch to T = the longest pair rounded up to 8, or `length` (static shapes for --compile)."""
@@ -524,258 +463,6 @@ def global_batches(num_pairs, batch_size, seed, start_step=0):
 
 
 # -----------------------------------------------------------------------------
-# Runtime, optimizer, optimizer step, schedule (finetune.py and bench.py use them), checkpoints
-
-
-class Runtime(NamedTuple):
-    device: torch.device
-    is_ddp: bool  # launched by torchrun with WORLD_SIZE > 1
-    rank: int
-    local_rank: int
-    world_size: int
-    is_master: bool  # rank 0: logs, evaluates and saves
-    amp_dtype: Optional[torch.dtype]  # autocast dtype, None = fp32
-    scaler: torch.amp.GradScaler  # enabled for fp16 only; otherwise its calls pass through
-
-    def autocast(self):
-        """Mixed-precision context for forward passes (a no-op in fp32)."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-
-def setup_runtime(seed: int, precision: str = "auto") -> Runtime:
-    """Device, DDP and precision, like nanoGPT. Under torchrun (WORLD_SIZE > 1) joins the process
-    group (NCCL on GPUs, gloo on CPU) and pins cuda:LOCAL_RANK; otherwise cuda -> mps -> cpu.
-    precision: "auto" (bf16 autocast on CUDA when supported, else fp32), "fp32", "bf16", or "fp16"
-    (autocast + GradScaler, CUDA only). TF32 matmuls on. Seeds python/numpy/torch with seed + rank."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    is_ddp = world_size > 1
-    rank, local_rank = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])) if is_ddp else (0, 0)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    elif torch.backends.mps.is_available() and not is_ddp:
-        device = torch.device("mps")
-    else:
-        device = torch.device("cpu")
-    if is_ddp and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 (with GradScaler) needs CUDA; use bf16 or fp32 on this device")
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    return Runtime(device, is_ddp, rank, local_rank, world_size, rank == 0, amp_dtype, scaler)
-
-
-def configure_optimizer(model, lr, weight_decay=0.01):
-    """AdamW with weight decay on weight matrices only: none on biases (including the experts'
-    stacked 2-D b1/b2/bqkv/bo) and LayerNorm weights (every tensor with ndim < 2), as in BERT and the
-    MiniMoE code. betas (0.9, 0.999) and eps 1e-6, those of the HF AdamW the original code used."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and not minimoe.is_bias(name) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.device.type in ("cuda", "cpu") for p in decay + no_decay)  # one kernel per step (bench.py)
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6, fused=fused or None)
-
-
-def optimizer_step(model, optimizer, scaler, grad_clip):
-    """Unscale the gradients (fp16), clip their norm to grad_clip (0: no clipping), step, zero them.
-    Returns the norm before clipping (None without). scaler.update() is the caller's, once per step: one
-    scaler may serve several optimizers (the students of train_distill)."""
-    scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
-    scaler.step(optimizer)  # skipped when an fp16 gradient is inf/NaN
-    optimizer.zero_grad(set_to_none=True)
-    return norm
-
-
-def lr_lambda(step, total_steps, warmup_steps):
-    """Multiplier of the peak lr for LambdaLR: linear warmup from 0, then linear decay to 0 at
-    total_steps (HF's get_linear_schedule_with_warmup, used by the MiniMoE code)."""
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-
-def atomic_save(obj, path, checksum=False):
-    """torch.save through minimoe.atomic_write: a reader (or a killed run) sees the old file or the complete
-    new one, never half of one, and a failed save (disk full) leaves no temporary file. checksum: also write
-    PATH.sha256 (`sha256sum -c` reads it), before the rename, so that every checkpoint in place has one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(f):
-        torch.save(obj, f)
-        if checksum:
-            f.flush()
-            minimoe.atomic_write(checksum_path(path), f"{sha256_file(f.name)}  {path.name}\n")
-    minimoe.atomic_write(path, write)
-
-
-def checksum_path(path):
-    return Path(path).with_name(Path(path).name + ".sha256")
-
-
-def sha256_file(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def load_checkpoint(path):
-    """torch.load of a training checkpoint, checked first against its .sha256 (when it has one), and
-    its students' weights checked to be finite: a ValueError naming the file otherwise."""
-    path = Path(path)
-    if checksum_path(path).exists():
-        want = (checksum_path(path).read_text(errors="replace").split() or [""])[0]
-        if not re.fullmatch(r"[0-9a-f]{64}", want):
-            raise ValueError(f"{checksum_path(path)}: empty or not a sha256 checksum file (damaged)")
-        if sha256_file(path) != want:
-            raise ValueError(f"{path}: the sha256 checksum does not match {checksum_path(path).name} "
-                             "(the file is damaged or truncated)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        students = checkpoint_students(ckpt)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    for name, st in students.items():
-        if bad := minimoe.nonfinite_tensor(st["model"]):
-            raise ValueError(f"{path}: tensor {bad!r} of student {name} is not finite (NaN or inf)")
-    return ckpt
-
-
-def find_resume_checkpoint(ckpt_dir, resume):
-    """(path, checkpoint) for --resume: the file given, or ("latest") the newest intact one of ckpt_dir,
-    a damaged newer one reported and skipped; (None, None) when ckpt_dir has no checkpoint."""
-    if resume != "latest":
-        return Path(resume), load_checkpoint(resume)
-    found = checkpoints(ckpt_dir)
-    for path in reversed(found):
-        try:
-            return path, load_checkpoint(path)
-        except ValueError as e:
-            warn(f"{e}: falling back to the previous checkpoint")
-    if found:
-        raise SystemExit(f"--resume: none of the {len(found)} checkpoints in {ckpt_dir} is intact; start a new run "
-                         "with --overwrite (or in another --out_dir)")
-    return None, None
-
-
-def rng_state():
-    """This process's RNG states, as plain types so that torch.load(weights_only=True) reads them."""
-    np_state = np.random.get_state(legacy=False)
-    np_state["state"]["key"] = np_state["state"]["key"].tolist()
-    return {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    np_state = dict(state["numpy"], state=dict(state["numpy"]["state"]))
-    np_state["state"]["key"] = np.array(np_state["state"]["key"], dtype=np.uint32)
-    np.random.set_state(np_state)
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoints(ckpt_dir):
-    """step_*.pt files of a run, oldest first."""
-    return sorted(Path(ckpt_dir).glob("step_*.pt"))
-
-
-def remove_checkpoint(path):
-    Path(path).unlink(missing_ok=True)
-    checksum_path(path).unlink(missing_ok=True)
-
-
-def pid_alive(pid):
-    """Does process `pid` exist on this host?"""
-    try:
-        os.kill(pid, 0)  # signal 0: only asks
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by another user
-        pass
-    return True
-
-
-class DirectoryInUse(SystemExit):
-    """lock_out_dir's refusal when another live process holds the directory's lock."""
-
-
-def lock_out_dir(out_dir, what="run"):
-    """Create out_dir (an error now, not after hours of tokenising, if it cannot be written) and take its
-    lock file `.lock` ({"pid", "host"}): a second run on the same directory is refused; a lock left by a
-    dead process of this host (or by an earlier main() of this process) is taken over. The lock is
-    released at exit."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SystemExit(f"--out_dir {out_dir}: exists and is not a directory")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"--out_dir {out_dir}: cannot be created ({e.strerror})") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise SystemExit(f"--out_dir {out_dir}: not writable")
-    lock, me = out_dir / ".lock", {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: only one process creates it
-        except FileExistsError:
-            try:
-                owner = json.loads(lock.read_text())
-                pid, host = int(owner["pid"]), owner["host"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise SystemExit(f"{lock}: unreadable lock file; delete it if no {what} uses {out_dir}") from None
-            if host == me["host"] and (pid == me["pid"] or not pid_alive(pid)):
-                if pid != me["pid"]:
-                    warn(f"{lock}: taking over the lock of process {pid}, which is no longer running")
-                lock.unlink(missing_ok=True)
-                continue
-            raise DirectoryInUse(f"{out_dir} is in use by another {what} (pid {pid} on {host}, lock file {lock}); wait "
-                             "for it, use another --out_dir, or delete the lock file if that process is gone") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        atexit.register(release_lock, lock)
-        return lock
-    raise SystemExit(f"{lock}: could not take the lock")
-
-
-def release_lock(lock):
-    """Remove the lock file if it is still this process's."""
-    try:
-        if json.loads(Path(lock).read_text())["pid"] == os.getpid():
-            Path(lock).unlink()
-    except (OSError, ValueError, KeyError):
-        pass
-
-
-def remove_stale_temp_files(out_dir):
-    """Temporary files that a killed or failed save (minimoe.atomic_write: .NAME.tmpPID) left anywhere in a
-    run's directory: checkpoints, results, every student's or a finetuned model's files (the directory's lock
-    is ours, so no other process writes there); and checksums whose checkpoint is gone."""
-    ckpt_dir = Path(out_dir) / "checkpoints"
-    temp = [f for f in Path(out_dir).rglob(".*.tmp*") if re.fullmatch(r"\..+\.tmp\d+", f.name)
-            and f.is_file()]
-    for f in [*temp, *ckpt_dir.glob("step_*.pt.sha256")]:
-        if f.name.endswith(".sha256") and f.with_name(f.name[:-len(".sha256")]).exists():
-            continue
-        warn(f"removing {f}, left by an interrupted save")
-        f.unlink(missing_ok=True)
-
-
-# -----------------------------------------------------------------------------
 # The distillation loss
 
 
@@ -789,21 +476,21 @@ def distill_loss(teacher_qkv, student, batch, num_relation_heads=32, load_balanc
 
 
 @torch.no_grad()
-def evaluate(teacher, students, pairs, args, rt, pad_id):
+def evaluate(teacher, students, pairs, rt, pad_id, batch_size, num_relation_heads=32, teacher_layer=-1):
     """Held-out relation loss of each student (eval mode: no dropout, no router noise): the mean over all
     real query rows of all pairs. Also returns each pair's (KL sum, rows), for paired bootstrap intervals."""
     sums = {name: [] for name in students}
     rows = []
     for m in students.values():
         m.eval()
-    for i in range(0, len(pairs), args.micro_batch_size):
-        batch = {k: v.to(rt.device) for k, v in collate_pairs(pairs[i:i + args.micro_batch_size], pad_id).items()}
+    for i in range(0, len(pairs), batch_size):
+        batch = {k: v.to(rt.device) for k, v in collate_pairs(pairs[i:i + batch_size], pad_id).items()}
         with rt.autocast():
             t_qkv = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                            relation_layer=args.teacher_layer).qkv
+                            relation_layer=teacher_layer).qkv
             for name, m in students.items():
                 s_qkv = m(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).qkv
-                kl, n = relation_loss(t_qkv, s_qkv, batch["attention_mask"], args.num_relation_heads,
+                kl, n = relation_loss(t_qkv, s_qkv, batch["attention_mask"], num_relation_heads,
                                       per_sequence=True)
                 sums[name].append(kl.float())
         rows.append(n)
@@ -860,15 +547,6 @@ def describe(cfg):
     return f"{kind} {cfg.num_layers}L-{cfg.hidden_size}H, {cfg.relation_head} relation head"
 
 
-def checkpoint_students(ckpt):
-    """{name: {config, model, optimizer, scheduler}} of a checkpoint (also those written before
-    multi-student runs: the student at the top level, the dense baseline under "dense")."""
-    if "students" in ckpt:
-        return ckpt["students"]
-    old = {"student": {k: ckpt[k] for k in ("config", "model", "optimizer", "scheduler")}}
-    return {**old, **({"dense": ckpt["dense"]} if "dense" in ckpt else {})}
-
-
 def log_sums(cfg, device):
     """What the loop sums on the device between two log points (no host sync) for one student: its relation
     and load-balance losses and the real tokens of its micro-batches, and its router_stats, the fraction of
@@ -876,6 +554,50 @@ def log_sums(cfg, device):
     load_shape = (cfg.num_layers, cfg.num_experts) if cfg.num_experts > 1 else (0,)
     return {"rel": torch.zeros((), device=device), "lb": torch.zeros((), device=device),
             "tokens": torch.zeros((), device=device), "load": torch.zeros(load_shape, device=device)}
+
+
+@dataclass
+class Student:
+    """One student of the run. rng: its torch RNG state between its turns (its dropout and router noise, as
+    if it ran alone); sums: its log window (log_sums); diverged: the first step whose loss or gradients were
+    not finite, 0 = none (a device tensor: noted without a host sync)."""
+    model: Bert  # what is saved
+    out: str  # its output directory, under --out_dir
+    rng: dict
+    call: torch.nn.Module = None  # what the loop calls: `model`, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR = None
+    prefix: str = ""  # of its log fields: "" for the first student, "NAME_" for the others
+    sums: dict = None
+    diverged: torch.Tensor = None
+
+
+@dataclass
+class Run:
+    """What the loop, its log records, evaluations and checkpoints share."""
+    args: argparse.Namespace
+    rt: Runtime
+    students: dict  # name -> Student
+    total_steps: int
+    steps_per_epoch: int
+    results: dict  # what results.json publishes (new_results)
+    eval_teacher: Bert
+    heldout: object  # the held-out pairs evaluated, a datasets.Dataset
+    pad_id: int
+    step: int = 0
+    n_micro: int = 0  # micro-batches summed in the students' log windows
+    elapsed: float = 0.0  # seconds trained before this process (a resumed run)
+    t_start: float = 0.0  # when this process's loop started
+    last_eval: Optional[tuple] = None  # (step, {name: held-out relation loss})
+    bar: Optional[tqdm] = None
+
+    @property
+    def out_dir(self):
+        return Path(self.args.out_dir)
+
+    @property
+    def ckpt_dir(self):
+        return Path(self.args.out_dir) / "checkpoints"
 
 
 def window_state(sums, n_micro):
@@ -895,18 +617,6 @@ def restore_window(ckpt, fresh, rt):
     return {k: {n: t.to(rt.device) for n, t in s.items()} for k, s in saved["sums"].items()}, saved["n_micro"]
 
 
-def torch_rng_state():
-    """The torch generators that dropout and router noise draw from (CPU, and CUDA when present)."""
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_torch_rng_state(state):
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def peak_memory_mb(rt):
     """Peak resident memory of this process (Linux/macOS), and peak CUDA memory allocated on a GPU."""
     import resource
@@ -915,58 +625,43 @@ def peak_memory_mb(rt):
     return {"peak_rss_mb": round(rss), "peak_cuda_mb": None if cuda is None else round(cuda)}
 
 
-def new_results(args, argv, tcfg, cfgs, outs):
+def new_results(args, argv, tcfg, students):
     """What results.json publishes: the command, the students, and (filled in as the run goes) held-out
     relation loss per evaluation, expert load per log point, tokens/s, wall time, peak memory."""
     command = ["python", "train_distill.py", *(sys.argv[1:] if argv is None else argv)]
+    cfgs = {k: st.model.config for k, st in students.items()}
     return {"command": " ".join(shlex.quote(a) for a in command), "args": {k: v for k, v in vars(args).items()},
-            "teacher": {"path": args.teacher, "config": asdict(tcfg)}, "eval_teacher": args.eval_teacher or args.teacher,
-            "students": {k: {"describe": describe(cfg), "out": outs[k], "config": asdict(cfg),
+            "teacher": {"path": args.teacher, "config": asdict(tcfg)},
+            "eval_teacher": args.eval_teacher or args.teacher,
+            "students": {k: {"describe": describe(cfg), "out": students[k].out, "config": asdict(cfg),
                              "params": minimoe.count_params(cfg), "heldout": [], "expert_load": []}
                          for k, cfg in cfgs.items()},
             "tok_per_s": [], "step": 0, "wall_s": 0.0, "heldout_pairs": None, "final": None, "per_pair": None}
 
 
-def restore_run(ckpt, raw, optimizers, schedulers, rngs, rt, seed):
+def restore_run(ckpt, students, rt, seed):
     """Put a checkpoint's students, optimizers, schedules, grad scaler and RNG streams (this process's
-    and each student's, updated in `rngs`) back in place. Returns (step, elapsed seconds)."""
+    and each student's) back in place. Returns (step, elapsed seconds)."""
     saved = checkpoint_students(ckpt)
-    for k in raw:
-        raw[k].load_state_dict(saved[k]["model"])
-        optimizers[k].load_state_dict(saved[k]["optimizer"])
-        schedulers[k].load_state_dict(saved[k]["scheduler"])
+    for k, st in students.items():
+        st.model.load_state_dict(saved[k]["model"])
+        st.optimizer.load_state_dict(saved[k]["optimizer"])
+        st.scheduler.load_state_dict(saved[k]["scheduler"])
     if ckpt.get("scaler"):  # saved by an fp16 run ({} or None otherwise)
         rt.scaler.load_state_dict(ckpt["scaler"])
     step = ckpt["step"]
     if len(ckpt["rng"]) == rt.world_size:
         mine = ckpt["rng"][rt.rank]
         set_rng_state(mine.get("process", mine))
-        rngs.update(mine.get("students", {}))
+        for k, state in mine.get("students", {}).items():
+            if k in students:
+                students[k].rng = state
     else:  # another world size: fresh, but distinct and reproducible, streams
-        for i, k in enumerate(raw):
+        for i, st in enumerate(students.values()):
             torch.manual_seed(seed + rt.rank + 1000 * step + i)
-            rngs[k] = torch_rng_state()
+            st.rng = torch_rng_state()
         torch.manual_seed(seed + rt.rank + 1000 * step)
     return step, ckpt.get("elapsed", 0.0)
-
-
-def resumed_results(path, fresh, step):
-    """results.json of the run being resumed, cut back to the checkpoint's step."""
-    if not path.exists():
-        return fresh
-    try:
-        old = json.loads(path.read_text())
-    except ValueError:  # damaged (an interrupted copy, a full disk): start it afresh
-        old = None
-    if not isinstance(old, dict):
-        warn(f"{path}: not valid JSON, so its held-out evaluations up to step {step} are dropped")
-        return fresh
-    for k, st in old.get("students", {}).items():
-        if k in fresh["students"]:
-            fresh["students"][k]["heldout"] = [x for x in st["heldout"] if x[0] <= step]
-            fresh["students"][k]["expert_load"] = [x for x in st["expert_load"] if x[0] <= step]
-    fresh["tok_per_s"] = [x for x in old.get("tok_per_s", []) if x[0] <= step]
-    return fresh
 
 
 def record_eval(results, step, means, per_pair, wall_s, rt):
@@ -976,61 +671,8 @@ def record_eval(results, step, means, per_pair, wall_s, rt):
                    per_pair={k: [round(x, 6) for x in v] for k, v in per_pair.items()}, **peak_memory_mb(rt))
 
 
-def write_json(path, obj):
-    minimoe.atomic_write(path, json.dumps(obj, indent=1))
-
-
-def truncate_log(path, step):
-    """Drop log.jsonl records after `step` (a resumed run logs those steps again), and a last line cut
-    short by a kill."""
-    def before(line):
-        try:
-            return json.loads(line)["step"] <= step
-        except (ValueError, KeyError, TypeError):
-            return False
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and before(ln)]
-        minimoe.atomic_write(path, "".join(ln + "\n" for ln in keep))
-
-
 # -----------------------------------------------------------------------------
 # The script
-
-
-def number(kind=int, low=None, high=None, above=None):
-    """An argparse type: a finite int or float with low <= x <= high, or x > above; argparse shows a
-    refusal as "argument --batch_size: must be an integer >= 1, got '0'"."""
-    what = "an integer" if kind is int else "a number"
-    lower = f">= {low}" if low is not None else f"> {above}" if above is not None else ""
-    bound = " and ".join(b for b in (lower, f"<= {high}" if high is not None else "") if b)
-
-    def parse(text):
-        try:
-            x = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if not math.isfinite(x) or (low is not None and x < low) or (high is not None and x > high) or \
-                (above is not None and x <= above):
-            raise argparse.ArgumentTypeError(f"must be {what} {bound}, got {text!r}")
-        return x
-    return parse
-
-
-def writable_file(text):
-    """An argparse type: a path a file can be written to, its folder made if missing. A --json flag checked
-    at parse time fails at once, not after minutes of work."""
-    folder = Path(text).resolve().parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise argparse.ArgumentTypeError(f"cannot create {folder} ({e.strerror})") from None
-    if Path(text).is_dir() or not os.access(folder, os.W_OK):
-        raise argparse.ArgumentTypeError(f"not a writable file path: {text!r}")
-    return text
-
-
-POSITIVE_INT, NONNEGATIVE_INT = number(int, low=1), number(int, low=0)
-POSITIVE, NONNEGATIVE, FRACTION = number(float, above=0), number(float, low=0), number(float, low=0, high=1)
 
 
 # flags that --resume may change: how long training goes on (--max_steps, --epochs: the lr schedule is
@@ -1178,6 +820,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """The story: arguments, the output directory, teacher, data, students, the loop, the saved students."""
     args = parse_args(argv)
     rt = setup_runtime(args.seed, args.precision)
     W = rt.world_size
@@ -1187,61 +830,10 @@ def main(argv=None):
         raise SystemExit(f"--batch_size {args.batch_size} must be a multiple of micro_batch_size "
                          f"{args.micro_batch_size} x {W} ranks")
     log = print if rt.is_master else (lambda *a, **k: None)
-    out_dir, ckpt_dir = Path(args.out_dir), Path(args.out_dir) / "checkpoints"
-
-    # ---- the output directory and the checkpoint to resume, checked before any expensive work
-    if rt.is_master and not args.prepare_only:
-        lock_out_dir(out_dir)  # refuses an unwritable --out_dir, or one that another live run uses
-        remove_stale_temp_files(out_dir)
-        if not args.resume and not args.overwrite:  # a finished or killed run is not overwritten by accident
-            previous = checkpoints(ckpt_dir)[-1:] + [out_dir / f for f in ["results.json"] +
-                                                     [s["out"] for s in args.student_specs]]
-            if previous := [str(f) for f in previous if f.exists()]:
-                raise SystemExit(f"{out_dir} holds a previous run ({', '.join(previous)}): pass --resume to continue "
-                                 "it, --overwrite to start afresh, or another --out_dir")
-    resume = None
-    if args.resume and not args.prepare_only:
-        path, resume = find_resume_checkpoint(ckpt_dir, args.resume)
-        if resume is None:
-            log(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
-        else:
-            check_resume_args(resume.get("args", {}), args, path)
-            log(f"resuming from {path} (step {resume['step']})")
-
-    # ---- the frozen teacher and its tokenizer, which the student shares
-    teacher = load_bert(args.teacher).to(rt.device).eval().requires_grad_(False)
-    check_teacher(teacher, args.teacher, args.teacher_layer)
-    eval_teacher = teacher  # held-out relation loss against this one (--eval_teacher: e.g. the TA's own teacher)
-    if args.eval_teacher:
-        eval_teacher = load_bert(args.eval_teacher).to(rt.device).eval().requires_grad_(False)
-        if eval_teacher.config.vocab_size != teacher.config.vocab_size:
-            raise SystemExit(f"--eval_teacher {args.eval_teacher}: vocabulary of {eval_teacher.config.vocab_size} "
-                             f"tokens, the teacher's has {teacher.config.vocab_size}; they must share a tokenizer")
-    tcfg = teacher.config
-    tokenizer = load_tokenizer(args.tokenizer or args.teacher)
-    pad_id = tokenizer.token_to_id("[PAD]") or 0
-    if tokenizer.get_vocab_size() > tcfg.vocab_size:
-        raise SystemExit(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the teacher's embedding table "
-                         f"only {tcfg.vocab_size} rows: pass the teacher's own tokenizer (--tokenizer)")
-    if not args.force_tokenizer:
-        check_tokenizer(tokenizer, args.tokenizer, args.teacher, tcfg)
-    if args.max_seq_length > tcfg.max_position_embeddings:
-        raise SystemExit(f"--max_seq_length {args.max_seq_length} exceeds the teacher's "
-                         f"{tcfg.max_position_embeddings} positions")
-
-    # ---- data: segment pairs, built by one process per node and cached
-    build = functools.partial(build_pairs, args.corpus, tokenizer, args.cache_dir, args.max_seq_length,
-                              args.short_seq_prob, args.min_sentence_words, args.heldout, args.seed, args.num_proc)
-    if rt.local_rank == 0:
-        pairs = build()
-    if rt.is_ddp:
-        dist.barrier()
-    if rt.local_rank != 0:
-        pairs = build()
-    train, heldout = pairs["train"], pairs["heldout"]
-    heldout = heldout.select(range(min(args.eval_pairs, len(heldout))))
-    log(f"data: {len(train):,} train / {len(pairs['heldout']):,} held-out pairs from {args.corpus} "
-        f"(max length {args.max_seq_length}), cache {Path(train.cache_files[0]['filename']).parent.parent}")
+    resume = claim_out_dir(args, rt, log)  # checked before any expensive work
+    teacher, eval_teacher, tokenizer = load_teacher(args, rt)
+    tcfg, pad_id = teacher.config, tokenizer.token_to_id("[PAD]") or 0
+    train, heldout = load_data(args, tokenizer, rt, log)
     if args.prepare_only:
         return None
     steps_per_epoch = len(train) // args.batch_size
@@ -1249,8 +841,93 @@ def main(argv=None):
         raise SystemExit(f"only {len(train)} train pairs, fewer than one batch of {args.batch_size}")
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
 
-    # ---- the students: each with its own init, dropout stream, optimizer and output directory
-    if resume:  # the resumed run's students (check_resume_args: the flags say the same)
+    students = make_students(args, rt, tcfg, resume, total_steps, log)
+    loss_fn = distill_loss  # the student's forward and loss
+    if args.compile:
+        teacher = torch.compile(teacher)
+        loss_fn = torch.compile(distill_loss)
+    run = Run(args, rt, students, total_steps, steps_per_epoch, new_results(args, argv, tcfg, students),
+              eval_teacher, heldout, pad_id)
+    start_or_resume(run, resume, tokenizer)
+    log(f"training {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs) of {args.batch_size} "
+        f"pairs = {W} ranks x {args.micro_batch_size} x {accum} accumulation; lr {args.lr}, {rt.device}, "
+        f"{rt.amp_dtype or torch.float32}")
+    train_loop(run, teacher, train, loss_fn, accum)
+    return save_students(run, tokenizer)
+
+
+def claim_out_dir(args, rt, log):
+    """Lock --out_dir (refusing an unwritable one, or one another live run uses), refuse to overwrite a
+    previous run by accident, and read the checkpoint to resume: the checkpoint, or None for a fresh run."""
+    out_dir, ckpt_dir = Path(args.out_dir), Path(args.out_dir) / "checkpoints"
+    if rt.is_master and not args.prepare_only:
+        lock_out_dir(out_dir)
+        remove_stale_temp_files(out_dir)
+        if not args.resume and not args.overwrite:  # a finished or killed run is not overwritten by accident
+            previous = checkpoints(ckpt_dir)[-1:] + [out_dir / f for f in ["results.json"] +
+                                                     [s["out"] for s in args.student_specs]]
+            if previous := [str(f) for f in previous if f.exists()]:
+                raise SystemExit(f"{out_dir} holds a previous run ({', '.join(previous)}): pass --resume to "
+                                 "continue it, --overwrite to start afresh, or another --out_dir")
+    if not args.resume or args.prepare_only:
+        return None
+    path, resume = find_resume_checkpoint(ckpt_dir, args.resume)
+    if resume is None:
+        log(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
+    else:
+        check_resume_args(resume.get("args", {}), args, path)
+        log(f"resuming from {path} (step {resume['step']})")
+    return resume
+
+
+def load_teacher(args, rt):
+    """The frozen teacher, the one held-out relation loss is measured against (--eval_teacher: e.g. the TA's
+    own teacher), and the teacher's tokenizer, which the students share."""
+    teacher = load_bert(args.teacher).to(rt.device).eval().requires_grad_(False)
+    check_teacher(teacher, args.teacher, args.teacher_layer)
+    eval_teacher = teacher
+    if args.eval_teacher:
+        eval_teacher = load_bert(args.eval_teacher).to(rt.device).eval().requires_grad_(False)
+        if eval_teacher.config.vocab_size != teacher.config.vocab_size:
+            raise SystemExit(f"--eval_teacher {args.eval_teacher}: vocabulary of "
+                             f"{eval_teacher.config.vocab_size} tokens, the teacher's has "
+                             f"{teacher.config.vocab_size}; they must share a tokenizer")
+    tcfg = teacher.config
+    tokenizer = load_tokenizer(args.tokenizer or args.teacher)
+    if tokenizer.get_vocab_size() > tcfg.vocab_size:
+        raise SystemExit(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the teacher's embedding "
+                         f"table only {tcfg.vocab_size} rows: pass the teacher's own tokenizer (--tokenizer)")
+    if not args.force_tokenizer:
+        check_tokenizer(tokenizer, args.tokenizer, args.teacher, tcfg)
+    if args.max_seq_length > tcfg.max_position_embeddings:
+        raise SystemExit(f"--max_seq_length {args.max_seq_length} exceeds the teacher's "
+                         f"{tcfg.max_position_embeddings} positions")
+    return teacher, eval_teacher, tokenizer
+
+
+def load_data(args, tokenizer, rt, log):
+    """(train, held-out) segment pairs, built by one process per node and cached; the held-out ones cut to
+    --eval_pairs."""
+    build = functools.partial(build_pairs, args.corpus, tokenizer, args.cache_dir, args.max_seq_length,
+                              args.short_seq_prob, args.min_sentence_words, args.heldout, args.seed,
+                              args.num_proc)
+    if rt.local_rank == 0:
+        pairs = build()
+    if rt.is_ddp:
+        dist.barrier()
+    if rt.local_rank != 0:
+        pairs = build()
+    train, heldout = pairs["train"], pairs["heldout"]
+    log(f"data: {len(train):,} train / {len(heldout):,} held-out pairs from {args.corpus} "
+        f"(max length {args.max_seq_length}), cache {Path(train.cache_files[0]['filename']).parent.parent}")
+    return train, heldout.select(range(min(args.eval_pairs, len(heldout))))
+
+
+def make_students(args, rt, tcfg, resume, total_steps, log):
+    """The students, each with its own init, dropout stream, optimizer (AdamW), schedule (1% linear warmup,
+    linear decay) and output directory: those of the resumed run (check_resume_args: the flags say the
+    same), or of --students (--student, --compare_dense)."""
+    if resume:
         cfgs = {k: BertConfig(**{"relation_head": "layer", **st["config"]})
                 for k, st in checkpoint_students(resume).items()}
         outs = resume.get("out_dirs", {"student": "student", "dense": "student_dense"})
@@ -1262,227 +939,265 @@ def main(argv=None):
     for k, cfg in cfgs.items():
         for name, width in (("teacher", tcfg.hidden_size), (f"student {k}", cfg.hidden_size)):
             if width % args.num_relation_heads:
-                raise SystemExit(f"--num_relation_heads {args.num_relation_heads} does not divide the {name}'s "
-                                 f"width {width}")
-    raw, rngs = {}, {}  # `raw` is what is saved; rngs: each student's torch RNG state between its turns
+                raise SystemExit(f"--num_relation_heads {args.num_relation_heads} does not divide the "
+                                 f"{name}'s width {width}")
+    students = {}
     for k, cfg in cfgs.items():
         torch.manual_seed(args.seed + rt.rank)  # the same init and dropout stream as a run of its own
-        raw[k] = Bert(cfg)
-        rngs[k] = torch_rng_state()
+        model = Bert(cfg)
+        students[k] = Student(model, outs[k], torch_rng_state())
     if args.init_from and not resume:
         init = load_bert(args.init_from)
         try:
-            for m in raw.values():  # shared weights copied; a MiniMoE copies each dense FFN into all its experts
-                m.upcycle_from(init)
+            # shared weights copied; a MiniMoE copies each dense FFN into all its experts
+            for st in students.values():
+                st.model.upcycle_from(init)
         except RuntimeError as e:
-            raise SystemExit(f"--init_from {args.init_from}: does not fit the students ({str(e)[:300]})") from None
-    for m in raw.values():
-        m.to(rt.device).train()
-    models = dict(raw)  # what the loop calls: DDP-wrapped under torchrun
-    loss_fn = distill_loss  # the student's forward and loss
-    if args.compile:
-        teacher = torch.compile(teacher)
-        loss_fn = torch.compile(distill_loss)
-    if rt.is_ddp:  # with the layer relation head the last layer's FFN (and more) gets no gradient
-        models = {k: DDP(m, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                         find_unused_parameters=True) for k, m in models.items()}
+            raise SystemExit(f"--init_from {args.init_from}: does not fit the students "
+                             f"({str(e)[:300]})") from None
+    warmup_steps = int(args.warmup * total_steps)
+    schedule = functools.partial(lr_lambda, total_steps=total_steps, warmup_steps=warmup_steps)
+    for i, (k, st) in enumerate(students.items()):
+        st.call = st.model.to(rt.device).train()
+        if rt.is_ddp:  # with the layer relation head the last layer's FFN (and more) gets no gradient
+            st.call = DDP(st.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                          find_unused_parameters=True)
+        st.optimizer = configure_optimizer(st.model, args.lr, args.weight_decay)
+        st.scheduler = torch.optim.lr_scheduler.LambdaLR(st.optimizer, schedule)
+        st.prefix = "" if i == 0 else f"{k}_"
+        st.diverged = torch.zeros((), dtype=torch.long, device=rt.device)
     log(f"teacher {args.teacher}: {tcfg.num_layers}L-{tcfg.hidden_size}H")
-    for k, cfg in cfgs.items():
-        log(f"student {k}: {describe(cfg)}, {minimoe.count_params(cfg)['total'] / 1e6:.1f}M params, "
-            f"{minimoe.count_params(cfg)['active'] / 1e6:.1f}M active per token -> {out_dir / outs[k]}")
+    for k, st in students.items():
+        count = minimoe.count_params(st.model.config)
+        log(f"student {k}: {describe(st.model.config)}, {count['total'] / 1e6:.1f}M params, "
+            f"{count['active'] / 1e6:.1f}M active per token -> {Path(args.out_dir) / st.out}")
+    return students
 
-    # ---- optimizer and schedule: AdamW, 1% linear warmup, linear decay (one per student)
-    optimizers = {k: configure_optimizer(m, args.lr, args.weight_decay) for k, m in raw.items()}
-    schedule = functools.partial(lr_lambda, total_steps=total_steps, warmup_steps=int(args.warmup * total_steps))
-    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, schedule) for k, o in optimizers.items()}
-    step, elapsed = 0, 0.0
-    results = new_results(args, argv, tcfg, cfgs, outs)
+
+def start_or_resume(run, resume, tokenizer):
+    """A resumed run: its students, optimizers, RNG streams and log window back, its logs cut back to the
+    checkpoint's step. A fresh run (--overwrite): the old checkpoints and log gone."""
+    rt = run.rt
     if resume:
-        step, elapsed = restore_run(resume, raw, optimizers, schedulers, rngs, rt, args.seed)
-        results = resumed_results(out_dir / "results.json", results, step)
+        run.step, run.elapsed = restore_run(resume, run.students, rt, run.args.seed)
+        run.results = resumed_results(run.out_dir / "results.json", run.results, run.step)
         if rt.is_master:  # steps logged after the checkpoint will be logged again
-            truncate_log(out_dir / "log.jsonl", step)
+            truncate_log(run.out_dir / "log.jsonl", run.step)
     elif rt.is_master:
-        if old := checkpoints(ckpt_dir):  # --overwrite
-            log(f"fresh run: removing {len(old)} old checkpoints in {ckpt_dir}")
+        if old := checkpoints(run.ckpt_dir):  # --overwrite
+            print(f"fresh run: removing {len(old)} old checkpoints in {run.ckpt_dir}")
             for f in old:
                 remove_checkpoint(f)
-        (out_dir / "log.jsonl").write_text("")
+        (run.out_dir / "log.jsonl").write_text("")
     if rt.is_master:  # also when resumed into another --out_dir: so that a checkpoint file can be a --teacher
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        minimoe.atomic_write(ckpt_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
-    log(f"training {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs) of {args.batch_size} pairs = "
-        f"{W} ranks x {args.micro_batch_size} x {accum} accumulation; lr {args.lr}, {rt.device}, "
-        f"{rt.amp_dtype or torch.float32}")
+        run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        minimoe.atomic_write(run.ckpt_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
+    # the log window: what a checkpoint cut of it, so that the first record after a resume is the whole run's
+    fresh = {k: log_sums(st.model.config, rt.device) for k, st in run.students.items()}
+    sums, run.n_micro = restore_window(resume, fresh, rt)
+    for k, st in run.students.items():
+        st.sums = sums[k]
 
-    def check_finite(step, weights=False):
-        """Stop on divergence, before anything non-finite is logged or saved. A host sync: called only at
-        logging, evaluation and saving points; between them `diverged` notes the first bad step on the device.
-        weights: also check every weight (at saving points: an update can overflow with finite gradients)."""
-        first = dict(zip(raw, torch.stack(list(diverged.values())).tolist()))
-        if weights:
-            for k, m in raw.items():
-                if not first[k] and not torch.stack([torch.isfinite(p).all() for p in m.parameters()]).all():
-                    first[k] = step
-        if bad := {k: s for k, s in first.items() if s}:
-            bar.close()
-            kept = checkpoints(ckpt_dir)
-            raise SystemExit(f"training diverged at step {min(bad.values())}: non-finite (NaN/inf) loss, gradients "
-                             "or weights of " + ", ".join(f"student {k} (step {s})" for k, s in bad.items()) +
-                             f" with --lr {args.lr}. Stopped; nothing non-finite was saved" +
-                             (f", and the last checkpoint, {kept[-1]}, is intact" if kept else "") +
-                             ". Try a lower --lr, more --warmup or a lower --grad_clip, in a new run (--overwrite).")
 
-    def save_checkpoint(step):
-        check_finite(step, weights=True)
-        mine = {"process": rng_state(), "students": rngs, "log_window": window_state(sums, n_micro)}
-        rng_all = [None] * W
-        if rt.is_ddp:
-            dist.all_gather_object(rng_all, mine)
-        else:
-            rng_all = [mine]
-        if not rt.is_master:
-            return
-        state = {k: {"config": asdict(raw[k].config), "model": raw[k].state_dict(),
-                     "optimizer": optimizers[k].state_dict(), "scheduler": schedulers[k].state_dict()} for k in raw}
-        first = next(iter(state))  # config + model at the top level: the file is a valid --teacher / load_bert
-        ckpt = {"students": state, "out_dirs": outs, "config": state[first]["config"], "model": state[first]["model"],
-                "step": step, "total_steps": total_steps, "rng": rng_all, "elapsed": elapsed + time.time() - t_start,
-                "scaler": rt.scaler.state_dict(), "args": vars(args)}
-        try:
-            atomic_save(ckpt, ckpt_dir / f"step_{step:07d}.pt", checksum=True)
-        except OSError:  # a full disk: the error on a line of its own, not after the progress bar
-            bar.close()
-            raise
-        for f in checkpoints(ckpt_dir)[:-args.keep_last]:
-            remove_checkpoint(f)
+# -----------------------------------------------------------------------------
+# The loop: one teacher forward per micro-batch, then each student's forward and backward on it
 
-    def write_log(record):
-        with open(out_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
 
-    def evaluate_and_record(step):
-        """Held-out relation loss of every student (the master's job), into results.json."""
-        means, per_pair = evaluate(eval_teacher, raw, heldout, args, rt, pad_id)
-        record_eval(results, step, means, per_pair, elapsed + time.time() - t_start, rt)
-        write_json(out_dir / "results.json", results)
-        return step, means
-
-    # ---- the loop: teacher forward once per micro-batch, then each student's forward/backward on it
-    batches = global_batches(len(train), args.batch_size, args.seed, start_step=step)
-    # per student, summed since the last log point (a resumed run: the checkpoint's sums of the window it cut)
-    sums, n_micro = restore_window(resume, {k: log_sums(m.config, rt.device) for k, m in raw.items()}, rt)
-    prefix = {k: "" if i == 0 else f"{k}_" for i, k in enumerate(raw)}  # log fields: the first student's plain
-    diverged = {k: torch.zeros((), dtype=torch.long, device=rt.device) for k in raw}  # first non-finite step, 0 = none
-    last_eval, t0, t_start = None, time.time(), time.time()
-    bar = tqdm(total=total_steps, initial=step, disable=not rt.is_master, dynamic_ncols=True, desc="distill")
-    while step < total_steps:
+def train_loop(run, teacher, train, loss_fn, accum):
+    args, rt, students = run.args, run.rt, run.students
+    batches = global_batches(len(train), args.batch_size, args.seed, start_step=run.step)
+    t0 = run.t_start = time.time()
+    run.bar = tqdm(total=run.total_steps, initial=run.step, disable=not rt.is_master, dynamic_ncols=True,
+                   desc="distill")
+    while run.step < run.total_steps:
         idx = next(batches)
         for k_acc in range(accum):
-            lo = (k_acc * W + rt.rank) * args.micro_batch_size  # this rank's slice of the global batch
+            # this rank's slice of the global batch
+            lo = (k_acc * rt.world_size + rt.rank) * args.micro_batch_size
             rows = train[idx[lo:lo + args.micro_batch_size]]
             batch = {k: v.to(rt.device, non_blocking=True) for k, v in
-                     collate_pairs(rows, pad_id, args.max_seq_length if args.compile else None).items()}
+                     collate_pairs(rows, run.pad_id, args.max_seq_length if args.compile else None).items()}
             with torch.no_grad(), rt.autocast():
                 t_qkv = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                                 relation_layer=args.teacher_layer).qkv
-            for k, model in models.items():
-                set_torch_rng_state(rngs[k])  # this student's dropout and router noise, as if it ran alone
-                sync = contextlib.nullcontext() if not rt.is_ddp or k_acc == accum - 1 else model.no_sync()
-                with sync:
-                    with rt.autocast():
-                        loss, rel, lb, out = loss_fn(t_qkv, model, batch, args.num_relation_heads,
-                                                     args.load_balance_weight, args.relation_dropout)
-                    rt.scaler.scale(loss / accum).backward()
-                rngs[k] = torch_rng_state()
-                sums[k]["rel"] += rel.detach().float()
-                sums[k]["lb"] += lb.detach().float()
-                sums[k]["tokens"] += batch["attention_mask"].sum().float()
-                sums[k]["load"] += out.router_stats.detach()
-            n_micro += 1
-        lr = next(iter(optimizers.values())).param_groups[0]["lr"]  # the lr of this step, for the log
-        for k in raw:
-            norm = optimizer_step(raw[k], optimizers[k], rt.scaler, args.grad_clip)
-            schedulers[k].step()
-            # divergence, noted without a host sync: a NaN/inf loss since the last log, or gradient norm
-            # (with fp16 an inf gradient norm is normal: GradScaler skips that step)
-            losses = torch.stack([sums[k]["rel"], sums[k]["lb"]])
-            bad = ~torch.isfinite(losses).all() if rt.scaler.is_enabled() else ~torch.isfinite(norm)
-            diverged[k] = torch.where(bad & (diverged[k] == 0), step + 1, diverged[k])
+            for st in students.values():
+                forward_backward(st, loss_fn, t_qkv, batch, args, rt, accum, sync=k_acc == accum - 1)
+            run.n_micro += 1
+        lr = next(iter(students.values())).optimizer.param_groups[0]["lr"]  # the lr of this step, for the log
+        for st in students.values():
+            step_student(st, run.step, args.grad_clip, rt)
         rt.scaler.update()
-        step += 1
-        bar.update(1)
+        run.step += 1
+        run.bar.update(1)
 
-        if step % args.log_every == 0 or step == total_steps:
-            check_finite(step)
-            # .tolist() and all_reduce: host syncs, only at logging points; means over micro-steps and ranks
-            if rt.is_ddp:
-                for t in [t for student in sums.values() for t in student.values() if t.numel()]:
-                    dist.all_reduce(t)
-            dt = time.time() - t0
-            rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr}
-            for k, pre in prefix.items():
-                means = torch.stack([sums[k]["rel"], sums[k]["lb"], sums[k]["tokens"]]) / (n_micro * W)
-                rel, lb, tokens = means.tolist()
-                rec.update({f"{pre}loss": rel + args.load_balance_weight * lb, f"{pre}rel": rel, f"{pre}lb": lb})
-                if not pre:  # tokens/s of one student's micro-batches: all see the same ones
-                    rec["tok_per_s"] = tokens * n_micro * W / dt
-                if sums[k]["load"].numel():
-                    load = (sums[k]["load"] / (n_micro * W)).tolist()
-                    rec[f"{pre}expert_load"] = [[round(x, 4) for x in layer] for layer in load]
-                    results["students"][k]["expert_load"].append([step, rec[f"{pre}expert_load"]])
-            if rt.is_master:
-                write_log(rec)
-                bar.set_postfix(tok_s=f"{rec['tok_per_s']:.0f}", lr=f"{rec['lr']:.2e}",
-                                **{k: f"{rec[pre + 'rel']:.4f}" for k, pre in prefix.items()})
-                results["tok_per_s"].append([step, rec["tok_per_s"]])
-            sums, n_micro = {k: log_sums(m.config, rt.device) for k, m in raw.items()}, 0
-        if rt.is_master and (step % args.eval_every == 0 or step == total_steps):
-            check_finite(step)
-            last_eval = evaluate_and_record(step)
-            write_log({"step": step, "heldout_rel": last_eval[1]})
-            bar.write(f"step {step}: held-out relation loss " +
-                      ", ".join(f"{k} {v:.4f}" for k, v in last_eval[1].items()))
-        if step % args.save_every == 0 or step == total_steps:
-            save_checkpoint(step)
-        if step % args.log_every == 0:  # restart the clock: tokens/s leaves evaluation and saving out
+        if run.step % args.log_every == 0 or run.step == run.total_steps:
+            log_window(run, lr, t0)
+        if rt.is_master and (run.step % args.eval_every == 0 or run.step == run.total_steps):
+            check_finite(run)
+            means = evaluate_and_record(run)
+            append_log(run.out_dir, {"step": run.step, "heldout_rel": means})
+            run.bar.write(f"step {run.step}: held-out relation loss " +
+                          ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+        if run.step % args.save_every == 0 or run.step == run.total_steps:
+            save_checkpoint(run)
+        if run.step % args.log_every == 0:  # restart the clock: tokens/s leaves evaluation and saving out
             t0 = time.time()
-    bar.close()
+    run.bar.close()
 
-    # ---- save: the students as HF-layout directories, and what they reached on held-out pairs
-    result = None
-    check_finite(step, weights=True)  # nothing non-finite is published (a resumed, finished run skips the loop)
+
+def forward_backward(st, loss_fn, t_qkv, batch, args, rt, accum, sync):
+    """One student's forward and backward on a micro-batch, on its own RNG stream (its dropout and router
+    noise, as if it ran alone); its losses, tokens and expert load added to its log window. sync: the last
+    micro-batch of the step, whose backward all-reduces the gradients under DDP."""
+    set_torch_rng_state(st.rng)
+    with contextlib.nullcontext() if not rt.is_ddp or sync else st.call.no_sync():
+        with rt.autocast():
+            loss, rel, lb, out = loss_fn(t_qkv, st.call, batch, args.num_relation_heads,
+                                         args.load_balance_weight, args.relation_dropout)
+        rt.scaler.scale(loss / accum).backward()
+    st.rng = torch_rng_state()
+    st.sums["rel"] += rel.detach().float()
+    st.sums["lb"] += lb.detach().float()
+    st.sums["tokens"] += batch["attention_mask"].sum().float()
+    st.sums["load"] += out.router_stats.detach()
+
+
+def step_student(st, step, grad_clip, rt):
+    """The student's optimizer step and schedule step. Divergence is noted without a host sync: a NaN/inf
+    loss since the last log, or gradient norm (with fp16 an inf gradient norm is normal: GradScaler skips
+    that step)."""
+    norm = optimizer_step(st.model, st.optimizer, rt.scaler, grad_clip)
+    st.scheduler.step()
+    losses = torch.stack([st.sums["rel"], st.sums["lb"]])
+    bad = ~torch.isfinite(losses).all() if rt.scaler.is_enabled() else ~torch.isfinite(norm)
+    st.diverged = torch.where(bad & (st.diverged == 0), step + 1, st.diverged)
+
+
+def check_finite(run, weights=False):
+    """Stop on divergence, before anything non-finite is logged or saved. A host sync: called only at
+    logging, evaluation and saving points; between them `diverged` notes the first bad step on the device.
+    weights: also check every weight (at saving points: an update can overflow with finite gradients)."""
+    students = run.students
+    first = dict(zip(students, torch.stack([st.diverged for st in students.values()]).tolist()))
+    if weights:
+        for k, st in students.items():
+            finite = torch.stack([torch.isfinite(p).all() for p in st.model.parameters()]).all()
+            if not first[k] and not finite:
+                first[k] = run.step
+    if bad := {k: s for k, s in first.items() if s}:
+        run.bar.close()
+        kept = checkpoints(run.ckpt_dir)
+        raise SystemExit(f"training diverged at step {min(bad.values())}: non-finite (NaN/inf) loss, "
+                         "gradients or weights of " +
+                         ", ".join(f"student {k} (step {s})" for k, s in bad.items()) +
+                         f" with --lr {run.args.lr}. Stopped; nothing non-finite was saved" +
+                         (f", and the last checkpoint, {kept[-1]}, is intact" if kept else "") +
+                         ". Try a lower --lr, more --warmup or a lower --grad_clip, in a new run "
+                         "(--overwrite).")
+
+
+def log_window(run, lr, t0):
+    """The log.jsonl record of the window since the last one: each student's losses and expert load (means
+    over micro-steps and ranks), tokens/s since t0. .tolist() and all_reduce: host syncs, only here."""
+    args, rt, W = run.args, run.rt, run.rt.world_size
+    check_finite(run)
+    if rt.is_ddp:
+        for t in [t for st in run.students.values() for t in st.sums.values() if t.numel()]:
+            dist.all_reduce(t)
+    dt = time.time() - t0
+    rec = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4), "lr": lr}
+    for k, st in run.students.items():
+        pre = st.prefix
+        means = torch.stack([st.sums["rel"], st.sums["lb"], st.sums["tokens"]]) / (run.n_micro * W)
+        rel, lb, tokens = means.tolist()
+        rec.update({f"{pre}loss": rel + args.load_balance_weight * lb, f"{pre}rel": rel, f"{pre}lb": lb})
+        if not pre:  # tokens/s of one student's micro-batches: all see the same ones
+            rec["tok_per_s"] = tokens * run.n_micro * W / dt
+        if st.sums["load"].numel():
+            load = (st.sums["load"] / (run.n_micro * W)).tolist()
+            rec[f"{pre}expert_load"] = [[round(x, 4) for x in layer] for layer in load]
+            run.results["students"][k]["expert_load"].append([run.step, rec[f"{pre}expert_load"]])
     if rt.is_master:
-        if last_eval is None or last_eval[0] != step:
-            last_eval = evaluate_and_record(step)
-        result = last_eval[1]
-        for k, m in raw.items():
-            save_bert(m, out_dir / outs[k], tokenizer)
-            print(f"saved {k} ({describe(m.config)}) to {out_dir / outs[k]}")
-        print(f"held-out relation loss after {step} steps ({len(heldout)} pairs): "
+        append_log(run.out_dir, rec)
+        run.bar.set_postfix(tok_s=f"{rec['tok_per_s']:.0f}", lr=f"{rec['lr']:.2e}",
+                            **{k: f"{rec[st.prefix + 'rel']:.4f}" for k, st in run.students.items()})
+        run.results["tok_per_s"].append([run.step, rec["tok_per_s"]])
+    for st in run.students.values():
+        st.sums = log_sums(st.model.config, rt.device)
+    run.n_micro = 0
+
+
+def append_log(out_dir, record):
+    with open(Path(out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def evaluate_and_record(run):
+    """Held-out relation loss of every student (the master's job), into results.json."""
+    args = run.args
+    models = {k: st.model for k, st in run.students.items()}
+    means, per_pair = evaluate(run.eval_teacher, models, run.heldout, run.rt, run.pad_id,
+                               args.micro_batch_size, args.num_relation_heads, args.teacher_layer)
+    record_eval(run.results, run.step, means, per_pair, run.elapsed + time.time() - run.t_start, run.rt)
+    write_json(run.out_dir / "results.json", run.results)
+    run.last_eval = (run.step, means)
+    return means
+
+
+def save_checkpoint(run):
+    """checkpoints/step_*.pt (and its .sha256): every student with its optimizer and schedule, each rank's
+    RNG streams and log window; the first student's config and weights also at the top level, so that the
+    file is a valid --teacher (load_bert). The last --keep_last are kept."""
+    rt, students = run.rt, run.students
+    check_finite(run, weights=True)
+    mine = {"process": rng_state(), "students": {k: st.rng for k, st in students.items()},
+            "log_window": window_state({k: st.sums for k, st in students.items()}, run.n_micro)}
+    rng_all = [None] * rt.world_size
+    if rt.is_ddp:
+        dist.all_gather_object(rng_all, mine)
+    else:
+        rng_all = [mine]
+    if not rt.is_master:
+        return
+    state = {k: {"config": asdict(st.model.config), "model": st.model.state_dict(),
+                 "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict()}
+             for k, st in students.items()}
+    first = next(iter(state))
+    ckpt = {"students": state, "out_dirs": {k: st.out for k, st in students.items()},
+            "config": state[first]["config"], "model": state[first]["model"], "step": run.step,
+            "total_steps": run.total_steps, "rng": rng_all,
+            "elapsed": run.elapsed + time.time() - run.t_start, "scaler": rt.scaler.state_dict(),
+            "args": vars(run.args)}
+    try:
+        atomic_save(ckpt, run.ckpt_dir / f"step_{run.step:07d}.pt", checksum=True)
+    except OSError:  # a full disk: the error on a line of its own, not after the progress bar
+        run.bar.close()
+        raise
+    for f in checkpoints(run.ckpt_dir)[:-run.args.keep_last]:
+        remove_checkpoint(f)
+
+
+# -----------------------------------------------------------------------------
+# Save: the students as HF-layout directories, and what they reached on held-out pairs
+
+
+def save_students(run, tokenizer):
+    rt, result = run.rt, None
+    # nothing non-finite is published (a resumed, finished run skips the loop: its weights are checked here)
+    check_finite(run, weights=True)
+    if rt.is_master:
+        if run.last_eval is None or run.last_eval[0] != run.step:
+            evaluate_and_record(run)
+        result = run.last_eval[1]
+        for k, st in run.students.items():
+            save_bert(st.model, run.out_dir / st.out, tokenizer)
+            print(f"saved {k} ({describe(st.model.config)}) to {run.out_dir / st.out}")
+        print(f"held-out relation loss after {run.step} steps ({len(run.heldout)} pairs): "
               + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
     if rt.is_ddp:
         dist.barrier()
         dist.destroy_process_group()
     return result
-
-
-def run_script(main):
-    """The scripts' entry point. A user error (a bad flag, input file or checkpoint; a full disk: a
-    SystemExit with a message, ValueError or OSError) prints `error: <message>` and exits with status 2;
-    any other exception is a bug and keeps its traceback, as every error does with --debug."""
-    try:
-        main()
-    except SystemExit as e:
-        if not isinstance(e.code, str) or "--debug" in sys.argv:
-            raise
-        print(f"error: {e.code}", file=sys.stderr)
-        sys.exit(2)
-    except (ValueError, OSError, ImportError) as e:
-        if "--debug" in sys.argv:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

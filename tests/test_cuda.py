@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import minimoe as mm
+import runkeeping as rk
 import train_distill as td
 from finetune import TaskModel
 from test_minimoe import (CASES, batch, moe_case, reference_moe, reference_moe_attention,
@@ -109,29 +110,29 @@ def test_grouped_dispatch_compiles_fullgraph_on_cuda():
 
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 def test_one_distillation_and_one_finetuning_step_on_cuda(precision):
-    rt = td.setup_runtime(0, precision)
+    rt = rk.setup_runtime(0, precision)
     assert rt.device.type == DEV
     ids, mask, types = (t.to(DEV) for t in batch(B=4, T=12, pad_from=(None, 8, 5, None)))
     data = dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
     teacher = mm.Bert(tiny(hidden_size=48, intermediate_size=96)).to(DEV).eval()
     student = mm.Bert(tiny(num_experts=4, num_attn_experts=2)).to(DEV).train()
-    opt = td.configure_optimizer(student, lr=1e-3)
+    opt = rk.configure_optimizer(student, lr=1e-3)
     before = {k: v.detach().clone() for k, v in student.state_dict().items()}
     with torch.no_grad(), rt.autocast():
         qkv = teacher(ids, mask, types).qkv
     with rt.autocast():
         loss = td.distill_loss(qkv, student, data, num_relation_heads=4)[0]
     rt.scaler.scale(loss).backward()
-    assert torch.isfinite(td.optimizer_step(student, opt, rt.scaler, 1.0))
+    assert torch.isfinite(rk.optimizer_step(student, opt, rt.scaler, 1.0))
     assert torch.isfinite(loss) and not torch.equal(before["layers.0.ffn.w1"], student.layers[0].ffn.w1)
 
     model = TaskModel(student, "cls", 2).to(DEV).train()  # finetuning: the student plus a classifier head
-    opt = td.configure_optimizer(model, lr=1e-3)
+    opt = rk.configure_optimizer(model, lr=1e-3)
     with rt.autocast():
         logits, task_loss, aux = model(ids, mask, types, labels=torch.tensor([0, 1, 1, 0], device=DEV))
         loss = task_loss + 0.01 * aux
     rt.scaler.scale(loss).backward()
-    assert torch.isfinite(td.optimizer_step(model, opt, rt.scaler, 1.0)) and torch.isfinite(loss)
+    assert torch.isfinite(rk.optimizer_step(model, opt, rt.scaler, 1.0)) and torch.isfinite(loss)
     assert logits.shape == (4, 2) and logits.dtype == torch.float32
 
 

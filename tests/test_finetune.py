@@ -361,17 +361,14 @@ def test_plan_runs_models_tasks_seeds_and_skips_finished(tiny_dir, tmp_path, mon
 
 def test_plan_workers_skip_runs_another_live_process_holds(tiny_dir, tmp_path, monkeypatch):
     """Two processes may share a plan: a run whose lock a live process holds is left to it, untouched."""
-    import socket
-    import subprocess
+    from tests.test_reliability import hold_lock
     data = sst2_files(tmp_path / "SST-2")
     plan = dict(models={"a": str(tiny_dir)}, tasks=["sst2"], seeds=[1, 2], out_dir=str(tmp_path / "d"),
                 args=["--data_dir", str(data), "--epochs", "1", "--batch_size", "8", "--lr", "1e-3"])
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    other = subprocess.Popen(["sleep", "60"])  # stands for the other worker
+    busy = tmp_path / "d" / "a" / "sst2" / "seed1"
+    other = hold_lock(busy)  # the other worker
     try:
-        busy = tmp_path / "d" / "a" / "sst2" / "seed1"
-        busy.mkdir(parents=True)
-        (busy / ".lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
         (busy / "log.jsonl").write_text("its partial log\n")
         calls = []
         real = ft.finetune
@@ -390,3 +387,4 @@ def test_plan_workers_skip_runs_another_live_process_holds(tiny_dir, tmp_path, m
     ft.main(["--plan", str(tmp_path / "plan.json")])  # the other worker died: its run is started again
     assert calls == [2, 1] and (busy / "done.json").exists()
     assert ev.find_runs(tmp_path / "d" / "a", ["sst2"]) == {"sst2": [busy, seed2]}
+

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import minimoe as mm
+import runkeeping as rk
 import train_distill as td
 from tests.test_train_distill import read_log, tiny_args, tiny_setup, tokenizer  # noqa: F401 (fixtures)
 
@@ -33,7 +34,7 @@ def dead_pid():
 def user_error(main, argv, capsys):
     """Run main(argv) as the command line does; return the `error: ...` line it printed (exit status 2)."""
     with pytest.raises(SystemExit) as e:
-        td.run_script(lambda: main(argv))
+        rk.run_script(lambda: main(argv))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     return next(line for line in err if line.startswith(("error:", "usage:")) or ": error:" in line) if err else ""
@@ -50,10 +51,10 @@ def test_divergence_stops_the_run_and_keeps_the_finite_checkpoints(tmp_path, tin
                           "--keep_last", "3", "--log_every", "100", "--eval_every", "100"))
     bad_step = int(str(e.value).split(" at step ")[1].split(":")[0])
     assert not (out / "student").exists()  # nothing non-finite is published
-    kept = td.checkpoints(out / "checkpoints")
+    kept = rk.checkpoints(out / "checkpoints")
     assert kept and int(kept[-1].stem[5:]) < bad_step
     for f in kept:  # every checkpoint left is finite and matches its checksum
-        td.load_checkpoint(f)
+        rk.load_checkpoint(f)
     assert all(r["step"] < bad_step for r in read_log(out))
 
 
@@ -94,18 +95,32 @@ def test_finetune_never_keeps_a_diverged_model(tmp_path, tokenizer):
 # ----------------------------------------------------------------------------- 2. one run per directory
 
 
-def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path, tiny_setup, capsys):
+def hold_lock(directory):
+    """Another process that holds directory's lock, as a run does, until it is killed."""
+    code = "import sys, time, runkeeping\nrunkeeping.lock_out_dir(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(300)"
+    p = subprocess.Popen([sys.executable, "-c", code, str(directory)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path, tiny_setup):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))  # a live process
-    with pytest.raises(SystemExit, match=rf"{out} is in use by another run \(pid {os.getppid()} on "):
-        td.main(tiny_args(tiny_setup, out, "--max_steps", "2"))
-    assert not (out / "checkpoints").exists()
-    (out / ".lock").write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))  # left by a kill -9
-    td.main(tiny_args(tiny_setup, out, "--max_steps", "2"))
-    assert "which is no longer running" in capsys.readouterr().err
-    td.release_lock(out / ".lock")  # what exiting does
+    other = hold_lock(out)  # a live run
+    try:
+        with pytest.raises(SystemExit, match=rf"{out} is in use by another run \(pid {other.pid} on "
+                                             rf"{socket.gethostname()}, lock file {out / '.lock'}\)"):
+            td.main(tiny_args(tiny_setup, out, "--max_steps", "2"))
+        assert not (out / "checkpoints").exists()
+    finally:
+        other.kill()  # a kill -9: the kernel releases its lock; its lock file (with its dead pid) stays
+        other.wait()
+    assert json.loads((out / ".lock").read_text())["pid"] == other.pid
+    td.main(tiny_args(tiny_setup, out, "--max_steps", "2"))  # a lock whose process died is simply free
+    rk.release_lock(out / ".lock")  # what exiting does
     assert not (out / ".lock").exists()
+    other = hold_lock(out)  # released: another process takes it at once
+    other.kill()
+    other.wait()
 
     # the finished run's command again: refused, unless --resume or --overwrite
     before = (out / "log.jsonl").read_text()
@@ -124,7 +139,7 @@ def test_damaged_checkpoints_are_detected_and_skipped(tmp_path, tiny_setup, caps
     out = tmp_path / "run"
     args = tiny_args(tiny_setup, out, "--max_steps", "4", "--save_every", "1", "--log_every", "1", "--eval_every", "100")
     td.main(args)
-    ckpts = td.checkpoints(out / "checkpoints")
+    ckpts = rk.checkpoints(out / "checkpoints")
     assert [c.name for c in ckpts] == ["step_0000002.pt", "step_0000003.pt", "step_0000004.pt"]
     assert (out / "checkpoints" / "step_0000004.pt.sha256").read_text().split()[1] == "step_0000004.pt"
     data = bytearray(ckpts[-1].read_bytes())
@@ -132,9 +147,9 @@ def test_damaged_checkpoints_are_detected_and_skipped(tmp_path, tiny_setup, caps
     ckpts[-1].write_bytes(bytes(data))
     ckpts[-2].write_bytes(ckpts[-2].read_bytes()[:1000])  # truncated
     with pytest.raises(ValueError, match=rf"{ckpts[-1]}: the sha256 checksum does not match"):
-        td.load_checkpoint(ckpts[-1])
+        rk.load_checkpoint(ckpts[-1])
     with pytest.raises(SystemExit):  # an explicit, damaged file: no fallback
-        td.run_script(lambda: td.main(args + ["--resume", str(ckpts[-1])]))
+        rk.run_script(lambda: td.main(args + ["--resume", str(ckpts[-1])]))
     assert f"error: {ckpts[-1]}: the sha256 checksum does not match" in capsys.readouterr().err
 
     td.main(args[:-6] + ["--max_steps", "6", "--save_every", "1", "--log_every", "1", "--eval_every", "100", "--resume"])
@@ -142,8 +157,8 @@ def test_damaged_checkpoints_are_detected_and_skipped(tmp_path, tiny_setup, caps
     assert f"{ckpts[-1]}: the sha256 checksum does not match" in err and f"{ckpts[-2]}: " in err
     assert "falling back to the previous checkpoint" in err
     assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]  # resumed from step 2
-    for c in td.checkpoints(out / "checkpoints"):
-        td.load_checkpoint(c)  # the damaged ones were written again
+    for c in rk.checkpoints(out / "checkpoints"):
+        rk.load_checkpoint(c)  # the damaged ones were written again
 
 
 # ----------------------------------------------------------------------------- 4. resume with other flags
@@ -159,7 +174,7 @@ def test_resume_refuses_flags_that_break_an_exact_resume(tmp_path, tiny_setup):
         td.main([a if a != "8" else "16" for a in base] + ["--max_steps", "4", "--lr", "0.01", "--resume"])
     td.main(base + ["--max_steps", "4", "--log_every", "1", "--keep_last", "1", "--resume"])  # allowed changes
     assert [r["step"] for r in read_log(out) if "loss" in r] == [2, 3, 4]
-    assert [c.name for c in td.checkpoints(out / "checkpoints")] == ["step_0000004.pt"]
+    assert [c.name for c in rk.checkpoints(out / "checkpoints")] == ["step_0000004.pt"]
 
 
 # ----------------------------------------------------------------------------- 5. argument validation
@@ -254,7 +269,7 @@ def test_finetune_checks_example_lengths_against_the_model_before_training(tmp_p
 
 def test_failed_and_killed_saves_leave_no_temporary_files(tmp_path, tiny_setup, monkeypatch):
     path = tmp_path / "ckpt" / "step_0000001.pt"
-    td.atomic_save({"a": torch.ones(2)}, path, checksum=True)
+    rk.atomic_save({"a": torch.ones(2)}, path, checksum=True)
 
     def disk_full(obj, f):
         f.write(b"partial")
@@ -262,7 +277,7 @@ def test_failed_and_killed_saves_leave_no_temporary_files(tmp_path, tiny_setup, 
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        td.atomic_save({"a": torch.zeros(2)}, path, checksum=True)
+        rk.atomic_save({"a": torch.zeros(2)}, path, checksum=True)
     monkeypatch.undo()
     assert sorted(p.name for p in path.parent.iterdir()) == ["step_0000001.pt", "step_0000001.pt.sha256"]
     assert torch.load(path, weights_only=True)["a"].sum() == 2  # the old file, whole
@@ -328,7 +343,7 @@ def test_finetuned_checkpoint_is_replaced_as_a_set(tmp_path, tokenizer, monkeypa
 def test_truncate_log_drops_later_steps_and_a_cut_line(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1}\n{"step": 2, "heldout_rel": {}}\n{"step": 3}\n{"step": 4, "lo')
-    td.truncate_log(log, 2)
+    rk.truncate_log(log, 2)
     assert log.read_text() == '{"step": 1}\n{"step": 2, "heldout_rel": {}}\n'
 
 
@@ -340,16 +355,16 @@ def test_user_errors_print_one_line_and_bugs_keep_their_traceback(capsys, monkey
         raise ValueError("x.tsv:3: something the user can fix")
 
     with pytest.raises(SystemExit) as e:
-        td.run_script(user)
+        rk.run_script(user)
     assert e.value.code == 2 and capsys.readouterr().err == "error: x.tsv:3: something the user can fix\n"
     with pytest.raises(SystemExit) as e:
-        td.run_script(lambda: (_ for _ in ()).throw(SystemExit("--out_dir x: not writable")))
+        rk.run_script(lambda: (_ for _ in ()).throw(SystemExit("--out_dir x: not writable")))
     assert e.value.code == 2 and capsys.readouterr().err == "error: --out_dir x: not writable\n"
     with pytest.raises(KeyError):  # a bug: the traceback
-        td.run_script(lambda: {}["missing"])
+        rk.run_script(lambda: {}["missing"])
     monkeypatch.setattr(sys, "argv", ["train_distill.py", "--debug"])
     with pytest.raises(ValueError):  # --debug: a traceback for user errors too
-        td.run_script(user)
+        rk.run_script(user)
 
 
 def test_bad_config_json_is_named_with_what_to_fix(tmp_path, tiny_setup):
@@ -437,7 +452,7 @@ def test_a_full_disk_in_torch_save_is_an_error_naming_the_file(tmp_path, tiny_se
     path = tmp_path / "ckpt" / "step_0000001.pt"
     with file_size_limit(1 << 20):  # torch's zip writer turns the OSError into RuntimeError("unexpected pos")
         with pytest.raises(OSError, match=rf"{path}: could not be written \(RuntimeError: .*inline_contain"):
-            td.atomic_save({"a": torch.zeros(1 << 19)}, path, checksum=True)
+            rk.atomic_save({"a": torch.zeros(1 << 19)}, path, checksum=True)
         student = tmp_path / "student"
         with pytest.raises(OSError, match=rf"{student / 'model.safetensors'}: could not be written"):
             mm.save_bert(mm.load_bert(tiny_setup["teacher"]), student)
@@ -490,8 +505,8 @@ def running(pid):
 def test_sigterm_while_building_pairs_ends_the_worker_processes(tmp_path, tiny_setup):
     from tests.test_train_distill import write_corpus
     (tmp_path / "corpus").mkdir()
-    for i in range(2):  # two files: two reader processes; 3000 documents: two map workers
-        write_corpus(tmp_path / "corpus" / f"{i}.txt", docs=1500, seed=i)
+    for i in range(2):  # two files: two reader processes; 6000 documents: two map workers, busy for a while
+        write_corpus(tmp_path / "corpus" / f"{i}.txt", docs=3000, seed=i)
     cache = tmp_path / "cache"
     argv = ["train_distill.py", "--prepare_only", "--corpus", str(tmp_path / "corpus"), "--teacher",
             tiny_setup["teacher"], "--cache_dir", str(cache), "--num_proc", "2", "--max_seq_length", "32"]
@@ -501,6 +516,7 @@ def test_sigterm_while_building_pairs_ends_the_worker_processes(tmp_path, tiny_s
     while p.poll() is None and len(seen) < 2:
         seen |= children(p.pid)
         time.sleep(0.02)
+    assert p.poll() is None, "the build ended before it could be stopped: make the corpus larger"
     p.send_signal(signal.SIGTERM)  # a plain `kill`: the process alone, not its group
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
@@ -531,7 +547,7 @@ def test_resume_inside_a_log_window_logs_as_the_uninterrupted_run(tmp_path, tiny
     old = torch.load(ckpt, weights_only=True)
     for r in old["rng"]:
         del r["log_window"]
-    td.atomic_save(old, tmp_path / "old" / "step_0000004.pt", checksum=True)
+    rk.atomic_save(old, tmp_path / "old" / "step_0000004.pt", checksum=True)
     td.main(args(tmp_path / "c") + ["--resume", str(tmp_path / "old" / "step_0000004.pt")])
     assert [r["step"] for r in read_log(tmp_path / "c") if "loss" in r] == [6]
 
@@ -646,7 +662,7 @@ def test_eval_checks_its_runs_and_output_before_evaluating(tmp_path, capsys, mon
     (tmp_path / "out.json").mkdir()  # an output that cannot be written
     monkeypatch.setattr(ev, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated first"))
     with pytest.raises(SystemExit) as e:  # refused by argparse, before anything is read
-        td.run_script(lambda: ev.main(["--tasks", "sst2", "--runs", str(tmp_path / "runs"), "--json",
+        rk.run_script(lambda: ev.main(["--tasks", "sst2", "--runs", str(tmp_path / "runs"), "--json",
                                        str(tmp_path / "out.json")]))
     assert e.value.code == 2
     assert f"--json: not a writable file path: '{tmp_path / 'out.json'}'" in capsys.readouterr().err

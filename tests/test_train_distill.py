@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import minimoe as mm
+import runkeeping as rk
 import train_distill as td
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,12 +205,12 @@ def test_tokenizer_larger_than_teacher_vocab_fails(tmp_path, tiny_setup):
 
 
 def test_lr_schedule_and_weight_decay_groups():
-    lrs = [td.lr_lambda(s, total_steps=100, warmup_steps=10) for s in range(101)]
+    lrs = [rk.lr_lambda(s, total_steps=100, warmup_steps=10) for s in range(101)]
     assert lrs[0] == 0 and lrs[5] == 0.5 and lrs[10] == 1.0 and lrs[55] == 0.5 and lrs[100] == 0.0
-    assert td.lr_lambda(0, 10, 0) == 1.0
+    assert rk.lr_lambda(0, 10, 0) == 1.0
     model = mm.Bert(mm.BertConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
                                   num_experts=2))
-    opt = td.configure_optimizer(model, lr=1e-3)
+    opt = rk.configure_optimizer(model, lr=1e-3)
     names = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
     assert opt.param_groups[0]["weight_decay"] == 0.01 and opt.param_groups[1]["weight_decay"] == 0.0
@@ -228,7 +229,7 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(tiny_setup):
     batch = td.collate_pairs(rows, pad_id=0)
     with torch.no_grad():
         t_qkv = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).qkv
-    opt = td.configure_optimizer(student, lr=1e-3)
+    opt = rk.configure_optimizer(student, lr=1e-3)
     losses = []
     for _ in range(2):
         loss, rel, lb, out = td.distill_loss(t_qkv, student, batch, num_relation_heads=4)
@@ -242,8 +243,8 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(tiny_setup):
 
 def test_atomic_save_replaces_whole_files(tmp_path):
     path = tmp_path / "sub" / "x.pt"
-    td.atomic_save({"a": torch.ones(3)}, path)
-    td.atomic_save({"a": torch.zeros(3)}, path)
+    rk.atomic_save({"a": torch.ones(3)}, path)
+    rk.atomic_save({"a": torch.zeros(3)}, path)
     assert torch.load(path, weights_only=True)["a"].sum() == 0
     assert [p.name for p in path.parent.iterdir()] == ["x.pt"]  # no temporary left behind
 
@@ -265,7 +266,7 @@ def test_run_checkpoints_and_exports(tmp_path, tiny_setup):
     assert len(train_recs[0]["expert_load"]) == 2 and abs(sum(train_recs[0]["expert_load"][0]) - 1) < 1e-4
     assert [r["step"] for r in log if "heldout_rel" in r] == [2, 4]
 
-    ckpts = td.checkpoints(out / "checkpoints")
+    ckpts = rk.checkpoints(out / "checkpoints")
     assert [c.name for c in ckpts] == ["step_0000003.pt", "step_0000004.pt"]
     ckpt = torch.load(ckpts[-1], weights_only=True)
     assert ckpt["step"] == 4 and ckpt["config"]["num_experts"] == 4
@@ -314,7 +315,7 @@ def full_and_resumed(args, tmp_path, monkeypatch, kill_after):
     """Train run a to the end; run b killed right after writing checkpoint `kill_after`, then resumed.
     Returns the training records of both logs."""
     td.main(args(tmp_path / "a"))
-    real_save = td.atomic_save
+    real_save = rk.atomic_save
 
     def save_then_die(obj, path, **kw):
         real_save(obj, path, **kw)
