@@ -811,6 +811,18 @@ def read_plan(path):
     return plan
 
 
+@contextlib.contextmanager
+def removed_on_failure(out_dir, made):
+    """If the block fails and this run made out_dir, remove it: it holds nothing but the run's lock."""
+    try:
+        yield
+    except BaseException:
+        if made:
+            release_lock(out_dir / ".lock")
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
 def finetune(args, keep_lock=False):
     """One finetuning run (all learning rates of the grid) of args.task; returns the grid's best. The run
     directory's lock is released at the end, unless keep_lock (run_plan releases it after done.json)."""
@@ -821,34 +833,37 @@ def finetune(args, keep_lock=False):
     model_path = args.model or minimoe.default_teacher()
     out_dir = Path(args.out_dir or f"runs/finetune/{task.name}")
     data_dir = None if args.data_dir in (None, "", "hub") else args.data_dir
+    made = rt.is_master and not out_dir.exists()
     if rt.is_master:
         lock = lock_out_dir(out_dir, "finetune run")  # creates it; refuses a file, or a directory another run uses
         clear_previous_run(out_dir, args.overwrite)  # or refuses one that holds a run: one run per directory
         print(f"task {task.name} | model {model_path} | data {args.train_file or data_dir or 'hub'} | device {rt.device}")
 
-    # data
-    tok = minimoe.load_tokenizer(args.tokenizer or model_path)
-    pad_id = tok.token_to_id("[PAD]") or 0
-    train = load_examples(task, "train", data_dir, args.train_file)
-    if args.max_train_examples:
-        train = train[:args.max_train_examples]
-    dev_splits = ("dev",) if args.dev_file else task.dev
-    dev_sets = {s: load_examples(task, s, data_dir, args.dev_file) for s in dev_splits}
-    train_f = encode(task, train, tok, args.max_length)
-    dev_sets = {s: (ex, encode(task, ex, tok, args.max_length)) for s, ex in dev_sets.items()}
-    lengths = [len(f.ids) for f in train_f]
-    longest = max(lengths + [len(f.ids) for _, fs in dev_sets.values() for f in fs])
-    steps_per_epoch = len(train_batches(lengths, args.batch_size, torch.Generator(), rt.rank, rt.world_size))
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_f)} training examples make no batch on each of {rt.world_size} ranks")
-    total_steps = max(1, math.ceil(args.epochs * steps_per_epoch))
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
-    warmup_steps = int(args.warmup * total_steps)
-    eval_every = args.eval_every or steps_per_epoch
-    if rt.is_master:
-        print(f"train {len(train)} examples, dev {[len(ex) for ex, _ in dev_sets.values()]} | {steps_per_epoch} steps/epoch, "
-              f"{total_steps} steps per lr, {eval_schedule(eval_every, total_steps, per_epoch=not args.eval_every)}")
+    # data (a run that fails here, before training, leaves no directory behind it made)
+    with removed_on_failure(out_dir, made):
+        tok = minimoe.load_tokenizer(args.tokenizer or model_path)
+        pad_id = tok.token_to_id("[PAD]") or 0
+        train = load_examples(task, "train", data_dir, args.train_file)
+        if args.max_train_examples:
+            train = train[:args.max_train_examples]
+        dev_splits = ("dev",) if args.dev_file else task.dev
+        dev_sets = {s: load_examples(task, s, data_dir, args.dev_file) for s in dev_splits}
+        train_f = encode(task, train, tok, args.max_length)
+        dev_sets = {s: (ex, encode(task, ex, tok, args.max_length)) for s, ex in dev_sets.items()}
+        lengths = [len(f.ids) for f in train_f]
+        longest = max(lengths + [len(f.ids) for _, fs in dev_sets.values() for f in fs])
+        steps_per_epoch = len(train_batches(lengths, args.batch_size, torch.Generator(), rt.rank, rt.world_size))
+        if steps_per_epoch == 0:
+            raise ValueError(f"{len(train_f)} training examples make no batch on each of {rt.world_size} ranks")
+        total_steps = max(1, math.ceil(args.epochs * steps_per_epoch))
+        if args.max_steps:
+            total_steps = min(total_steps, args.max_steps)
+        warmup_steps = int(args.warmup * total_steps)
+        eval_every = args.eval_every or steps_per_epoch
+        if rt.is_master:
+            print(f"train {len(train)} examples, dev {[len(ex) for ex, _ in dev_sets.values()]} | "
+                  f"{steps_per_epoch} steps/epoch, {total_steps} steps per lr, "
+                  f"{eval_schedule(eval_every, total_steps, per_epoch=not args.eval_every)}")
 
     log = open(out_dir / "log.jsonl", "a") if rt.is_master else None
     lrs = args.lrs

@@ -388,3 +388,18 @@ def test_plan_workers_skip_runs_another_live_process_holds(tiny_dir, tmp_path, m
     assert calls == [2, 1] and (busy / "done.json").exists()
     assert ev.find_runs(tmp_path / "d" / "a", ["sst2"]) == {"sst2": [busy, seed2]}
 
+
+def test_a_run_that_fails_before_training_leaves_no_directory(tiny_dir, tmp_path):
+    """No data for the task: an error, and no empty runs/finetune/TASK left behind (a folder that was there
+    before stays)."""
+    (tmp_path / "nodata").mkdir()
+    out = tmp_path / "runs" / "finetune" / "rte"
+    with pytest.raises(FileNotFoundError, match="no train file for rte"):
+        ft.main(["--task", "rte", "--model", str(tiny_dir), "--data_dir", str(tmp_path / "nodata"), "--out_dir",
+                 str(out)])
+    assert not out.exists()
+    out.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError):
+        ft.main(["--task", "rte", "--model", str(tiny_dir), "--data_dir", str(tmp_path / "nodata"), "--out_dir",
+                 str(out)])
+    assert out.is_dir()
