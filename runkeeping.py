@@ -444,54 +444,42 @@ def resumed_results(path, fresh, step):
 
 
 def workers_die_with_us(fn):
-    """Decorator: a plain `kill` (SIGTERM: a scheduler, `timeout`) of this process while `fn` runs exits
-    through fn's cleanup and ends the worker processes it started (datasets' map and generator pools), rather
-    than leaving them running with no parent. A forked worker gets the default action back
-    (sigterm_kills_children)."""
+    """Decorator: a plain `kill` (SIGTERM: a scheduler, `timeout`) of this process while `fn` runs ends the
+    worker processes it started (datasets' map and generator pools) and then this process, rather than
+    leaving the workers running with no parent. A forked worker gets the default action back
+    (sigterm_kills_children); the next start removes the partial build."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
             return fn(*args, **kwargs)
-        received = []
 
         def on_sigterm(signum, frame):
-            received.append(signum)
-            raise SystemExit(128 + signum)  # unwinds: the pools terminate their workers, the build dir goes
+            # Exit here, not by raising SystemExit: an exception raised while Python runs an at-fork callback
+            # (logging has one, and the pools fork often) is printed and dropped, and the build would go on.
+            # Nor by calling into multiprocessing, whose locks the interrupted code may hold: the workers
+            # die with this process (sigterm_kills_children).
+            warn("stopped by SIGTERM; the worker processes were ended")
+            os._exit(128 + signum)
         on_sigterm.ours = True
         previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:
             return fn(*args, **kwargs)
-        except BaseException:
-            end_child_processes()
-            if received:  # whatever the pools' cleanup raised on the way out (datasets: a TimeoutError)
-                warn("stopped by SIGTERM; the worker processes were ended")
-                raise SystemExit(128 + received[0]) from None
-            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
     return wrapped
 
 
 def sigterm_kills_children():
-    """In a forked worker, SIGTERM's default action instead of the handler above. A Python handler runs only
-    when the interpreter gets control, so a worker blocked in a lock (one a thread held at the fork) would
-    ignore the pool's terminate() and its parent would wait for it forever."""
+    """In a forked worker of workers_die_with_us: SIGTERM's default action instead of the handler (a Python
+    handler runs only when the interpreter gets control, so a worker blocked in a lock a thread held at the
+    fork would ignore the pool's terminate() and its parent would wait for it forever), and, on Linux, death
+    with the parent (PR_SET_PDEATHSIG), so that no worker outlives a parent stopped by SIGTERM."""
     if getattr(signal.getsignal(signal.SIGTERM), "ours", False):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if sys.platform == "linux":
+            import ctypes
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 os.register_at_fork(after_in_child=sigterm_kills_children)
-
-
-def end_child_processes(timeout=5.0):
-    """Terminate (then kill) the worker processes still alive, of multiprocessing and of its fork
-    `multiprocess` (which `datasets` uses)."""
-    import multiprocessing
-    modules = [multiprocessing] + ([sys.modules["multiprocess"]] if "multiprocess" in sys.modules else [])
-    children = [c for m in modules for c in m.active_children()]
-    for c in children:
-        c.terminate()
-    for c in children:
-        c.join(timeout)
-        if c.is_alive():
-            c.kill()
