@@ -1,17 +1,18 @@
 """
 Finetune a BERT / MiniMoE encoder on a GLUE task or CoNLL-2003 NER, keep the best dev checkpoint.
 
-    python finetune.py --task rte                              # the real all-MiniLM-L6-v2, data from ../shared/data
-    python finetune.py --task mrpc --model out/minimoe_3L/student --lr 1e-5,2e-5,3e-5,5e-5   # a distilled student
+    python finetune.py --task rte                       # the real all-MiniLM-L6-v2, data from ../shared/data
+    python finetune.py --task mrpc --model out/minimoe_3L/student --lr 1e-5,2e-5,3e-5,5e-5   # a student
     python finetune.py --task conll --lr 2e-5 --epochs 3       # token classification
     python finetune.py --task rte --protocol authors --seeds 1,2,3   # the authors' recipe, three seeds
     python finetune.py --plan plan.json                        # students x tasks x seeds, resumable
 
-The file reads top to bottom: the task registry, the readers (GLUE TSV, CoNLL columns, the hub),
-tokenisation with dynamic padding, the head model and its checkpoint I/O, prediction and dev
-evaluation with the metrics, then `main`: arguments, data, and for each learning rate of the grid the
-training loop. Imports run one way: minimoe <- runkeeping <- finetune <- eval (eval.py reads checkpoints
-with this file's readers and head model, and re-exports its metrics).
+The file reads as a story: tasks and data (GLUE TSV, CoNLL columns, the hub) -> tokenisation and batches
+(dynamic padding) -> the model with its task head and checkpoint I/O -> dev evaluation and its metrics ->
+one learning rate's training with dev evaluation and early stopping -> the grid over learning rates,
+keeping the best -> seeds and plans -> arguments and `main`. Imports run one way: minimoe <- runkeeping
+<- finetune <- eval (eval.py reads checkpoints with this file's readers and head model, and re-exports
+its metrics).
 
 Recipe (MiniLM / MiniMoE finetuning): max length 128, AdamW (no decay on biases and LayerNorm),
 weight decay 0.01, linear warmup over 10% of the steps then linear decay, grad-norm clip 1.0,
@@ -46,7 +47,7 @@ from runkeeping import (FRACTION, NONNEGATIVE, NONNEGATIVE_INT, POSITIVE, POSITI
                         setup_runtime, write_json)
 
 # -----------------------------------------------------------------------------
-# Tasks
+# Tasks and data
 
 
 @dataclass(frozen=True)
@@ -60,20 +61,27 @@ class Task:
     hub: tuple = ()  # (dataset id, config) for datasets.load_dataset
     kind: str = "cls"  # "cls" sentence(-pair) classification, "reg" regression, "ner" token tagging
 
+    @property
+    def num_labels(self):
+        return 1 if self.kind == "reg" else len(self.labels)
 
-CONLL_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")  # IOB2, hub order
+
+# IOB2, in the hub's order
+CONLL_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
+GLUE = "nyu-mll/glue"
+NLI = ("entailment", "not_entailment")
 
 TASKS = {t.name: t for t in [
-    Task("cola", "CoLA", (3, None, 1), ("0", "1"), "mcc", hub=("nyu-mll/glue", "cola")),
-    Task("sst2", "SST-2", ("sentence", None, "label"), ("0", "1"), "acc", hub=("nyu-mll/glue", "sst2")),
-    Task("mrpc", "MRPC", ("#1 String", "#2 String", "Quality"), ("0", "1"), "acc_f1", hub=("nyu-mll/glue", "mrpc")),
-    Task("stsb", "STS-B", ("sentence1", "sentence2", "score"), None, "corr", hub=("nyu-mll/glue", "stsb"), kind="reg"),
-    Task("qqp", "QQP", ("question1", "question2", "is_duplicate"), ("0", "1"), "acc_f1", hub=("nyu-mll/glue", "qqp")),
-    Task("mnli", "MNLI", ("sentence1", "sentence2", "gold_label"), ("contradiction", "entailment", "neutral"), "m_acc",
-         dev=("dev_matched", "dev_mismatched"), hub=("nyu-mll/glue", "mnli")),
-    Task("qnli", "QNLI", ("question", "sentence", "label"), ("entailment", "not_entailment"), "acc", hub=("nyu-mll/glue", "qnli")),
-    Task("rte", "RTE", ("sentence1", "sentence2", "label"), ("entailment", "not_entailment"), "acc", hub=("nyu-mll/glue", "rte")),
-    Task("wnli", "WNLI", ("sentence1", "sentence2", "label"), ("0", "1"), "acc", hub=("nyu-mll/glue", "wnli")),
+    Task("cola", "CoLA", (3, None, 1), ("0", "1"), "mcc", hub=(GLUE, "cola")),
+    Task("sst2", "SST-2", ("sentence", None, "label"), ("0", "1"), "acc", hub=(GLUE, "sst2")),
+    Task("mrpc", "MRPC", ("#1 String", "#2 String", "Quality"), ("0", "1"), "acc_f1", hub=(GLUE, "mrpc")),
+    Task("stsb", "STS-B", ("sentence1", "sentence2", "score"), None, "corr", hub=(GLUE, "stsb"), kind="reg"),
+    Task("qqp", "QQP", ("question1", "question2", "is_duplicate"), ("0", "1"), "acc_f1", hub=(GLUE, "qqp")),
+    Task("mnli", "MNLI", ("sentence1", "sentence2", "gold_label"), ("contradiction", "entailment", "neutral"),
+         "m_acc", dev=("dev_matched", "dev_mismatched"), hub=(GLUE, "mnli")),
+    Task("qnli", "QNLI", ("question", "sentence", "label"), NLI, "acc", hub=(GLUE, "qnli")),
+    Task("rte", "RTE", ("sentence1", "sentence2", "label"), NLI, "acc", hub=(GLUE, "rte")),
+    Task("wnli", "WNLI", ("sentence1", "sentence2", "label"), ("0", "1"), "acc", hub=(GLUE, "wnli")),
     Task("conll", "conll2003", (), CONLL_TAGS, "f1", hub=("eriktks/conll2003", None), kind="ner"),
 ]}
 ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "conll2003": "conll", "ner": "conll"}
@@ -86,7 +94,6 @@ def get_task(name):
     return TASKS[key]
 
 
-# -----------------------------------------------------------------------------
 # Readers. GLUE TSVs are *not* quoted CSV (stray quotes are plain text): split each line on tabs.
 
 
@@ -109,10 +116,12 @@ def read_lines(path, keep_blank=False):
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # utf-8-sig: MRPC's header has a BOM
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid UTF-8 (byte {raw[e.start]:#04x}, the line's byte "
-                                 f"{e.start + 1}); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+                                 f"{e.start + 1}); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                                 ) from None
             lines.append((n, line.rstrip("\r\n")))  # a \r inside a line is text (some GLUE rows have one)
     if len(lines) == 1 and "\r" in lines[0][1]:
-        raise ValueError(f"{path}: lines end in a bare carriage return (old Mac line endings); convert them to \\n "
+        raise ValueError(f"{path}: lines end in a bare carriage return (old Mac line endings); convert them "
+                         "to \\n "
                          "(e.g. tr '\\r' '\\n' < old > new)")
     if not any(s.strip() for _, s in lines):
         raise ValueError(f"{path}: file is empty")
@@ -128,7 +137,8 @@ def read_glue(task, path):
         header = head.split("\t")
         want = [c for c in (ca, cb, cl) if c is not None]
         if missing := [c for c in want if c not in header]:
-            raise ValueError(f"{path}:1: header lacks column(s) {missing} for {task.name} (header: {str(header)[:200]})")
+            raise ValueError(f"{path}:1: header lacks column(s) {missing} for {task.name} "
+                             f"(header: {str(header)[:200]})")
         ca, cl = header.index(ca), header.index(cl)
         cb = header.index(cb) if cb is not None else None
         ncol = len(header)
@@ -145,7 +155,8 @@ def read_glue(task, path):
         raw = f[cl].strip()
         if label_id is not None:
             if raw not in label_id:
-                raise ValueError(f"{path}:{n}: unknown label {raw!r} for {task.name} (expected one of {list(task.labels)})")
+                raise ValueError(f"{path}:{n}: unknown label {raw!r} for {task.name} "
+                                 f"(expected one of {list(task.labels)})")
             label = label_id[raw]
         else:
             try:
@@ -219,16 +230,18 @@ def load_hub(task, split):
     hub_split = {"dev": "validation", "dev_matched": "validation_matched",
                  "dev_mismatched": "validation_mismatched"}.get(split, split)
     if not minimoe.hf_offline(datasets=True) and not hub_reachable():
-        raise ConnectionError(f"cannot reach the Hugging Face hub to fetch {name} ({config or 'default'}, {split}); "
-                              "offline? Pass --data_dir DIR holding the GLUE TSVs (DIR/glue/RTE/train.tsv, ...) or the "
-                              "CoNLL-2003 files (DIR/conll2003/train.txt, ...), or set HF_HUB_OFFLINE=1 to use a cached copy.")
+        raise ConnectionError(f"cannot reach the Hugging Face hub to fetch {name} ({config or 'default'}, "
+                              f"{split}); offline? Pass --data_dir DIR holding the GLUE TSVs "
+                              "(DIR/glue/RTE/train.tsv, ...) or the CoNLL-2003 files "
+                              "(DIR/conll2003/train.txt, ...), or set HF_HUB_OFFLINE=1 to use a cached copy.")
     import datasets
     ds = datasets.load_dataset(name, config, split=hub_split)
     if task.kind == "ner":
         names = ds.features["ner_tags"].feature.names
         return [Example(list(r["tokens"]), None, [names[t] for t in r["ner_tags"]]) for r in ds]
     cols = {"cola": ("sentence", None), "sst2": ("sentence", None), "qqp": ("question1", "question2"),
-            "mnli": ("premise", "hypothesis"), "qnli": ("question", "sentence")}.get(task.name, ("sentence1", "sentence2"))
+            "mnli": ("premise", "hypothesis"), "qnli": ("question", "sentence")
+            }.get(task.name, ("sentence1", "sentence2"))
     feat = ds.features["label"]
     if task.kind == "reg":
         to_label = float
@@ -236,8 +249,10 @@ def load_hub(task, split):
         to_label = int  # hub 0/1 = GLUE file 0/1 (unacceptable/acceptable, negative/positive, ...)
     else:
         ids = {s: i for i, s in enumerate(task.labels)}
-        to_label = lambda v: ids[feat.names[v]]  # noqa: E731  e.g. MNLI: hub order entailment, neutral, contradiction
-    return [Example(r[cols[0]], r[cols[1]] if cols[1] else None, to_label(r["label"])) for r in ds if r["label"] != -1]
+        # e.g. MNLI: the hub's order is entailment, neutral, contradiction
+        to_label = lambda v: ids[feat.names[v]]  # noqa: E731
+    return [Example(r[cols[0]], r[cols[1]] if cols[1] else None, to_label(r["label"]))
+            for r in ds if r["label"] != -1]
 
 
 def load_examples(task, split, data_dir=None, file=None):
@@ -292,8 +307,8 @@ def encode(task, examples, tok, max_length=128):
     if task.kind == "ner":
         tag_id = {t: i for i, t in enumerate(task.labels)}
         encs = tok.encode_batch([e.a for e in examples], is_pretokenized=True)
-        return [Feature(enc.ids, enc.type_ids, align_labels(enc.word_ids, [tag_id[t] for t in e.label]), enc.word_ids)
-                for e, enc in zip(examples, encs)]
+        return [Feature(enc.ids, enc.type_ids, align_labels(enc.word_ids, [tag_id[t] for t in e.label]),
+                        enc.word_ids) for e, enc in zip(examples, encs)]
     inputs = [(e.a, e.b) if e.b is not None else e.a for e in examples]
     encs = tok.encode_batch(inputs)
     return [Feature(enc.ids, enc.type_ids, e.label) for e, enc in zip(examples, encs)]
@@ -332,7 +347,7 @@ def train_batches(lengths, batch_size, generator, rank=0, world_size=1, group_by
 
 
 # -----------------------------------------------------------------------------
-# Head model
+# Model and head, and the checkpoints they make
 
 
 class TaskModel(nn.Module):
@@ -380,7 +395,8 @@ class TaskModel(nn.Module):
         return logits, loss, out.aux_loss
 
     def head_state(self):
-        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("bert.")}
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                if not k.startswith("bert.")}
 
 
 def pretrained_pooler(path):
@@ -405,7 +421,7 @@ def pretrained_pooler(path):
 def build_model(task, path, init_pooler=True, pooling="cls"):
     """A TaskModel (in train mode) from any encoder checkpoint that minimoe.load_bert reads."""
     bert = minimoe.load_bert(path, relation_head="layer")  # an extra relation head serves distillation only
-    model = TaskModel(bert, task.kind, 1 if task.kind == "reg" else len(task.labels), pooling=pooling)
+    model = TaskModel(bert, task.kind, task.num_labels, pooling=pooling)
     pooler = pretrained_pooler(path) if init_pooler and model.pooler is not None else None
     if pooler is not None and pooler["weight"].shape == model.pooler.weight.shape:
         model.pooler.load_state_dict(pooler)
@@ -427,23 +443,6 @@ def save_finetuned(model, out_dir, tok, meta):
     minimoe.atomic_write(tmp / "head.safetensors", save(model.head_state()))
     write_json(tmp / "finetune.json", meta)  # the set is complete from here on
     commit_saved(out)
-
-
-RUN_FILES = ("finetune.json", "head.safetensors", "model.safetensors", "config.json", "tokenizer.json",
-             "vocab.txt", "tokenizer_config.json", "log.jsonl", ".saving")  # what a run writes in --out_dir
-
-
-def clear_previous_run(out_dir, overwrite):
-    """Refuse an --out_dir that holds a previous run (so that log.jsonl never mixes two runs and finetune.json
-    describes the weights beside it), unless overwrite: then delete that run's files (only those), and the
-    temporary files a killed save left."""
-    previous = [out_dir / f for f in RUN_FILES if (out_dir / f).exists()]
-    if previous and not overwrite:
-        raise SystemExit(f"{out_dir} holds a previous run ({', '.join(str(f) for f in previous)}): pass "
-                         "--overwrite to start afresh, or another --out_dir")
-    for f in previous:
-        shutil.rmtree(f) if f.is_dir() else f.unlink()
-    remove_stale_temp_files(out_dir)
 
 
 def commit_saved(out):
@@ -481,17 +480,20 @@ def load_finetuned(path, **overrides):
     commit_saved(p)  # a save that was killed while moving its files in
     meta = read_meta(p)
     task = get_task(meta["task"])
-    model = TaskModel(minimoe.load_bert(p, **overrides), task.kind, meta["num_labels"], pooling=meta.get("pooling", "cls"))
+    model = TaskModel(minimoe.load_bert(p, **overrides), task.kind, meta["num_labels"],
+                      pooling=meta.get("pooling", "cls"))
     head = load_file(str(p / "head.safetensors"))
     missing, unexpected = model.load_state_dict(head, strict=False)
-    if unexpected or [k for k in missing if not k.startswith("bert.")]:
+    missing = [k for k in missing if not k.startswith("bert.")]
+    if unexpected or missing:
         raise ValueError(f"{p / 'head.safetensors'}: head does not match the task {task.name} "
-                         f"(missing {[k for k in missing if not k.startswith('bert.')]}, unexpected {unexpected})")
+                         f"(missing {missing}, unexpected {unexpected})")
     return model.eval(), minimoe.load_tokenizer(p), meta
 
 
 # -----------------------------------------------------------------------------
-# Metrics, in plain numpy (tests/test_metrics.py checks them against scikit-learn, scipy and seqeval)
+# Dev evaluation: the metrics, in plain numpy (tests/test_metrics.py checks them against scikit-learn, scipy
+# and seqeval), and prediction
 
 
 def accuracy(preds, labels):
@@ -594,10 +596,6 @@ def task_metrics(task, preds, labels):
     return out
 
 
-# -----------------------------------------------------------------------------
-# Prediction and dev evaluation
-
-
 @torch.no_grad()
 def predict(model, features, batch_size=64, device="cpu", autocast=contextlib.nullcontext, pad_id=0):
     """Predictions in the order of `features`: class ids, scores (regression), or per-token class ids
@@ -633,112 +631,327 @@ def evaluate(model, task, dev_sets, batch_size=64, device="cpu", autocast=contex
         if task.kind == "ner":
             preds = [[task.labels[t] for t in word_predictions(f.word_ids, p, len(e.a), 0)]
                      for e, f, p in zip(examples, features, preds)]
-            golds = [e.label for e in examples]
-        else:
-            golds = [e.label for e in examples]
+        golds = [e.label for e in examples]
         prefix = {"dev_matched": "m_", "dev_mismatched": "mm_"}.get(split, "")
         out.update({prefix + k: v for k, v in task_metrics(task.name, preds, golds).items()})
     return out
 
 
 # -----------------------------------------------------------------------------
-# Training
+# One learning rate: training with dev evaluation and early stopping
 
 
-# Recipes. "ours" is the module docstring's. "authors" is that of the authors' public finetuning code
-# (GLUE: GeneZC/StarK scripts; CoNLL: GeneZC/MiniDisc): batch 16, grad clip 5.0, dev evaluation every 10
-# steps keeping the best, early stopping after 5 epochs without a better dev score; CoNLL lr 2e-5,
-# batch 32, 3 epochs, evaluation every 100 steps. A flag given on the command line wins over the preset.
-PROTOCOLS = {
-    "ours": dict(lr="3e-5", batch_size=32, epochs=10, warmup=0.1, weight_decay=0.01, grad_clip=1.0, eval_every=0,
-                 patience=3, patience_unit="evals"),
-    "authors": dict(lr="3e-5", batch_size=16, epochs=10, warmup=0.1, weight_decay=0.01, grad_clip=5.0, eval_every=10,
-                    patience=5, patience_unit="epochs"),
-    "authors-ner": dict(lr="2e-5", batch_size=32, epochs=3, warmup=0.1, weight_decay=0.01, grad_clip=5.0,
-                        eval_every=100, patience=0, patience_unit="epochs"),
-}
+@dataclass
+class Context:
+    """What the learning rates of one finetune() call share: settings, data, schedule and outputs."""
+    args: argparse.Namespace
+    task: Task
+    rt: Runtime
+    model_path: object  # the encoder finetuned, recorded in finetune.json
+    out_dir: Path
+    tok: object = None  # the tokenizers.Tokenizer, saved with the checkpoint
+    pad_id: int = 0
+    n_train: int = 0  # training examples
+    train_f: list = None  # their Features
+    lengths: list = None  # their lengths in tokens
+    dev_sets: dict = None  # {split: (examples, features)}
+    longest: int = 0  # tokens of the longest train or dev example
+    steps_per_epoch: int = 0
+    total_steps: int = 0  # per learning rate
+    warmup_steps: int = 0
+    eval_every: int = 0
+    log: object = None  # log.jsonl, open on the master (None on the other ranks)
+    best: dict = None  # the grid's best evaluation so far: the checkpoint in out_dir
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", default=None, help=f"one of {sorted(TASKS)} (required unless --plan)")
-    p.add_argument("--protocol", default="ours", choices=["ours", "authors"], help="recipe preset (PROTOCOLS): ours, "
-                   "or the authors' (batch 16, clip 5, dev every 10 steps, patience 5 epochs; CoNLL: lr 2e-5, "
-                   "batch 32, 3 epochs, dev every 100 steps); flags given explicitly win")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds: one run each, in OUT_DIR/seedS "
-                   "(eval.py reports mean ± std)")
-    p.add_argument("--plan", default=None, help="a JSON plan {models: {name: path}, tasks: [...], seeds: [...], "
-                   "out_dir, args: [...]}: runs every model x task x seed into out_dir/name/task/seedS, skipping "
-                   "finished runs (rerun it to continue a cut-off plan)")
-    p.add_argument("--model", default=None, help="encoder: HF BERT dir or hub id, a save_bert dir, or a train_distill *.pt; "
-                   "None = the embedded all-MiniLM-L6-v2")
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir; None = the --model dir (give it for a *.pt file)")
-    p.add_argument("--data_dir", default=default_data_dir(), help="$MINIMOE_DATA: GLUE/CoNLL root (DIR/glue/RTE/train.tsv, DIR/conll2003/"
-                   "train.txt) or a task folder; 'hub' = download with `datasets`")
-    p.add_argument("--train_file", default=None, help="labelled training file (overrides --data_dir)")
-    p.add_argument("--dev_file", default=None, help="labelled dev file (overrides --data_dir; one file, also for MNLI)")
-    p.add_argument("--out_dir", default=None, help="best checkpoint + log.jsonl; None = runs/finetune/TASK")
-    p.add_argument("--lr", default=None, help="learning rate, or a comma-separated grid (best dev score kept)")
-    p.add_argument("--epochs", type=POSITIVE, default=None, help="epochs (early stopping usually ends sooner)")
-    p.add_argument("--max_steps", type=NONNEGATIVE_INT, default=0, help="cap on optimizer steps per learning rate (0 = none)")
-    p.add_argument("--batch_size", type=POSITIVE_INT, default=None, help="per process (DDP: global = batch_size x world size)")
-    p.add_argument("--eval_batch_size", type=POSITIVE_INT, default=64)
-    p.add_argument("--max_length", type=number(int, low=3), default=128)
-    p.add_argument("--warmup", type=FRACTION, default=None, help="fraction of steps with linear warmup")
-    p.add_argument("--weight_decay", type=NONNEGATIVE, default=None)
-    p.add_argument("--grad_clip", type=NONNEGATIVE, default=None)
-    p.add_argument("--load_balance_weight", type=NONNEGATIVE, default=0.01, help="weight of the MoE load-balancing loss")
-    p.add_argument("--eval_every", type=NONNEGATIVE_INT, default=None, help="evaluate every N steps (0 = every epoch)")
-    p.add_argument("--patience", type=NONNEGATIVE_INT, default=None, help="stop after N evaluations (or epochs, see "
-                   "--patience_unit) without a better dev score (0 = never)")
-    p.add_argument("--patience_unit", default=None, choices=["evals", "epochs"], help="what --patience counts")
-    p.add_argument("--no_group_by_length", action="store_true", help="plain random batches (more padding, slower)")
-    p.add_argument("--no_pooler_init", action="store_true", help="random pooler even if the checkpoint has one")
-    p.add_argument("--pooling", default="cls", choices=["cls", "mean"], help="what the pooler reads: [CLS] (BERT) "
-                   "or the mean of the tokens (sentence-embedding checkpoints)")
-    p.add_argument("--max_train_examples", type=NONNEGATIVE_INT, default=0, help="use only the first N training examples (0 = all)")
-    p.add_argument("--threads", type=NONNEGATIVE_INT, default=0, help="CPU threads for torch (0 = torch's default; 1 is faster "
-                   "on a CPU shared with other jobs)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (as train_distill.py)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--log_every", type=POSITIVE_INT, default=50)
-    p.add_argument("--no_save", action="store_true", help="do not write the checkpoint (log and summary only)")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out_dir that holds a "
-                   "previous run (its checkpoint and log.jsonl are deleted)")
-    p.add_argument("--debug", action="store_true", help="a traceback for every error, user errors included")
-    args = p.parse_args(argv)
-    if args.plan:
-        return args
-    if not args.task:
-        p.error("--task is required (or give --plan)")
-    preset = PROTOCOLS["authors-ner" if args.protocol == "authors" and args.task.lower() == "conll" else args.protocol]
-    for k, v in preset.items():  # the preset fills what the command line left out
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.seeds:
-        try:
-            args.seeds = [int(x) for x in args.seeds.split(",")]
-        except ValueError:
-            p.error(f"argument --seeds: comma-separated integers, got {args.seeds!r}")
+def log_event(log, rec):
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+
+
+def setup_lr(ctx, lr):
+    """(raw model, model to train (compiled, DDP), optimizer, schedule) for one learning rate."""
+    args, rt = ctx.args, ctx.rt
+    torch.manual_seed(args.seed)  # same head init and data order for every lr
+    raw = build_model(ctx.task, ctx.model_path, not args.no_pooler_init, args.pooling).to(rt.device)
+    positions = raw.bert.config.max_position_embeddings
+    if ctx.longest > positions:
+        raise SystemExit(f"--max_length {args.max_length}: examples of up to {ctx.longest} tokens, but "
+                         f"{ctx.model_path} has {positions} positions; pass --max_length {positions} "
+                         "(longer examples are then truncated)")
+    model = torch.compile(raw) if args.compile else raw
+    if rt.is_ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    opt = configure_optimizer(raw, lr, args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, ctx.total_steps, ctx.warmup_steps))
+    return raw, model, opt, sched
+
+
+def train_step(ctx, raw, model, opt, sched, features):
+    """One optimizer step on a batch of Features; -> (task loss, aux loss), detached."""
+    rt = ctx.rt
+    batch = collate_features(features, ctx.pad_id)
+    batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
+    model.train()
+    with rt.autocast():
+        _, loss, aux = model(**batch)
+        total = loss + ctx.args.load_balance_weight * aux
+    rt.scaler.scale(total).backward()
+    optimizer_step(raw, opt, rt.scaler, ctx.args.grad_clip)
+    rt.scaler.update()
+    sched.step()
+    return loss.detach(), aux.detach()
+
+
+def train_one_lr(ctx, lr):
+    """Train at one learning rate, evaluating on dev and stopping early; -> its entry of the grid."""
+    args, rt = ctx.args, ctx.rt
+    raw, model, opt, sched = setup_lr(ctx, lr)
+    gen = torch.Generator().manual_seed(args.seed)
+    step, stop, t0 = 0, False, time.time()
+    run = dict(lr=lr, t0=t0, score=-math.inf, metrics=None, step=0, bad_evals=0, best_by_metric={}, last=None)
+    loss_sum = aux_sum = torch.zeros((), device=rt.device)
+    n_sum = 0
+    bar = None
+    if rt.is_master:
+        from tqdm import tqdm
+        bar = tqdm(total=ctx.total_steps, desc=f"{ctx.task.name} lr {lr:g}", dynamic_ncols=True,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    while not stop:
+        for idx in train_batches(ctx.lengths, args.batch_size, gen, rt.rank, rt.world_size,
+                                 not args.no_group_by_length):
+            loss, aux = train_step(ctx, raw, model, opt, sched, [ctx.train_f[i] for i in idx])
+            step += 1
+            loss_sum, aux_sum, n_sum = loss_sum + loss, aux_sum + aux, n_sum + 1
+            if bar is not None:
+                bar.update(1)
+            if rt.is_master and (step % args.log_every == 0 or step == ctx.total_steps):
+                rec = dict(event="train", lr=lr, step=step, epoch=round(step / ctx.steps_per_epoch, 3),
+                           loss=loss_sum.item() / n_sum, aux_loss=aux_sum.item() / n_sum,  # host sync: logs
+                           lr_now=sched.get_last_lr()[0], elapsed=round(time.time() - t0, 1))
+                log_event(ctx.log, rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                loss_sum = aux_sum = torch.zeros((), device=rt.device)
+                n_sum = 0
+            if step % ctx.eval_every == 0 or step == ctx.total_steps:
+                stop = evaluate_and_keep(ctx, raw, run, step)
+            stop = stop or step >= ctx.total_steps
+            if stop:
+                break
+    if bar is not None:
+        bar.close()
+    if rt.is_master:
+        print(f"lr {lr:g}: best dev {ctx.task.metric} {run['score']:.4f} at step {run['step']} "
+              f"({step} steps, {time.time() - t0:.0f}s)" + (", then diverged" if run.get("diverged") else ""))
+    return dict(score=run["score"] if math.isfinite(run["score"]) else None, metrics=run["metrics"],
+                best_step=run["step"], steps=step, diverged_at=run.get("diverged"), last_metrics=run["last"],
+                best_by_metric=run["best_by_metric"], wall_s=round(time.time() - t0, 1))
+
+
+def evaluate_and_keep(ctx, raw, run, step):
+    """Dev evaluation on the master of `raw` at `step` of the run of one lr (run: its best and last scores,
+    updated); keeps the grid-best checkpoint; returns True when patience runs out."""
+    args, rt, lr = ctx.args, ctx.rt, run["lr"]
+    stop = False
+    # a diverged model (NaN weights predict class 0 everywhere: a majority-class score) is never evaluated
+    # nor kept (host sync: evaluation only)
+    diverged = rt.is_master and not all(torch.isfinite(p).all() for p in raw.parameters())
+    if diverged:
+        run["diverged"] = step
+        log_event(ctx.log, dict(event="diverged", lr=lr, step=step))
+        print(f"\nlr {lr:g}: non-finite (NaN/inf) weights at step {step}: this learning rate diverged "
+              "and is dropped")
+        stop = True
+    elif rt.is_master:
+        metrics = evaluate(raw, ctx.task, ctx.dev_sets, args.eval_batch_size, rt.device, rt.autocast,
+                           ctx.pad_id)
+        score = metrics[ctx.task.metric]
+        if not math.isfinite(score):  # e.g. the correlation of constant predictions: the worst score
+            score = -math.inf
+        if score > run["score"]:
+            run.update(score=score, metrics=metrics, step=step, bad_evals=0)
+        else:
+            run["bad_evals"] += 1
+        run["last"] = metrics  # the last checkpoint's scores: the best of many dev evaluations is optimistic
+        for k, v in metrics.items():  # each metric's own best (MNLI-mm apart from MNLI-m, as the authors)
+            if math.isfinite(v) and v > run["best_by_metric"].get(k, [-math.inf])[0]:
+                run["best_by_metric"][k] = [v, step]
+        epoch = round(step / ctx.steps_per_epoch, 3)
+        log_event(ctx.log, dict(event="eval", lr=lr, step=step, epoch=epoch, dev=metrics, best=run["score"],
+                                elapsed=round(time.time() - run["t0"], 1)))
+        print(f"\nstep {step} (epoch {epoch:.2f}) dev "
+              + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if score > ctx.best["score"]:
+            keep_best(ctx, raw, metrics, score, lr, step, epoch)
+        if args.patience_unit == "epochs":  # the authors': steps since the best evaluation >= patience epochs
+            stop = args.patience > 0 and step - run["step"] >= args.patience * ctx.steps_per_epoch
+        else:
+            stop = args.patience > 0 and run["bad_evals"] >= args.patience
+    if rt.is_ddp:  # every rank follows the master's early-stopping decision
+        flag = torch.tensor(int(stop), device=rt.device)
+        torch.distributed.broadcast(flag, 0)
+        stop = bool(flag.item())
+    return stop
+
+
+def keep_best(ctx, raw, metrics, score, lr, step, epoch):
+    """A new best of the whole grid: remember it, and save it as the run's checkpoint."""
+    ctx.best.update(score=score, metrics=metrics, lr=lr, step=step)
+    if ctx.args.no_save:
+        return
+    task = ctx.task
+    meta = dict(task=task.name, kind=task.kind, labels=list(task.labels) if task.labels else None,
+                num_labels=task.num_labels, pooling=ctx.args.pooling, metric=task.metric, metrics=metrics,
+                lr=lr, step=step, epoch=epoch, init=str(ctx.model_path), train_examples=ctx.n_train,
+                args=vars(ctx.args))
+    save_finetuned(raw, ctx.out_dir, ctx.tok, meta)
+
+
+# -----------------------------------------------------------------------------
+# The grid: every learning rate from the same start, the best kept
+
+
+def prepare_data(ctx, data_dir):
+    """Tokenise the train and dev sets into ctx and fix the step schedule every learning rate follows."""
+    args, task, rt = ctx.args, ctx.task, ctx.rt
+    ctx.tok = minimoe.load_tokenizer(args.tokenizer or ctx.model_path)
+    ctx.pad_id = ctx.tok.token_to_id("[PAD]") or 0
+    train = load_examples(task, "train", data_dir, args.train_file)
+    if args.max_train_examples:
+        train = train[:args.max_train_examples]
+    dev_splits = ("dev",) if args.dev_file else task.dev
+    dev_sets = {s: load_examples(task, s, data_dir, args.dev_file) for s in dev_splits}
+    ctx.n_train, ctx.train_f = len(train), encode(task, train, ctx.tok, args.max_length)
+    ctx.dev_sets = {s: (ex, encode(task, ex, ctx.tok, args.max_length)) for s, ex in dev_sets.items()}
+    ctx.lengths = [len(f.ids) for f in ctx.train_f]
+    ctx.longest = max(ctx.lengths + [len(f.ids) for _, fs in ctx.dev_sets.values() for f in fs])
+    ctx.steps_per_epoch = len(train_batches(ctx.lengths, args.batch_size, torch.Generator(), rt.rank,
+                                            rt.world_size))
+    if ctx.steps_per_epoch == 0:
+        raise ValueError(f"{len(ctx.train_f)} training examples make no batch on each of {rt.world_size} "
+                         "ranks")
+    ctx.total_steps = max(1, math.ceil(args.epochs * ctx.steps_per_epoch))
+    if args.max_steps:
+        ctx.total_steps = min(ctx.total_steps, args.max_steps)
+    ctx.warmup_steps = int(args.warmup * ctx.total_steps)
+    ctx.eval_every = args.eval_every or ctx.steps_per_epoch
+    if rt.is_master:
+        print(f"train {len(train)} examples, dev {[len(ex) for ex, _ in ctx.dev_sets.values()]} | "
+              f"{ctx.steps_per_epoch} steps/epoch, {ctx.total_steps} steps per lr, "
+              f"{eval_schedule(ctx.eval_every, ctx.total_steps, per_epoch=not args.eval_every)}")
+
+
+def eval_schedule(eval_every, total_steps, per_epoch=False):
+    """When a run of total_steps evaluates on dev, in words: every eval_every steps and at the last step."""
+    if eval_every >= total_steps:
+        return f"dev evaluation at the last step ({total_steps})"
+    last = "" if total_steps % eval_every == 0 else f" and at the last ({total_steps})"
+    return f"dev evaluation every {eval_every} steps{' (each epoch)' if per_epoch else ''}{last}"
+
+
+@contextlib.contextmanager
+def removed_on_failure(out_dir, made):
+    """If the block fails and this run made out_dir, remove it: it holds nothing but the run's lock."""
     try:
-        args.lrs = [NONNEGATIVE(x) for x in str(args.lr).split(",")]
-    except argparse.ArgumentTypeError as e:
-        p.error(f"argument --lr: each learning rate {e}")
-    return args
+        yield
+    except BaseException:
+        if made:
+            release_lock(out_dir / ".lock")
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.plan:
-        return run_plan(args.plan)
-    if args.seeds:  # one run per seed, each in its own directory
-        out_dir = Path(args.out_dir or f"runs/finetune/{get_task(args.task).name}")
-        runs = {}
-        for seed in args.seeds:
-            runs[seed] = finetune(argparse.Namespace(**{**vars(args), "seed": seed, "out_dir": str(out_dir / f"seed{seed}")}))
-        return runs
-    return finetune(args)
+def run_dir(args):
+    return Path(args.out_dir or f"runs/finetune/{get_task(args.task).name}")
+
+
+def finetune(args, keep_lock=False):
+    """One finetuning run (all learning rates of the grid) of args.task; returns the grid's best. The run
+    directory's lock is released at the end, unless keep_lock (run_plan releases it after done.json)."""
+    rt = setup_runtime(args.seed, args.precision)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ctx = Context(args, get_task(args.task), rt, args.model or minimoe.default_teacher(), run_dir(args))
+    out_dir, data_dir = ctx.out_dir, None if args.data_dir in (None, "", "hub") else args.data_dir
+    made = rt.is_master and not out_dir.exists()
+    if rt.is_master:
+        lock = lock_out_dir(out_dir, "finetune run")  # creates it; refuses a file, or a directory in use
+        clear_previous_run(out_dir, args.overwrite)  # or refuses one that holds a run: one run per directory
+        print(f"task {ctx.task.name} | model {ctx.model_path} | data {args.train_file or data_dir or 'hub'} "
+              f"| device {rt.device}")
+    with removed_on_failure(out_dir, made):  # a run that fails before training leaves no directory it made
+        prepare_data(ctx, data_dir)
+
+    ctx.log = open(out_dir / "log.jsonl", "a") if rt.is_master else None
+    ctx.best = dict(score=-math.inf)  # best over the whole grid: this is the checkpoint on disk
+    grid, t_start = {}, time.time()
+    for lr in args.lrs:
+        grid[str(lr)] = train_one_lr(ctx, lr)
+    best = ctx.best
+    if rt.is_master:
+        summarise(ctx, grid, round(time.time() - t_start, 1))
+    if rt.is_ddp:
+        torch.distributed.destroy_process_group()
+    if rt.is_master and best.get("lr") is None:  # only the master evaluates
+        raise SystemExit(f"no learning rate of --lr {args.lr} gave a model with finite weights and dev score "
+                         f"(see {out_dir / 'log.jsonl'}); nothing was saved. Try lower learning rates.")
+    if rt.is_master and not keep_lock:
+        release_lock(lock)  # finished: eval.py leaves out only runs that still hold their lock (cut off)
+    return best
+
+
+def summarise(ctx, grid, wall_s):
+    """The grid's summary: into log.jsonl, into the kept checkpoint's finetune.json, and printed."""
+    args, best = ctx.args, ctx.best
+    kept = best.get("lr") is not None
+    summary = dict(task=ctx.task.name, metric=ctx.task.metric, best_lr=best.get("lr"),
+                   best_score=best["score"] if kept else None, best_metrics=best.get("metrics"), grid=grid,
+                   wall_s=wall_s, protocol=args.protocol)
+    log_event(ctx.log, dict(event="summary", **summary))
+    ctx.log.close()
+    print(json.dumps(dict(best_lr=best.get("lr"), **(best.get("metrics") or {}))))
+    if kept and not args.no_save:  # add the grid to the kept checkpoint's metadata
+        meta = json.loads((ctx.out_dir / "finetune.json").read_text())
+        best_run = grid[str(best["lr"])]  # the last evaluation's scores and each metric's own best
+        meta.update(grid=grid, wall_s=wall_s, last_metrics=best_run["last_metrics"],
+                    best_by_metric=best_run["best_by_metric"])
+        write_json(ctx.out_dir / "finetune.json", meta)
+        print(f"saved the best checkpoint (lr {best['lr']:g}, step {best['step']}, dev {ctx.task.metric} "
+              f"{best['score']:.4f}) to {ctx.out_dir}")
+
+
+RUN_FILES = ("finetune.json", "head.safetensors", "model.safetensors", "config.json", "tokenizer.json",
+             "vocab.txt", "tokenizer_config.json", "log.jsonl", ".saving")  # what a run writes in --out_dir
+
+
+def remove(path):
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def clear_previous_run(out_dir, overwrite):
+    """Refuse an --out_dir that holds a previous run (so that log.jsonl never mixes two runs and finetune.json
+    describes the weights beside it), unless overwrite: then delete that run's files (only those), and the
+    temporary files a killed save left."""
+    previous = [out_dir / f for f in RUN_FILES if (out_dir / f).exists()]
+    if previous and not overwrite:
+        raise SystemExit(f"{out_dir} holds a previous run ({', '.join(str(f) for f in previous)}): pass "
+                         "--overwrite to start afresh, or another --out_dir")
+    for f in previous:
+        remove(f)
+    remove_stale_temp_files(out_dir)
+
+
+# -----------------------------------------------------------------------------
+# Seeds and plans
+
+
+def run_seeds(args):
+    """One run per seed, each in its own directory OUT_DIR/seedS; -> {seed: that run's best}."""
+    out_dir = run_dir(args)
+    return {seed: finetune(argparse.Namespace(**{**vars(args), "seed": seed,
+                                                 "out_dir": str(out_dir / f"seed{seed}")}))
+            for seed in args.seeds}
 
 
 def run_plan(path):
@@ -754,26 +967,28 @@ def run_plan(path):
     todo = [(m, t, s) for s in seeds for t in tasks for m in models]
     for i, (name, task, seed) in enumerate(todo):
         out = root / name / task / f"seed{seed}"
+        where = f"[plan {i + 1}/{len(todo)}] {name} {task} seed {seed}"
         if (out / "done.json").exists():
             continue
         try:
             lock = lock_out_dir(out, "plan run")
         except DirectoryInUse:  # another process works on this run
-            print(f"[plan {i + 1}/{len(todo)}] {name} {task} seed {seed}: another process runs it, skipped", flush=True)
+            print(f"{where}: another process runs it, skipped", flush=True)
             continue
         if (out / "done.json").exists():  # finished between the check and the lock
             release_lock(lock)
             continue
-        print(f"[plan {i + 1}/{len(todo)}] {name} {task} seed {seed} -> {out}", flush=True)
+        print(f"{where} -> {out}", flush=True)
         for leftover in out.iterdir():  # a cut-off run: start it again (keep only our lock)
             if leftover != lock:
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+                remove(leftover)
         t0 = time.time()
         model = ["--model", str(models[name])] if models[name] else []  # null: the embedded teacher
-        best = finetune(parse_args(["--task", task, *model, "--seed", str(seed), "--out_dir", str(out), *extra]),
-                        keep_lock=True)
-        write_json(out / "done.json", dict(model=name, task=task, seed=seed, wall_s=round(time.time() - t0, 1),
-                                           best_lr=best.get("lr"), score=best.get("score")))
+        args = parse_args(["--task", task, *model, "--seed", str(seed), "--out_dir", str(out), *extra])
+        best = finetune(args, keep_lock=True)
+        done = dict(model=name, task=task, seed=seed, wall_s=round(time.time() - t0, 1),
+                    best_lr=best.get("lr"), score=best.get("score"))
+        write_json(out / "done.json", done)
         release_lock(lock)  # only now: a run without done.json and without a live lock is restarted
     return root
 
@@ -811,230 +1026,112 @@ def read_plan(path):
     return plan
 
 
-@contextlib.contextmanager
-def removed_on_failure(out_dir, made):
-    """If the block fails and this run made out_dir, remove it: it holds nothing but the run's lock."""
+# -----------------------------------------------------------------------------
+# Arguments and main
+
+
+# Recipes. "ours" is the module docstring's. "authors" is that of the authors' public finetuning code
+# (GLUE: GeneZC/StarK scripts; CoNLL: GeneZC/MiniDisc): batch 16, grad clip 5.0, dev evaluation every 10
+# steps keeping the best, early stopping after 5 epochs without a better dev score; CoNLL lr 2e-5,
+# batch 32, 3 epochs, evaluation every 100 steps. A flag given on the command line wins over the preset.
+PROTOCOLS = {
+    "ours": dict(lr="3e-5", batch_size=32, epochs=10, warmup=0.1, weight_decay=0.01, grad_clip=1.0,
+                 eval_every=0, patience=3, patience_unit="evals"),
+    "authors": dict(lr="3e-5", batch_size=16, epochs=10, warmup=0.1, weight_decay=0.01, grad_clip=5.0,
+                    eval_every=10, patience=5, patience_unit="epochs"),
+    "authors-ner": dict(lr="2e-5", batch_size=32, epochs=3, warmup=0.1, weight_decay=0.01, grad_clip=5.0,
+                        eval_every=100, patience=0, patience_unit="epochs"),
+}
+
+
+def make_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    arg = p.add_argument
+    arg("--task", default=None, help=f"one of {sorted(TASKS)} (required unless --plan)")
+    arg("--protocol", default="ours", choices=["ours", "authors"], help="recipe preset (PROTOCOLS): ours, or "
+        "the authors' (batch 16, clip 5, dev every 10 steps, patience 5 epochs; CoNLL: lr 2e-5, batch 32, "
+        "3 epochs, dev every 100 steps); flags given explicitly win")
+    arg("--seeds", default=None, help="comma-separated seeds: one run each, in OUT_DIR/seedS "
+        "(eval.py reports mean ± std)")
+    arg("--plan", default=None, help="a JSON plan {models: {name: path}, tasks: [...], seeds: [...], "
+        "out_dir, args: [...]}: runs every model x task x seed into out_dir/name/task/seedS, skipping "
+        "finished runs (rerun it to continue a cut-off plan)")
+    arg("--model", default=None, help="encoder: HF BERT dir or hub id, a save_bert dir, or a train_distill "
+        "*.pt; None = the embedded all-MiniLM-L6-v2")
+    arg("--tokenizer", default=None, help="tokenizer dir; None = the --model dir (give it for a *.pt file)")
+    arg("--data_dir", default=default_data_dir(), help="$MINIMOE_DATA: GLUE/CoNLL root "
+        "(DIR/glue/RTE/train.tsv, DIR/conll2003/train.txt) or a task folder; 'hub' = download with "
+        "`datasets`")
+    arg("--train_file", default=None, help="labelled training file (overrides --data_dir)")
+    arg("--dev_file", default=None, help="labelled dev file (overrides --data_dir; one file, also for MNLI)")
+    arg("--out_dir", default=None, help="best checkpoint + log.jsonl; None = runs/finetune/TASK")
+    arg("--lr", default=None, help="learning rate, or a comma-separated grid (best dev score kept)")
+    arg("--epochs", type=POSITIVE, default=None, help="epochs (early stopping usually ends sooner)")
+    arg("--max_steps", type=NONNEGATIVE_INT, default=0, help="cap on optimizer steps per lr (0 = none)")
+    arg("--batch_size", type=POSITIVE_INT, default=None, help="per process (DDP: global = batch_size x world "
+        "size)")
+    arg("--eval_batch_size", type=POSITIVE_INT, default=64)
+    arg("--max_length", type=number(int, low=3), default=128)
+    arg("--warmup", type=FRACTION, default=None, help="fraction of steps with linear warmup")
+    arg("--weight_decay", type=NONNEGATIVE, default=None)
+    arg("--grad_clip", type=NONNEGATIVE, default=None)
+    arg("--load_balance_weight", type=NONNEGATIVE, default=0.01, help="weight of the MoE load-balancing loss")
+    arg("--eval_every", type=NONNEGATIVE_INT, default=None, help="evaluate every N steps (0 = every epoch)")
+    arg("--patience", type=NONNEGATIVE_INT, default=None, help="stop after N evaluations (or epochs, see "
+        "--patience_unit) without a better dev score (0 = never)")
+    arg("--patience_unit", default=None, choices=["evals", "epochs"], help="what --patience counts")
+    arg("--no_group_by_length", action="store_true", help="plain random batches (more padding, slower)")
+    arg("--no_pooler_init", action="store_true", help="random pooler even if the checkpoint has one")
+    arg("--pooling", default="cls", choices=["cls", "mean"], help="what the pooler reads: [CLS] (BERT) "
+        "or the mean of the tokens (sentence-embedding checkpoints)")
+    arg("--max_train_examples", type=NONNEGATIVE_INT, default=0, help="use only the first N training "
+        "examples (0 = all)")
+    arg("--threads", type=NONNEGATIVE_INT, default=0, help="CPU threads for torch (0 = torch's default; 1 is "
+        "faster on a CPU shared with other jobs)")
+    arg("--seed", type=int, default=42)
+    arg("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (as train_distill.py)")
+    arg("--compile", action="store_true", help="torch.compile the model")
+    arg("--log_every", type=POSITIVE_INT, default=50)
+    arg("--no_save", action="store_true", help="do not write the checkpoint (log and summary only)")
+    arg("--overwrite", action="store_true", help="start afresh in an --out_dir that holds a "
+        "previous run (its checkpoint and log.jsonl are deleted)")
+    arg("--debug", action="store_true", help="a traceback for every error, user errors included")
+    return p
+
+
+def parse_args(argv=None):
+    """The command line, with the protocol's preset filling the flags it left out, --seeds and --lr parsed."""
+    p = make_parser()
+    args = p.parse_args(argv)
+    if args.plan:
+        return args
+    if not args.task:
+        p.error("--task is required (or give --plan)")
+    ner = args.protocol == "authors" and args.task.lower() == "conll"
+    preset = PROTOCOLS["authors-ner" if ner else args.protocol]
+    for k, v in preset.items():  # the preset fills what the command line left out
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.seeds:
+        try:
+            args.seeds = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            p.error(f"argument --seeds: comma-separated integers, got {args.seeds!r}")
     try:
-        yield
-    except BaseException:
-        if made:
-            release_lock(out_dir / ".lock")
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+        args.lrs = [NONNEGATIVE(x) for x in str(args.lr).split(",")]
+    except argparse.ArgumentTypeError as e:
+        p.error(f"argument --lr: each learning rate {e}")
+    return args
 
 
-def finetune(args, keep_lock=False):
-    """One finetuning run (all learning rates of the grid) of args.task; returns the grid's best. The run
-    directory's lock is released at the end, unless keep_lock (run_plan releases it after done.json)."""
-    rt = setup_runtime(args.seed, args.precision)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    task = get_task(args.task)
-    model_path = args.model or minimoe.default_teacher()
-    out_dir = Path(args.out_dir or f"runs/finetune/{task.name}")
-    data_dir = None if args.data_dir in (None, "", "hub") else args.data_dir
-    made = rt.is_master and not out_dir.exists()
-    if rt.is_master:
-        lock = lock_out_dir(out_dir, "finetune run")  # creates it; refuses a file, or a directory another run uses
-        clear_previous_run(out_dir, args.overwrite)  # or refuses one that holds a run: one run per directory
-        print(f"task {task.name} | model {model_path} | data {args.train_file or data_dir or 'hub'} | device {rt.device}")
-
-    # data (a run that fails here, before training, leaves no directory behind it made)
-    with removed_on_failure(out_dir, made):
-        tok = minimoe.load_tokenizer(args.tokenizer or model_path)
-        pad_id = tok.token_to_id("[PAD]") or 0
-        train = load_examples(task, "train", data_dir, args.train_file)
-        if args.max_train_examples:
-            train = train[:args.max_train_examples]
-        dev_splits = ("dev",) if args.dev_file else task.dev
-        dev_sets = {s: load_examples(task, s, data_dir, args.dev_file) for s in dev_splits}
-        train_f = encode(task, train, tok, args.max_length)
-        dev_sets = {s: (ex, encode(task, ex, tok, args.max_length)) for s, ex in dev_sets.items()}
-        lengths = [len(f.ids) for f in train_f]
-        longest = max(lengths + [len(f.ids) for _, fs in dev_sets.values() for f in fs])
-        steps_per_epoch = len(train_batches(lengths, args.batch_size, torch.Generator(), rt.rank, rt.world_size))
-        if steps_per_epoch == 0:
-            raise ValueError(f"{len(train_f)} training examples make no batch on each of {rt.world_size} ranks")
-        total_steps = max(1, math.ceil(args.epochs * steps_per_epoch))
-        if args.max_steps:
-            total_steps = min(total_steps, args.max_steps)
-        warmup_steps = int(args.warmup * total_steps)
-        eval_every = args.eval_every or steps_per_epoch
-        if rt.is_master:
-            print(f"train {len(train)} examples, dev {[len(ex) for ex, _ in dev_sets.values()]} | "
-                  f"{steps_per_epoch} steps/epoch, {total_steps} steps per lr, "
-                  f"{eval_schedule(eval_every, total_steps, per_epoch=not args.eval_every)}")
-
-    log = open(out_dir / "log.jsonl", "a") if rt.is_master else None
-    lrs = args.lrs
-    best = dict(score=-math.inf)  # best over the whole grid: this is the checkpoint on disk
-    ctx = Context(args, task, tok, dev_sets, rt, pad_id, steps_per_epoch, str(model_path), len(train), out_dir, log, best)
-    grid, t_start = {}, time.time()
-    for lr in lrs:
-        torch.manual_seed(args.seed)  # same head init and data order for every lr
-        raw = build_model(task, model_path, not args.no_pooler_init, args.pooling).to(rt.device)
-        if longest > raw.bert.config.max_position_embeddings:
-            raise SystemExit(f"--max_length {args.max_length}: examples of up to {longest} tokens, but {model_path} has "
-                             f"{raw.bert.config.max_position_embeddings} positions; pass --max_length "
-                             f"{raw.bert.config.max_position_embeddings} (longer examples are then truncated)")
-        model = torch.compile(raw) if args.compile else raw
-        if rt.is_ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-        opt = configure_optimizer(raw, lr, args.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total_steps, warmup_steps))
-        gen = torch.Generator().manual_seed(args.seed)
-        step, stop, t0 = 0, False, time.time()
-        run = dict(lr=lr, t0=t0, score=-math.inf, metrics=None, step=0, bad_evals=0, best_by_metric={}, last=None)
-        loss_sum = aux_sum = torch.zeros((), device=rt.device)
-        n_sum = 0
-        bar = None
-        if rt.is_master:
-            from tqdm import tqdm
-            bar = tqdm(total=total_steps, desc=f"{task.name} lr {lr:g}", dynamic_ncols=True,
-                       mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        while not stop:
-            for idx in train_batches(lengths, args.batch_size, gen, rt.rank, rt.world_size, not args.no_group_by_length):
-                batch = collate_features([train_f[i] for i in idx], pad_id)
-                batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
-                model.train()
-                with rt.autocast():
-                    _, loss, aux = model(**batch)
-                    total = loss + args.load_balance_weight * aux
-                rt.scaler.scale(total).backward()
-                optimizer_step(raw, opt, rt.scaler, args.grad_clip)
-                rt.scaler.update()
-                sched.step()
-                step += 1
-                loss_sum, aux_sum, n_sum = loss_sum + loss.detach(), aux_sum + aux.detach(), n_sum + 1
-                if bar is not None:
-                    bar.update(1)
-                if rt.is_master and (step % args.log_every == 0 or step == total_steps):
-                    rec = dict(event="train", lr=lr, step=step, epoch=round(step / steps_per_epoch, 3),
-                               loss=loss_sum.item() / n_sum, aux_loss=aux_sum.item() / n_sum,  # host sync: logging only
-                               lr_now=sched.get_last_lr()[0], elapsed=round(time.time() - t0, 1))
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                    loss_sum = aux_sum = torch.zeros((), device=rt.device)
-                    n_sum = 0
-                if step % eval_every == 0 or step == total_steps:
-                    stop = evaluate_and_keep(ctx, raw, run, step)
-                if step >= total_steps:
-                    stop = True
-                if stop:
-                    break
-        if bar is not None:
-            bar.close()
-        grid[str(lr)] = dict(score=run["score"] if math.isfinite(run["score"]) else None, metrics=run["metrics"],
-                             best_step=run["step"], steps=step, diverged_at=run.get("diverged"),
-                             last_metrics=run["last"], best_by_metric=run["best_by_metric"],
-                             wall_s=round(time.time() - t0, 1))
-        if rt.is_master:
-            print(f"lr {lr:g}: best dev {task.metric} {run['score']:.4f} at step {run['step']} "
-                  f"({step} steps, {time.time() - t0:.0f}s)" + (", then diverged" if run.get("diverged") else ""))
-        del model, raw, opt
-
-    if rt.is_master:
-        kept = best.get("lr") is not None
-        summary = dict(task=task.name, metric=task.metric, best_lr=best.get("lr"), best_score=best["score"] if kept else None,
-                       best_metrics=best.get("metrics"), grid=grid, wall_s=round(time.time() - t_start, 1),
-                       protocol=args.protocol)
-        log.write(json.dumps(dict(event="summary", **summary)) + "\n")
-        log.close()
-        if kept and not args.no_save:  # add the grid to the kept checkpoint's metadata
-            meta = json.loads((out_dir / "finetune.json").read_text())
-            best_run = grid[str(best["lr"])]  # the last evaluation's scores and each metric's own best
-            meta.update(grid=grid, wall_s=summary["wall_s"], last_metrics=best_run["last_metrics"],
-                        best_by_metric=best_run["best_by_metric"])
-            write_json(out_dir / "finetune.json", meta)
-        print(json.dumps(dict(best_lr=best.get("lr"), **(best.get("metrics") or {}))))
-        if best.get("lr") is not None and not args.no_save:
-            print(f"saved the best checkpoint (lr {best['lr']:g}, step {best['step']}, dev {task.metric} "
-                  f"{best['score']:.4f}) to {out_dir}")
-    if rt.is_ddp:
-        torch.distributed.destroy_process_group()
-    if rt.is_master and best.get("lr") is None:  # only the master evaluates
-        raise SystemExit(f"no learning rate of --lr {args.lr} gave a model with finite weights and dev score (see "
-                         f"{out_dir / 'log.jsonl'}); nothing was saved. Try lower learning rates.")
-    if rt.is_master and not keep_lock:
-        release_lock(lock)  # finished: eval.py leaves out only runs that still hold their lock (cut off)
-    return best
-
-
-def eval_schedule(eval_every, total_steps, per_epoch=False):
-    """When a run of total_steps evaluates on dev, in words: every eval_every steps and at the last step."""
-    if eval_every >= total_steps:
-        return f"dev evaluation at the last step ({total_steps})"
-    last = "" if total_steps % eval_every == 0 else f" and at the last ({total_steps})"
-    return f"dev evaluation every {eval_every} steps{' (each epoch)' if per_epoch else ''}{last}"
-
-
-@dataclass
-class Context:
-    """What the dev evaluations of one finetune() call share: its settings, dev data and outputs."""
-    args: argparse.Namespace
-    task: Task
-    tok: object  # the tokenizers.Tokenizer, saved with the checkpoint
-    dev_sets: dict  # {split: (examples, features)}
-    rt: Runtime
-    pad_id: int
-    steps_per_epoch: int
-    model_path: str  # the encoder finetuned, recorded in finetune.json
-    n_train: int  # training examples
-    out_dir: Path
-    log: object  # log.jsonl, open on the master (None on the other ranks)
-    best: dict  # the grid's best evaluation so far: the checkpoint in out_dir
-
-
-def evaluate_and_keep(ctx, raw, run, step):
-    """Dev evaluation on the master of `raw` at `step` of the run of one lr (run: its best and last scores,
-    updated); keeps the grid-best checkpoint; returns True when patience runs out."""
-    args, task, rt, log, best, lr = ctx.args, ctx.task, ctx.rt, ctx.log, ctx.best, run["lr"]
-    stop = False
-    # a diverged model (NaN weights predict class 0 everywhere: a majority-class score) is never evaluated nor kept
-    diverged = rt.is_master and not all(torch.isfinite(p).all() for p in raw.parameters())  # host sync: eval only
-    if diverged:
-        run["diverged"] = step
-        log.write(json.dumps(dict(event="diverged", lr=lr, step=step)) + "\n")
-        print(f"\nlr {lr:g}: non-finite (NaN/inf) weights at step {step}: this learning rate diverged and is dropped")
-        stop = True
-    elif rt.is_master:
-        metrics = evaluate(raw, task, ctx.dev_sets, args.eval_batch_size, rt.device, rt.autocast, ctx.pad_id)
-        score = metrics[task.metric]
-        if not math.isfinite(score):  # e.g. the correlation of constant predictions: the worst score
-            score = -math.inf
-        improved = score > run["score"]
-        if improved:
-            run.update(score=score, metrics=metrics, step=step, bad_evals=0)
-        else:
-            run["bad_evals"] += 1
-        run["last"] = metrics  # the last checkpoint's scores: picking the best of many dev evaluations is optimistic
-        for k, v in metrics.items():  # each metric's own best (MNLI-mm is selected apart from MNLI-m, as the authors)
-            if math.isfinite(v) and v > run["best_by_metric"].get(k, [-math.inf])[0]:
-                run["best_by_metric"][k] = [v, step]
-        rec = dict(event="eval", lr=lr, step=step, epoch=round(step / ctx.steps_per_epoch, 3), dev=metrics,
-                   best=run["score"], elapsed=round(time.time() - run["t0"], 1))
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-        print(f"\nstep {step} (epoch {rec['epoch']:.2f}) dev " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if score > best["score"]:
-            best.update(score=score, metrics=metrics, lr=lr, step=step)
-            if not args.no_save:
-                meta = dict(task=task.name, kind=task.kind, labels=list(task.labels) if task.labels else None,
-                            num_labels=1 if task.kind == "reg" else len(task.labels), pooling=args.pooling, metric=task.metric,
-                            metrics=metrics, lr=lr, step=step, epoch=rec["epoch"], init=ctx.model_path,
-                            train_examples=ctx.n_train, args=vars(args))
-                save_finetuned(raw, ctx.out_dir, ctx.tok, meta)
-        if args.patience_unit == "epochs":  # the authors': steps since the best evaluation >= patience epochs
-            stop = args.patience > 0 and step - run["step"] >= args.patience * ctx.steps_per_epoch
-        else:
-            stop = args.patience > 0 and run["bad_evals"] >= args.patience
-    if rt.is_ddp:  # every rank follows the master's early-stopping decision
-        flag = torch.tensor(int(stop), device=rt.device)
-        torch.distributed.broadcast(flag, 0)
-        stop = bool(flag.item())
-    return stop
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plan:
+        return run_plan(args.plan)
+    if args.seeds:  # one run per seed, each in its own directory
+        return run_seeds(args)
+    return finetune(args)
 
 
 if __name__ == "__main__":

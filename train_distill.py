@@ -23,7 +23,8 @@ The paper's setting (BERT-base teacher, full English Wikipedia, 8 GPUs, batch 10
 
 MiniLM with a teacher assistant (two rounds: teacher -> 12L-384H TA -> student):
 
-    python train_distill.py --corpus ... --teacher bert-base-uncased --student 12L-384H --experts 1,1 --out_dir out/ta
+    python train_distill.py --corpus ... --teacher bert-base-uncased --student 12L-384H --experts 1,1 \
+        --out_dir out/ta
     python train_distill.py --corpus ... --teacher out/ta/student --student 3L-384H --experts 1,1 \
         --out_dir out/minilm_ta
 
@@ -35,9 +36,9 @@ plain-text files or directories (one sentence or paragraph per line, a blank lin
 
 Outputs in --out_dir: student/ (config.json + model.safetensors + tokenizer; load_bert, finetune.py and a
 later run's --teacher read it; a dense student is a plain HF BERT directory), student_dense/ with
---compare_dense, checkpoints/step_*.pt (the last --keep_last, each with a .sha256; --resume continues a killed
-run; a checkpoint file also serves as --teacher), log.jsonl (loss, relation and load-balance losses, lr, tokens/s,
-per-layer expert load, held-out relation loss), and .lock while a run uses the directory.
+--compare_dense, checkpoints/step_*.pt (the last --keep_last, each with a .sha256; --resume continues a
+killed run; a checkpoint file also serves as --teacher), log.jsonl (loss, relation and load-balance losses,
+lr, tokens/s, per-layer expert load, held-out relation loss), and .lock while a run uses the directory.
 
 Imports run one way: minimoe <- runkeeping <- train_distill <- finetune <- eval (bench.py beside eval.py):
 locks, checksums, resume state, argument types and the runtime live in runkeeping.py.
@@ -48,6 +49,7 @@ import contextlib
 import functools
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -95,7 +97,8 @@ def gensim_wiki_sample():
     name = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
     path = Path(gensim.__file__).parent / "test" / "test_data" / name
     if not path.exists():
-        raise FileNotFoundError(f"{path}: gensim's Wikipedia sample is missing (reinstall gensim or pass --corpus)")
+        raise FileNotFoundError(f"{path}: gensim's Wikipedia sample is missing "
+                                "(reinstall gensim or pass --corpus)")
     return str(path)
 
 
@@ -116,82 +119,85 @@ def split_sentences(text, min_words=8):
     return [s for s in SENTENCE_END.split(text) if len(s.split()) >= min_words]
 
 
+@contextlib.contextmanager
 def open_binary(path):
-    """A file, decompressed on the fly when it ends in .gz or .bz2."""
+    """A file, decompressed on the fly when it ends in .gz or .bz2; a clear error when it cannot be read
+    (a truncated .gz, an unreadable file), also midway through."""
     opener = {".gz": gzip.open, ".bz2": bz2.open}.get(Path(path).suffix, open)
-    return opener(path, "rb")
-
-
-def read_text_files(paths, min_words=8):
-    """Plain text: one sentence or paragraph per line, a blank line between documents (BERT's
-    pretraining-data format; WikiExtractor's <doc ...> and </doc> lines also end a document).
-    Lines that are not UTF-8 are skipped and counted. Yields documents as lists of sentences."""
-    for path in paths:
-        skipped, lines = 0, []
-        try:
-            with open_binary(path) as f:
-                for raw in f:
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError:
-                        skipped += 1
-                        continue
-                    lines.append("" if line.startswith(("<doc ", "</doc>")) else line)
-                    if not line.strip() and len(lines) > 1:
-                        yield from read_text_lines(lines, min_words)
-                        lines = []
-        except (OSError, EOFError) as e:  # truncated .gz, unreadable file
-            raise ValueError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
-        yield from read_text_lines(lines, min_words)
-        if skipped:
-            warn(f"{path}: skipped {skipped} lines that are not valid UTF-8")
-
-
-def read_wiki_dump(path, min_words=8):
-    """A Wikipedia XML dump (pages-articles*.xml[.bz2]), streamed: articles (namespace 0) through
-    gensim's extract_pages + filter_wiki, redirects and markup leftovers (headings, tables, galleries) dropped."""
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-    with open_binary(path) as f:
-        for _title, text, _pageid in extract_pages(f, filter_namespaces=("0",)):
-            text = filter_wiki(text)
-            if text.lstrip()[:9].upper() == "#REDIRECT":
-                continue
-            lines = (ln for ln in text.splitlines() if not ln.startswith(("=", "{", "|", "!")) and "|" not in ln)
-            yield [s for ln in lines for s in split_sentences(clean_line(ln), min_words)]
-
-
-def open_hub_dataset(spec):
-    """`datasets.load_dataset(name, config, split="train", streaming=True)` for "name[:config]";
-    fails fast with a clear message when offline (nothing is downloaded up front: rows stream)."""
-    import datasets
-    name, _, config = spec.partition(":")
-    if not minimoe.hf_offline(datasets=True) and not hub_reachable():
-        raise SystemExit(f"--corpus {spec!r} is not a local file or directory, and the Hugging Face Hub cannot be "
-                         "reached (offline?). Pass a Wikipedia dump (*.xml.bz2) or plain-text files instead.")
     try:
-        return datasets.load_dataset(name, config or None, split="train", streaming=True)
-    except Exception as e:
-        raise SystemExit(f"--corpus {spec!r}: could not load this Hugging Face dataset "
-                         f"({type(e).__name__}: {str(e)[:300]})") from None
-
-
-def read_hub_dataset(spec, min_words=8):
-    """Each row's "text" is one document: an article (wikipedia) or a paragraph (wikitext)."""
-    for row in open_hub_dataset(spec):
-        yield from read_text_lines([ln for ln in (row.get("text") or "").split("\n") if ln.strip()], min_words)
+        with opener(path, "rb") as f:
+            yield f
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
 
 def read_text_lines(lines, min_words=8):
     """Documents (lists of sentences) of text lines, a blank line ending each; a document with text
-    but no sentence of min_words words comes out empty (and is counted as too short)."""
+    but no sentence of min_words words comes out empty (and is counted as too short). Streams."""
     doc, has_text = [], False
-    for line in list(lines) + [""]:
+    for line in itertools.chain(lines, [""]):
         if line.strip():
             doc += split_sentences(clean_line(line), min_words)
             has_text = True
         elif has_text:
             yield doc
             doc, has_text = [], False
+
+
+def utf8_lines(f, path):
+    """The lines of a binary file, decoded; lines that are not UTF-8 are skipped and counted.
+    WikiExtractor's <doc ...> and </doc> lines come out blank: they end a document."""
+    skipped = 0
+    for raw in f:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            skipped += 1
+            continue
+        yield "" if line.startswith(("<doc ", "</doc>")) else line
+    if skipped:
+        warn(f"{path}: skipped {skipped} lines that are not valid UTF-8")
+
+
+def read_text_file(path, min_words=8):
+    """Plain text: one sentence or paragraph per line, a blank line between documents (BERT's
+    pretraining-data format). Yields documents as lists of sentences."""
+    with open_binary(path) as f:
+        yield from read_text_lines(utf8_lines(f, path), min_words)
+
+
+def read_wiki_dump(path, min_words=8):
+    """A Wikipedia XML dump (pages-articles*.xml[.bz2]), streamed: articles (namespace 0) through gensim's
+    extract_pages + filter_wiki, redirects and markup leftovers (headings, tables, galleries) dropped."""
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    with open_binary(path) as f:
+        for _title, text, _pageid in extract_pages(f, filter_namespaces=("0",)):
+            text = filter_wiki(text)
+            if text.lstrip()[:9].upper() == "#REDIRECT":
+                continue
+            lines = (ln for ln in text.splitlines()
+                     if not ln.startswith(("=", "{", "|", "!")) and "|" not in ln)
+            yield [s for ln in lines for s in split_sentences(clean_line(ln), min_words)]
+
+
+def read_hub_dataset(spec, min_words=8):
+    """`datasets.load_dataset(name, config, split="train", streaming=True)` for "name[:config]", failing fast
+    with a clear message when offline (nothing is downloaded up front: rows stream). Each row's "text" is one
+    document: an article (wikipedia) or a paragraph (wikitext)."""
+    import datasets
+    name, _, config = spec.partition(":")
+    if not minimoe.hf_offline(datasets=True) and not hub_reachable():
+        raise SystemExit(f"--corpus {spec!r} is not a local file or directory, and the Hugging Face Hub "
+                         "cannot be reached (offline?). Pass a Wikipedia dump (*.xml.bz2) or plain-text "
+                         "files instead.")
+    try:
+        rows = datasets.load_dataset(name, config or None, split="train", streaming=True)
+    except Exception as e:
+        raise SystemExit(f"--corpus {spec!r}: could not load this Hugging Face dataset "
+                         f"({type(e).__name__}: {str(e)[:300]})") from None
+    for row in rows:
+        lines = [ln for ln in (row.get("text") or "").split("\n") if ln.strip()]
+        yield from read_text_lines(lines, min_words)
 
 
 def corpus_sources(corpus):
@@ -213,11 +219,8 @@ def corpus_sources(corpus):
 
 def is_wiki_dump(path):
     """A MediaWiki XML export (pages-articles*.xml[.bz2]) starts with <mediawiki ...>."""
-    try:
-        with open_binary(path) as f:
-            return b"<mediawiki" in f.read(1024)
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    with open_binary(path) as f:
+        return b"<mediawiki" in f.read(1024)
 
 
 def iter_documents(sources, min_words=8):
@@ -228,7 +231,8 @@ def iter_documents(sources, min_words=8):
         if not Path(src).exists():
             docs = read_hub_dataset(src, min_words)
         else:
-            docs = read_wiki_dump(src, min_words) if is_wiki_dump(src) else read_text_files([Path(src)], min_words)
+            reader = read_wiki_dump if is_wiki_dump(src) else read_text_file
+            docs = reader(src, min_words)
         short = 0
         for doc in docs:
             if len(doc) >= 2:
@@ -305,6 +309,19 @@ def pairs_batch(batch, indices, tokenizer, max_seq_length, short_seq_prob, seed)
     return out
 
 
+def pairs_cache_path(corpus, sources, tokenizer, cache_dir, max_seq_length, short_seq_prob, min_words,
+                     heldout, seed):
+    """Where build_pairs caches the pairs of `corpus`: named by a key of its files (path, size, mtime), the
+    tokenizer and the parameters, so that a change of any of them builds anew."""
+    identity = [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns)
+                if Path(f).exists() else f for f in sources]
+    params = dict(version=PIPELINE_VERSION, max_seq_length=max_seq_length, short_seq_prob=short_seq_prob,
+                  min_words=min_words, heldout=heldout, seed=seed, corpus=identity)
+    key = hashlib.sha256((json.dumps(params, sort_keys=True) + tokenizer.to_str()).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(corpus).name or corpus)[:60]
+    return Path(cache_dir).expanduser() / f"pairs-{name}-{key}"
+
+
 def pid_alive(pid):
     """Does process `pid` exist on this host?"""
     try:
@@ -316,67 +333,79 @@ def pid_alive(pid):
     return True
 
 
+def new_build_dir(cache_dir):
+    """A fresh ".build-HOST-PID-random" directory under cache_dir to build in, after removing those that
+    builds killed on this host left behind."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for old in cache_dir.glob(".build-*"):
+        m = re.fullmatch(r"\.build-(.+)-(\d+)-[^-]+", old.name)
+        if m and m[1] == host and not pid_alive(int(m[2])):
+            warn(f"removing {old}, left by an interrupted pair build")
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".build-{host}-{os.getpid()}-", dir=cache_dir))
+
+
+def read_documents(sources, min_words, cache_dir, num_proc):
+    """The documents of all sources as a datasets.Dataset of {"sentences": [...]} rows, written to Arrow as
+    they are read (one reader process per file, e.g. the parts of a dump); [] when there are none."""
+    import datasets
+    features = datasets.Features({"sentences": datasets.Sequence(datasets.Value("string"))})
+    nproc = min(num_proc or os.cpu_count() or 1, len(sources))
+    try:
+        return datasets.Dataset.from_generator(iter_documents, features=features, cache_dir=str(cache_dir),
+                                               gen_kwargs=dict(sources=sources, min_words=min_words),
+                                               num_proc=nproc if nproc > 1 else None)
+    except datasets.exceptions.DatasetGenerationError as e:  # our readers' clear errors, unwrapped
+        cause = e.__cause__
+        if type(cause).__name__ == "RemoteTraceback":  # raised in a reader process: its text only
+            cause = ValueError(str(cause).split("The above exception")[0].strip().splitlines()[-1])
+        raise (cause or e) from None
+    except ValueError as e:
+        if "corresponds to no data" not in str(e):
+            raise
+        return []
+
+
 @workers_die_with_us
 def build_pairs(corpus, tokenizer, cache_dir, max_seq_length=128, short_seq_prob=0.1, min_words=8,
                 heldout=0.05, seed=776, num_proc=None):
     """Train and held-out segment pairs of `corpus` as a datasets.DatasetDict with splits "train" and
     "heldout" (columns input_ids int32, token_type_ids int8; variable length, no padding). The held-out
-    split is a set of documents (a fraction `heldout`, at most 1000). Cached under cache_dir by a key of
-    the corpus files (path, size, mtime), the tokenizer and the parameters: a second call only maps the
-    Arrow files. Streams: documents are written to Arrow as they are read, so a full dump fits."""
+    split is a set of documents (a fraction `heldout`, at most 1000). Cached (pairs_cache_path): a second
+    call only maps the Arrow files. Streams: documents are written to Arrow as they are read, so a full
+    dump fits."""
     import datasets
     if max_seq_length < 8:
         raise ValueError(f"max_seq_length {max_seq_length} is too short for a segment pair")
     sources = corpus_sources(corpus)
-    identity = [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns) if Path(f).exists() else f
-                for f in sources]
-    params = dict(version=PIPELINE_VERSION, max_seq_length=max_seq_length, short_seq_prob=short_seq_prob,
-                  min_words=min_words, heldout=heldout, seed=seed, corpus=identity)
-    key = hashlib.sha256((json.dumps(params, sort_keys=True) + tokenizer.to_str()).encode()).hexdigest()[:16]
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(corpus).name or corpus)[:60]
-    final = Path(cache_dir).expanduser() / f"pairs-{name}-{key}"
+    final = pairs_cache_path(corpus, sources, tokenizer, cache_dir, max_seq_length, short_seq_prob, min_words,
+                             heldout, seed)
     if (final / "dataset_dict.json").exists():
         return load_pairs(final)
-
-    final.parent.mkdir(parents=True, exist_ok=True)
-    host = socket.gethostname()
-    for old in final.parent.glob(".build-*"):  # left by a killed build: ".build-HOST-PID-random"
-        if (m := re.fullmatch(r"\.build-(.+)-(\d+)-[^-]+", old.name)) and m[1] == host and not pid_alive(int(m[2])):
-            warn(f"removing {old}, left by an interrupted pair build")
-            shutil.rmtree(old, ignore_errors=True)
-    build = Path(tempfile.mkdtemp(prefix=f".build-{host}-{os.getpid()}-", dir=final.parent))
+    build = new_build_dir(final.parent)
     try:
-        features = datasets.Features({"sentences": datasets.Sequence(datasets.Value("string"))})
-        nproc = min(num_proc or os.cpu_count() or 1, len(sources))  # one reader per file (e.g. dump parts)
-        try:
-            docs = datasets.Dataset.from_generator(iter_documents, features=features, cache_dir=str(build / "docs"),
-                                                   gen_kwargs=dict(sources=sources, min_words=min_words),
-                                                   num_proc=nproc if nproc > 1 else None)
-        except datasets.exceptions.DatasetGenerationError as e:  # our readers' clear errors, unwrapped
-            cause = e.__cause__
-            if type(cause).__name__ == "RemoteTraceback":  # raised in a reader process: its text only
-                cause = ValueError(str(cause).split("The above exception")[0].strip().splitlines()[-1])
-            raise (cause or e) from None
-        except ValueError as e:
-            if "corresponds to no data" not in str(e):
-                raise
-            docs = []
+        docs = read_documents(sources, min_words, build / "docs", num_proc)
         if len(docs) < 2:
-            raise ValueError(f"--corpus {corpus}: found {len(docs)} usable documents, need at least 2 (one for the "
-                             f"held-out split); a document needs >= 2 sentences of >= {min_words} words "
-                             "(plain text: one sentence or paragraph per line, a blank line between documents)")
+            raise ValueError(f"--corpus {corpus}: found {len(docs)} usable documents, need at least 2 (one "
+                             f"for the held-out split); a document needs >= 2 sentences of >= {min_words} "
+                             "words (plain text: one sentence or paragraph per line, a blank line between "
+                             "documents)")
         n_held = min(max(1, round(heldout * len(docs))), 1000, len(docs) - 1)
         split = docs.train_test_split(test_size=n_held, seed=seed)
-        pair_features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                           "token_type_ids": datasets.Sequence(datasets.Value("int8"))})
+        features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                      "token_type_ids": datasets.Sequence(datasets.Value("int8"))})
         nproc = min(num_proc or os.cpu_count() or 1, max(1, len(docs) // 1000))
         if nproc > 1:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers; avoids the deadlock warning
+            # forked workers; avoids the deadlock warning
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        fn_kwargs = dict(tokenizer=tokenizer, max_seq_length=max_seq_length, short_seq_prob=short_seq_prob,
+                         seed=seed)
         pairs = datasets.DatasetDict({
-            new: split[old].map(pairs_batch, batched=True, batch_size=256, with_indices=True, features=pair_features,
-                                remove_columns=["sentences"], num_proc=nproc if new == "train" else None,
-                                fn_kwargs=dict(tokenizer=tokenizer, max_seq_length=max_seq_length,
-                                               short_seq_prob=short_seq_prob, seed=seed), desc=f"{new} pairs")
+            new: split[old].map(pairs_batch, batched=True, batch_size=256, with_indices=True,
+                                features=features, remove_columns=["sentences"],
+                                num_proc=nproc if new == "train" else None, fn_kwargs=fn_kwargs,
+                                desc=f"{new} pairs")
             for new, old in (("train", "train"), ("heldout", "test"))})
         for s in pairs:
             if len(pairs[s]) == 0:
@@ -411,21 +440,28 @@ def vocab_hash(tokenizer):
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
 
 
-def check_tokenizer(tokenizer, tokenizer_path, teacher_path, tcfg):
-    """Refuse a tokenizer that does not fit the teacher (the student ships with it): another size than the
-    teacher's embedding table, or, given with --tokenizer, another vocabulary than the teacher's own."""
+def check_tokenizer(tokenizer, args, tcfg):
+    """Refuse a tokenizer that does not fit the teacher (the student ships with it): one larger than the
+    teacher's embedding table; unless --force_tokenizer, another size, or, given with --tokenizer, another
+    vocabulary than the teacher's own."""
     n = tokenizer.get_vocab_size()
+    if n > tcfg.vocab_size:  # ids past the embedding table: no flag makes this work
+        raise SystemExit(f"the tokenizer has {n} tokens but the teacher's embedding table only "
+                         f"{tcfg.vocab_size} rows: pass the teacher's own tokenizer (--tokenizer)")
+    if args.force_tokenizer:
+        return
     if n != tcfg.vocab_size:
-        raise SystemExit(f"the tokenizer has {n} tokens but the teacher's embedding table {tcfg.vocab_size} rows: pass "
-                         "the teacher's own tokenizer (--tokenizer), or --force_tokenizer if this is intended")
-    if tokenizer_path:
+        raise SystemExit(f"the tokenizer has {n} tokens but the teacher's embedding table {tcfg.vocab_size} "
+                         "rows: pass the teacher's own tokenizer (--tokenizer), or --force_tokenizer if this "
+                         "is intended")
+    if args.tokenizer:
         try:
-            own = load_tokenizer(teacher_path)
+            own = load_tokenizer(args.teacher)
         except (OSError, ValueError):  # the teacher has no tokenizer files to compare with
             return
         if vocab_hash(own) != vocab_hash(tokenizer):
-            raise SystemExit(f"--tokenizer {tokenizer_path}: its vocabulary differs from the teacher's own "
-                             f"({teacher_path}; same size, other tokens or ids): drop --tokenizer, or pass "
+            raise SystemExit(f"--tokenizer {args.tokenizer}: its vocabulary differs from the teacher's own "
+                             f"({args.teacher}; same size, other tokens or ids): drop --tokenizer, or pass "
                              "--force_tokenizer if this is intended")
 
 
@@ -442,8 +478,8 @@ def check_teacher(teacher, path, layer=-1):
 
 
 def collate_pairs(rows, pad_id, length=None):
-    """A batch of segment pairs, as `datasets` slices them ({"input_ids": [...], "token_type_ids": [...]}), padded
-    by pad_batch to T = the longest pair rounded up to 8, or `length` (static shapes for --compile)."""
+    """A batch of segment pairs, as `datasets` slices them ({"input_ids": [...], "token_type_ids": [...]}),
+    padded by pad_batch to T = the longest pair rounded up to 8, or `length` (static shapes for --compile)."""
     ids = rows["input_ids"]
     return pad_batch(ids, rows["token_type_ids"], pad_id, length or -(-max(map(len, ids)) // 8) * 8)
 
@@ -466,7 +502,8 @@ def global_batches(num_pairs, batch_size, seed, start_step=0):
 # The distillation loss
 
 
-def distill_loss(teacher_qkv, student, batch, num_relation_heads=32, load_balance_weight=0.01, relation_dropout=0.0):
+def distill_loss(teacher_qkv, student, batch, num_relation_heads=32, load_balance_weight=0.01,
+                 relation_dropout=0.0):
     """MiniMoE's objective: MiniLMv2 relation loss (teacher's relations vs the student's, from its last layer
     or its extra relation head) + load_balance_weight x Switch load-balancing loss.
     Returns (loss, relation, load balance, BertOutput)."""
@@ -498,7 +535,8 @@ def evaluate(teacher, students, pairs, rt, pad_id, batch_size, num_relation_head
         m.train()
     rows = torch.cat(rows).double()  # (P,)
     per_pair = {name: torch.cat(v).double() for name, v in sums.items()}  # (P,) each
-    means = {name: (v.sum() / rows.sum()).item() for name, v in per_pair.items()}  # .item(): an evaluation point
+    # .item(): an evaluation point
+    means = {name: (v.sum() / rows.sum()).item() for name, v in per_pair.items()}
     return means, {"rows": rows.tolist(), **{name: v.tolist() for name, v in per_pair.items()}}
 
 
@@ -514,13 +552,13 @@ def parse_student(text, default_size, default_head):
     """'NAME=A,E[:HEAD][@SIZE]' -> a spec dict, e.g. moe4=1,4 | minilm=1,1:layer | ta=1,1@4L-384H."""
     m = STUDENT_SPEC.fullmatch(text)
     if not m:
-        raise ValueError(f"--students {text!r}: expected NAME=A,E[:auto|layer|extra][@PRESET], e.g. moe4=1,4, "
-                         "minilm=1,1:layer, ta=1,1@4L-384H")
+        raise ValueError(f"--students {text!r}: expected NAME=A,E[:auto|layer|extra][@PRESET], e.g. "
+                         "moe4=1,4, minilm=1,1:layer, ta=1,1@4L-384H")
     attn, ffn = int(m["attn"]), int(m["ffn"])
     if attn < 1 or ffn < 1:
         raise ValueError(f"--students {text!r}: expert counts must be >= 1")
-    return dict(name=m["name"], size=m["size"] or default_size, own_size=bool(m["size"]), attn_experts=attn, ffn_experts=ffn,
-                relation_head=m["head"] or default_head, out=f"{m['name']}/student")
+    return dict(name=m["name"], size=m["size"] or default_size, own_size=bool(m["size"]), attn_experts=attn,
+                ffn_experts=ffn, relation_head=m["head"] or default_head, out=f"{m['name']}/student")
 
 
 def student_config(spec, args, tcfg):
@@ -620,7 +658,8 @@ def restore_window(ckpt, fresh, rt):
 def peak_memory_mb(rt):
     """Peak resident memory of this process (Linux/macOS), and peak CUDA memory allocated on a GPU."""
     import resource
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 ** 2)
+    kb = 1024 if sys.platform != "darwin" else 1024 ** 2  # ru_maxrss: KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kb
     cuda = torch.cuda.max_memory_allocated(rt.device) / 2 ** 20 if rt.device.type == "cuda" else None
     return {"peak_rss_mb": round(rss), "peak_cuda_mb": None if cuda is None else round(cuda)}
 
@@ -630,7 +669,7 @@ def new_results(args, argv, tcfg, students):
     relation loss per evaluation, expert load per log point, tokens/s, wall time, peak memory."""
     command = ["python", "train_distill.py", *(sys.argv[1:] if argv is None else argv)]
     cfgs = {k: st.model.config for k, st in students.items()}
-    return {"command": " ".join(shlex.quote(a) for a in command), "args": {k: v for k, v in vars(args).items()},
+    return {"command": " ".join(shlex.quote(a) for a in command), "args": dict(vars(args)),
             "teacher": {"path": args.teacher, "config": asdict(tcfg)},
             "eval_teacher": args.eval_teacher or args.teacher,
             "students": {k: {"describe": describe(cfg), "out": students[k].out, "config": asdict(cfg),
@@ -679,8 +718,9 @@ def record_eval(results, step, means, per_pair, wall_s, rt):
 # stretched to the new end), logging, evaluation and saving, where things are, and how the hardware runs
 # a batch (--micro_batch_size, --precision, --compile: the same batches, other rounding). Every other
 # flag (data, model, loss, optimisation, seed) must equal the checkpoint's, or --resume refuses.
-RESUME_MAY_CHANGE = ("max_steps", "epochs", "log_every", "eval_every", "eval_pairs", "save_every", "keep_last",
-                     "num_proc", "cache_dir", "out_dir", "micro_batch_size", "precision", "compile")
+RESUME_MAY_CHANGE = ("max_steps", "epochs", "log_every", "eval_every", "eval_pairs", "save_every",
+                     "keep_last", "num_proc", "cache_dir", "out_dir", "micro_batch_size", "precision",
+                     "compile")
 NOT_COMPARED = RESUME_MAY_CHANGE + ("resume", "overwrite", "debug", "prepare_only", "force_tokenizer",
                                     "student_specs", "attn_experts", "ffn_experts")  # the last three: derived
 
@@ -692,18 +732,20 @@ def check_resume_args(saved, args, path):
                if k in saved and k not in NOT_COMPARED and saved[k] != v]
     if changed:
         raise SystemExit(f"--resume: {path} was trained with other values of " + ", ".join(changed) +
-                         ". Rerun with the checkpoint's values, or start a new run (another --out_dir, or --overwrite). "
+                         ". Rerun with the checkpoint's values, or start a new run (another --out_dir, or "
+                         "--overwrite). "
                          "Flags that may change on resume: " + ", ".join("--" + k for k in RESUME_MAY_CHANGE))
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    g = p.add_argument_group("data")
-    g.add_argument("--corpus", default=None, help="a Wikipedia dump (*.xml.bz2), plain-text files (file or dir), or "
-                   "a HF dataset id 'name[:config]'; default: gensim's Wikipedia sample (the embedded demo)")
-    g.add_argument("--cache_dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "minimoe"),
+def add_data_args(g):
+    g.add_argument("--corpus", default=None,
+                   help="a Wikipedia dump (*.xml.bz2), plain-text files (file or dir), or a HF dataset id "
+                   "'name[:config]'; default: gensim's Wikipedia sample (the embedded demo)")
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "minimoe")
+    g.add_argument("--cache_dir", default=cache,
                    help="where tokenised segment pairs are cached (%(default)s)")
-    g.add_argument("--max_seq_length", type=number(int, low=8), default=128, help="tokens per pair (%(default)s)")
+    g.add_argument("--max_seq_length", type=number(int, low=8), default=128,
+                   help="tokens per pair (%(default)s)")
     g.add_argument("--short_seq_prob", type=FRACTION, default=0.1,
                    help="chance of a shorter pair, as BERT (%(default)s)")
     g.add_argument("--min_sentence_words", type=POSITIVE_INT, default=8,
@@ -713,23 +755,31 @@ def parse_args(argv=None):
     g.add_argument("--num_proc", type=POSITIVE_INT, default=None,
                    help="processes for reading and tokenising (all cores)")
     g.add_argument("--prepare_only", action="store_true", help="build the pair cache and exit")
-    g = p.add_argument_group("models")
-    g.add_argument("--teacher", default=None, help="HF BERT dir or hub id, or our student dir or checkpoint file "
-                   "(MiniLM w/ TA); default: the embedded all-MiniLM-L6-v2")
+
+
+def add_model_args(g):
+    g.add_argument("--teacher", default=None,
+                   help="HF BERT dir or hub id, or our student dir or checkpoint file (MiniLM w/ TA); "
+                   "default: the embedded all-MiniLM-L6-v2")
     g.add_argument("--tokenizer", default=None, help="default: the teacher's")
-    g.add_argument("--eval_teacher", default=None, help="measure the held-out relation loss against this teacher "
-                   "instead (MiniLM w/ TA: the TA's own teacher, so that every student is scored alike); "
-                   "'default': the embedded all-MiniLM-L6-v2")
-    g.add_argument("--student", default="3L-384H", help=f"size LL-HH, e.g. a preset: {', '.join(minimoe.PRESETS)} "
-                   "(%(default)s)")
+    g.add_argument("--eval_teacher", default=None,
+                   help="measure the held-out relation loss against this teacher instead (MiniLM w/ TA: the "
+                   "TA's own teacher, so that every student is scored alike); 'default': the embedded "
+                   "all-MiniLM-L6-v2")
+    g.add_argument("--student", default="3L-384H",
+                   help=f"size LL-HH, e.g. a preset: {', '.join(minimoe.PRESETS)} (%(default)s)")
     g.add_argument("--layers", type=POSITIVE_INT, default=None, help="override the preset's layers")
-    g.add_argument("--hidden", type=POSITIVE_INT, default=None, help="override the preset's width (FFN: 4 x hidden)")
+    g.add_argument("--hidden", type=POSITIVE_INT, default=None,
+                   help="override the preset's width (FFN: 4 x hidden)")
     g.add_argument("--heads", type=POSITIVE_INT, default=None, help="override the preset's attention heads")
-    g.add_argument("--experts", default="1,4", help="attention,FFN experts; 1,1 is the dense MiniLM (%(default)s)")
-    g.add_argument("--dropout", type=FRACTION, default=None, help="student dropout and router noise (config: 0.1)")
+    g.add_argument("--experts", default="1,4",
+                   help="attention,FFN experts; 1,1 is the dense MiniLM (%(default)s)")
+    g.add_argument("--dropout", type=FRACTION, default=None,
+                   help="student dropout and router noise (config: 0.1)")
     g.add_argument("--num_relation_heads", type=POSITIVE_INT, default=32,
                    help="MiniLMv2 relation heads (%(default)s)")
-    g.add_argument("--teacher_layer", type=int, default=-1, help="teacher layer distilled (%(default)s: last)")
+    g.add_argument("--teacher_layer", type=int, default=-1,
+                   help="teacher layer distilled (%(default)s: last)")
     g.add_argument("--load_balance_weight", type=NONNEGATIVE, default=0.01, help="(%(default)s)")
     g.add_argument("--init_from", default=None, help="a dense student (dir or checkpoint) to upcycle")
     g.add_argument("--compare_dense", action=argparse.BooleanOptionalAction, default=None,
@@ -737,51 +787,75 @@ def parse_args(argv=None):
                    "(default: on for the embedded demo, off otherwise)")
     g.add_argument("--students", nargs="+", default=None, metavar="NAME=A,E[:HEAD][@SIZE]",
                    help="train several students on the same batches and one teacher forward, e.g. "
-                   "minilm=1,1:layer moe4=1,4 ta=1,1@4L-384H (A,E: attention,FFN experts; HEAD: auto|layer|extra; "
-                   "SIZE: a preset, default --student); each is saved to out_dir/NAME/student")
+                   "minilm=1,1:layer moe4=1,4 ta=1,1@4L-384H (A,E: attention,FFN experts; HEAD: "
+                   "auto|layer|extra; SIZE: a preset, default --student); each is saved to "
+                   "out_dir/NAME/student")
     g.add_argument("--relation_head", default="auto", choices=["auto", "layer", "extra"],
-                   help="where the students' relations come from: the last layer's Q/K/V (layer, MiniLMv2), or an "
-                   "extra Q/K/V head on the final hidden states (extra, the original MiniMoE); auto: extra with "
-                   "experts, layer when dense (%(default)s)")
+                   help="where the students' relations come from: the last layer's Q/K/V (layer, MiniLMv2), "
+                   "or an extra Q/K/V head on the final hidden states (extra, the original MiniMoE); auto: "
+                   "extra with experts, layer when dense (%(default)s)")
     g.add_argument("--expert_init", default="split", choices=["split", "independent"],
                    help="split: experts cut from one wide FFN, 2/3 of their neurons shared (the original's); "
                    "independent: each expert drawn on its own (%(default)s)")
     g.add_argument("--relation_dropout", type=FRACTION, default=0.0,
                    help="dropout on the students' relation probabilities, as the original code (0.1 there); "
                    "makes the training loss noisy and larger than the KL (%(default)s)")
-    g = p.add_argument_group("optimisation")
+
+
+def add_optimisation_args(g):
     g.add_argument("--lr", type=NONNEGATIVE, default=3e-4, help="peak AdamW lr (%(default)s)")
     g.add_argument("--weight_decay", type=NONNEGATIVE, default=0.01, help="(%(default)s)")
-    g.add_argument("--warmup", type=FRACTION, default=0.01, help="fraction of steps of linear warmup (%(default)s)")
+    g.add_argument("--warmup", type=FRACTION, default=0.01,
+                   help="fraction of steps of linear warmup (%(default)s)")
     g.add_argument("--grad_clip", type=POSITIVE, default=5.0, help="max grad norm (%(default)s)")
-    g.add_argument("--batch_size", type=POSITIVE_INT, default=None, help=f"global batch in pairs; the paper: 1024 "
-                   f"(default: {DEMO_BATCH_SIZE} for the demo, 128 otherwise)")
-    g.add_argument("--micro_batch_size", type=POSITIVE_INT, default=None, help="pairs per rank per forward; "
-                   "gradient accumulation = batch_size / (micro_batch_size x ranks) (default: no accumulation)")
-    g.add_argument("--max_steps", type=POSITIVE_INT, default=None, help=f"optimizer steps (default: {DEMO_MAX_STEPS} "
-                   "for the demo, otherwise --epochs)")
-    g.add_argument("--epochs", type=POSITIVE, default=None, help="passes over the pairs (default: 5, the paper's)")
+    g.add_argument("--batch_size", type=POSITIVE_INT, default=None,
+                   help=f"global batch in pairs; the paper: 1024 (default: {DEMO_BATCH_SIZE} for the demo, "
+                   "128 otherwise)")
+    g.add_argument("--micro_batch_size", type=POSITIVE_INT, default=None,
+                   help="pairs per rank per forward; gradient accumulation = batch_size / "
+                   "(micro_batch_size x ranks) (default: no accumulation)")
+    g.add_argument("--max_steps", type=POSITIVE_INT, default=None,
+                   help=f"optimizer steps (default: {DEMO_MAX_STEPS} for the demo, otherwise --epochs)")
+    g.add_argument("--epochs", type=POSITIVE, default=None,
+                   help="passes over the pairs (default: 5, the paper's)")
     g.add_argument("--seed", type=int, default=776, help="(%(default)s, the original's)")
-    g = p.add_argument_group("runtime and output")
+
+
+def add_runtime_args(g):
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on CUDA if supported, else fp32")
-    g.add_argument("--compile", action="store_true", help="torch.compile the teacher, and each student's forward with "
-                   "its loss (one graph: inductor fuses dropout, GELU and the relation softmaxes)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the teacher, and each student's forward with its loss (one graph: "
+                   "inductor fuses dropout, GELU and the relation softmaxes)")
     g.add_argument("--out_dir", default="out", help="(%(default)s)")
     g.add_argument("--log_every", type=POSITIVE_INT, default=10, help="steps between log lines (%(default)s)")
     g.add_argument("--eval_every", type=POSITIVE_INT, default=50,
                    help="steps between held-out evaluations (%(default)s)")
-    g.add_argument("--eval_pairs", type=POSITIVE_INT, default=128, help="held-out pairs evaluated (%(default)s)")
-    g.add_argument("--save_every", type=POSITIVE_INT, default=100, help="steps between checkpoints (%(default)s)")
+    g.add_argument("--eval_pairs", type=POSITIVE_INT, default=128,
+                   help="held-out pairs evaluated (%(default)s)")
+    g.add_argument("--save_every", type=POSITIVE_INT, default=100,
+                   help="steps between checkpoints (%(default)s)")
     g.add_argument("--keep_last", type=POSITIVE_INT, default=3, help="checkpoints kept (%(default)s)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from a checkpoint file (no value: the newest intact one in out_dir/checkpoints). "
-                   "The flags must be the checkpoint's, except " + ", ".join("--" + k for k in RESUME_MAY_CHANGE))
-    g.add_argument("--overwrite", action="store_true", help="start afresh in an --out_dir that holds a previous run "
-                   "(its checkpoints are deleted)")
-    g.add_argument("--force_tokenizer", action="store_true", help="accept a --tokenizer whose vocabulary differs "
-                   "from the teacher's")
+                   help="continue from a checkpoint file (no value: the newest intact one in "
+                   "out_dir/checkpoints). The flags must be the checkpoint's, except "
+                   + ", ".join("--" + k for k in RESUME_MAY_CHANGE))
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out_dir that holds a previous run (its checkpoints are "
+                   "deleted)")
+    g.add_argument("--force_tokenizer", action="store_true",
+                   help="accept a --tokenizer whose vocabulary differs from the teacher's")
     g.add_argument("--debug", action="store_true", help="a traceback for every error, user errors included")
+
+
+def parse_args(argv=None):
+    """The flags, with the defaults that depend on others filled in (the embedded demo's when --corpus is not
+    given) and args.student_specs, the students to train (parse_student's dicts)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_args(p.add_argument_group("data"))
+    add_model_args(p.add_argument_group("models"))
+    add_optimisation_args(p.add_argument_group("optimisation"))
+    add_runtime_args(p.add_argument_group("runtime and output"))
     args = p.parse_args(argv)
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out_dir, --overwrite deletes it: give one of them")
@@ -809,10 +883,12 @@ def parse_args(argv=None):
         if len({s["name"] for s in specs}) != len(specs):
             p.error("--students: names must be unique")
     else:
-        args.compare_dense = (demo if args.compare_dense is None else args.compare_dense) and not dense_student
-        specs = [dict(name="student", size=args.student, attn_experts=args.attn_experts, ffn_experts=args.ffn_experts,
-                      relation_head=args.relation_head, out="student")]
-        if args.compare_dense:  # the paper's MiniLM: dense, relations of its last layer (unless told otherwise)
+        compare = demo if args.compare_dense is None else args.compare_dense
+        args.compare_dense = compare and not dense_student
+        specs = [dict(name="student", size=args.student, attn_experts=args.attn_experts,
+                      ffn_experts=args.ffn_experts, relation_head=args.relation_head, out="student")]
+        # the paper's MiniLM: dense, relations of its last layer (unless told otherwise)
+        if args.compare_dense:
             specs.append(dict(name="dense", size=args.student, attn_experts=1, ffn_experts=1,
                               relation_head=args.relation_head, out="student_dense"))
     args.student_specs = specs
@@ -894,11 +970,7 @@ def load_teacher(args, rt):
                              f"{teacher.config.vocab_size}; they must share a tokenizer")
     tcfg = teacher.config
     tokenizer = load_tokenizer(args.tokenizer or args.teacher)
-    if tokenizer.get_vocab_size() > tcfg.vocab_size:
-        raise SystemExit(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the teacher's embedding "
-                         f"table only {tcfg.vocab_size} rows: pass the teacher's own tokenizer (--tokenizer)")
-    if not args.force_tokenizer:
-        check_tokenizer(tokenizer, args.tokenizer, args.teacher, tcfg)
+    check_tokenizer(tokenizer, args, tcfg)
     if args.max_seq_length > tcfg.max_position_embeddings:
         raise SystemExit(f"--max_seq_length {args.max_seq_length} exceeds the teacher's "
                          f"{tcfg.max_position_embeddings} positions")

@@ -99,7 +99,7 @@ def test_gensim_wikipedia_dump_reader():
 def test_shared_wikipedia_sample_reads(shared_data):
     path = shared_data / "wiki" / "enwiki2015_sample_51MB.txt.gz"
     docs = []
-    for d in td.read_text_files([path]):
+    for d in td.read_text_file(path):
         docs += [d] if d else []  # WikiExtractor's title line + blank line reads as an empty document
         if len(docs) == 2:
             break
