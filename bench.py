@@ -2,13 +2,6 @@
 Measured cost of the mixture of minimal experts: MoE vs dense FFN per dispatch, the student's training
 step, inference latency, the whole distillation step vs the teacher's forward, and peak memory.
 
-Every headline is a ratio measured in one run with the variants interleaved (round-robin: each round
-times the dense variant, then each MoE one, so a noisy shared machine slows them alike), after a
-warm-up. Each round gives one ratio; a row reports their median and their min-max spread, and each
-section the machine's load average before and after it (the spread says how far to trust a row; a
-loaded machine shows in the load). Absolute times are context only. CPU always (fp32); CUDA when a
-GPU is present (bf16 autocast, SDPA, --compile optional, CUDA events, max_memory_allocated, MFU).
-
     python bench.py                             # CPU: a few minutes; prints the table last
     python bench.py --json runs/bench_cpu.json  # also writes the ratios, raw timings and the machine
     python bench.py --quick                     # a smoke test: tiny stand-ins, 1 thread, seconds, no targets
@@ -17,26 +10,23 @@ GPU is present (bf16 autocast, SDPA, --compile optional, CUDA events, max_memory
     python bench.py --authors DIR --json PATH   # our distillation step vs the authors' (README: setup)
     python bench.py --device_check              # the one-command GPU check (tests/test_bench.py: --quick)
 
-Rounds: --repeats (7) for the FFN and the 1x128 inference (x3), --heavy (3) for the steps of seconds
-(student step, 32x128 inference, distillation). Warm-up: every variant is first run alone inside its
-memory window (2 training steps, so that optimizer state exists, or 1 forward), then the light sections
-add --warmup (1) interleaved rounds. --quick times stand-ins a third as deep at width 64 (the teacher
-128) on 16 tokens, 2 rounds: its rows are named for those shapes, start with "smoke" and carry no target,
-for a tiny model's ratios say nothing about the real sizes'.
+Every headline is a ratio of variants timed in interleaved rounds (each round times the dense variant, then
+each MoE one, so a noisy shared machine slows them alike), after a warm-up: every variant first runs alone
+inside its memory window (2 training steps, so that optimizer state exists, or 1 forward), then the light
+sections add --warmup rounds. A row reports the rounds' median ratio and its min-max spread, each section
+the load average before and after it; absolute times are context only. CPU: fp32. CUDA: bf16 autocast,
+CUDA events, MFU. --quick times stand-ins a third as deep at width 64 (the teacher 128) on 16 tokens, in
+rows named for those shapes that start with "smoke" and carry no target: a tiny model's ratios say nothing
+about the real sizes'.
 
-Threads: torch's default (all cores), reported. OMP_WAIT_POLICY defaults to PASSIVE here: on a shared,
-oversubscribed machine libgomp's spinning threads steal the cores from the working ones, a penalty per
-parallel op that hits the MoE's extra small ops hardest. `OMP_WAIT_POLICY=ACTIVE python bench.py`
-measures the spinning default.
+OMP_WAIT_POLICY defaults to PASSIVE here: on a shared, oversubscribed machine libgomp's spinning threads
+steal the cores from the working ones, a penalty per parallel op that hits the MoE's extra small ops
+hardest. `OMP_WAIT_POLICY=ACTIVE python bench.py` measures the spinning default.
 
-Memory. CUDA: torch.cuda.max_memory_allocated above what was allocated before the variant was built.
-CPU (Linux): the peak RSS (VmHWM, reset through /proc/self/clear_refs after a malloc_trim) above the
-RSS just before the variant was built. Either way, what the variant adds: its weights, gradients,
-optimizer state and peak activations; inference rows are activations only (weights listed apart), the
-distillation row adds the student to the teacher already in memory.
-
-Imports: minimoe (the models, built and initialised by `Bert`); from runkeeping the optimizer, the optimizer
-step and the runtime that train_distill.py uses, and from train_distill the loss its training step runs.
+Memory is what a variant adds above what was allocated before it was built: its weights, gradients,
+optimizer state and peak activations (inference rows: activations only; the distillation row adds the
+student to the teacher in memory). CUDA: max_memory_allocated; CPU (Linux): the peak RSS (VmHWM, reset
+through /proc/self/clear_refs after a malloc_trim).
 """
 import os
 
@@ -55,6 +45,7 @@ from dataclasses import replace
 from statistics import median
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import minimoe as mm
 from runkeeping import NONNEGATIVE_INT, POSITIVE, POSITIVE_INT, configure_optimizer, optimizer_step, \
@@ -79,39 +70,33 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", metavar="PATH", type=writable_file,
-                   help="also write the results as JSON here (checked before any timing; its folder is made)")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke test: tiny stand-ins, 1 thread, 2 rounds (seconds); no targets")
-    p.add_argument("--repeats", type=POSITIVE_INT, default=7, help="timed rounds of the light sections")
-    p.add_argument("--heavy", type=POSITIVE_INT, default=3,
-                   help="timed rounds of the sections of seconds per call")
-    p.add_argument("--warmup", type=NONNEGATIVE_INT, default=1,
-                   help="interleaved warm-up rounds of the light sections")
+                   help="also write the results here (checked before any timing; its folder is made)")
+    p.add_argument("--quick", action="store_true", help="a smoke test: tiny stand-ins, 1 thread, 2 rounds")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=7,
+                   help="timed rounds of the light sections (the FFN; inference at 1x128: x3)")
+    p.add_argument("--heavy", type=POSITIVE_INT, default=3, help="timed rounds of the steps of seconds")
+    p.add_argument("--warmup", type=NONNEGATIVE_INT, default=1, help="interleaved warm-up rounds (light)")
     p.add_argument("--threads", type=POSITIVE_INT, default=None,
                    help="torch CPU threads (default: torch's, all cores; --quick: 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models in the CUDA section; on "
                    "CPU, add a distillation step whose student forward and loss are compiled")
     p.add_argument("--peak_tflops", type=POSITIVE, default=None,
                    help="peak dense bf16 TFLOP/s for MFU (default: by GPU name)")
-    p.add_argument("--skip_cpu", action="store_true",
-                   help="the CUDA section only (no top-level CPU ratios then)")
-    p.add_argument("--profile", action="store_true",
-                   help="print torch.profiler tables of one call of each variant")
+    p.add_argument("--skip_cpu", action="store_true", help="the CUDA section only")
+    p.add_argument("--profile", action="store_true", help="torch.profiler tables of one call of each variant")
     p.add_argument("--table", nargs="+", metavar="JSON", help="print the table of a saved --json run (no "
-                   "measuring); with a second file, each row's median ratio in both and their relative "
-                   "difference")
+                   "measuring); with a second run, each row's ratio there and the difference")
     p.add_argument("--authors", metavar="DIR", help="only time our whole distillation step against the "
-                   "authors' (a checkout of github.com/GeneZC/MiniMoE; their code imports transformers 4.x, "
-                   "so run this in an environment that has it)")
-    p.add_argument("--device_check", action="store_true", help="the one-command GPU check (minutes on one "
-                   "GPU): the CUDA rows (eager bf16, a compiled FFN; tokens/s, MFU), the CUDA tests, a short "
-                   "distillation, in --json (default results/device_check.json); no GPU: on CPU")
+                   "authors' (a checkout of github.com/GeneZC/MiniMoE; needs transformers 4.x)")
+    p.add_argument("--device_check", action="store_true", help="the one-command GPU check: the CUDA rows, a "
+                   "compiled FFN, the CUDA tests, a short distillation, in --json (default "
+                   "results/device_check.json); no GPU: on CPU")
     p.add_argument("--seed", type=int, default=0)
     return p
 
 
 # -----------------------------------------------------------------------------
-# helpers: inputs, timing, memory
+# helpers: inputs, memory; Bench: one device's settings, timing and rows
 
 
 def fake_batch(B, T, vocab, device, seed):
@@ -135,30 +120,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timeit(fns, warmup, repeats, device="cpu"):
-    """Seconds of each call of fns[name](), interleaved: every round calls each fn once, in order.
-    CUDA: events around the call after a synchronize (host syncs inside the call count in its time)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times[name].append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def proc_status(key):
     """A /proc/self/status field (VmRSS, VmHWM) in bytes; None off Linux."""
     try:
@@ -168,49 +129,8 @@ def proc_status(key):
         return None
 
 
-def mem_reset(device):
-    """Open a peak-memory window; returns its baseline in bytes."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so that the baseline is live memory
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
-    return proc_status("VmRSS")
-
-
-def mem_peak(device, base):
-    """Peak MiB above `base` since mem_reset (None where the OS does not tell)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
-    peak = proc_status("VmHWM")
-    return None if peak is None or base is None else round((peak - base) / 2**20, 1)
-
-
-def round_ratios(t, num, den, den_scale=1):
-    """Per-round ratios t[num][i] / (den_scale * t[den][i]) of interleaved rounds."""
-    return [a / (den_scale * b) for a, b in zip(t[num], t[den])]
-
-
 def load_avg():
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-
-
-def profile(fns, device, title):
-    """torch.profiler table of one call of each fn, sorted by self time."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    for name, fn in fns.items():
-        with torch_profile(activities=acts) as prof:
-            fn()
-            sync(device)
-        print(f"\n== profile: {title} {name} ({device}), one call ==")
-        sort = f"self_{'cuda' if device == 'cuda' else 'cpu'}_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=15))
 
 
 class Bench:
@@ -242,7 +162,6 @@ class Bench:
         return f"{c.num_layers}L-{c.hidden_size}H"
 
     def amp(self):
-        """bf16 autocast on CUDA; fp32 on CPU."""
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
 
     def compiled(self, model):
@@ -252,21 +171,55 @@ class Bench:
         return fake_batch(B, self.T, self.vocab, self.device, self.args.seed)
 
     def build(self, key, make, calls):
-        """make() -> fn, built and called `calls` times alone inside a memory window (the variant's warm-up);
-        its peak memory goes to self.mem[key]. Returns fn."""
-        base = mem_reset(self.device)
+        """make() -> fn, built and called `calls` times alone (the variant's warm-up) inside a memory window:
+        self.mem[key] := the peak MiB it added (None where the OS does not tell). Returns fn."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so that the baseline is live
+            with contextlib.suppress(OSError):
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
+            base = proc_status("VmRSS")
         fn = make()
         for _ in range(calls):
             fn()
-        self.mem[key] = mem_peak(self.device, base)
+        sync(self.device)
+        peak = torch.cuda.max_memory_allocated() if self.cuda else proc_status("VmHWM")
+        self.mem[key] = None if peak is None or base is None else round((peak - base) / 2**20, 1)
         return fn
 
     def time(self, fns, warmup, repeats):
-        return timeit(fns, warmup, repeats, self.device)
+        """Seconds of each call of fns[name](), interleaved: every round calls each fn once, in order.
+        CUDA: events around the call after a synchronize (host syncs inside the call count in its time)."""
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        times = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                sync(self.device)
+                if self.cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    torch.cuda.synchronize()
+                    times[name].append(start.elapsed_time(end) / 1e3)
+                else:
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+        return times
 
-    def row(self, name, ratios, target):
-        """A table row from per-round ratios: their median, judged against the target, and their spread.
-        --quick: named "smoke ..." and judged against nothing. Returns the median."""
+    def row(self, name, t, num, den, target, den_scale=1):
+        """A table row from the per-round ratios t[num][i] / (den_scale * t[den][i]): their median, judged
+        against the target, and their spread; --quick: "smoke ...", judged against nothing. Returns the
+        median."""
+        ratios = [x / (den_scale * y) for x, y in zip(t[num], t[den])]
         if self.quick:
             name, target = f"smoke {name}", None
         r = median(ratios)
@@ -274,14 +227,20 @@ class Bench:
                               rounds=len(ratios), target=target, ok=None if target is None else r <= target))
         return r
 
-    def done(self, section, fns=None):
-        """Close a section: its seconds and the load average before and after it; --profile: its tables."""
+    def done(self, section, fns):
+        """Close a section: its seconds and the load average before and after it; --profile: the
+        torch.profiler table of one call of each fn."""
         self.res["section_s"][section] = round(time.time() - self.t0, 1)
         self.res["load_avg"][section] = [self.load0, load_avg()]  # 1-minute load average before, after
         print(f"{self.device} {section}: {self.res['section_s'][section]:.0f} s, load {self.load0} -> "
               f"{self.res['load_avg'][section][1]}", flush=True)
-        if self.args.profile and fns:
-            profile(fns, self.device, section)
+        for name, fn in fns.items() if self.args.profile else ():
+            with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * self.cuda) as prof:
+                fn()
+                sync(self.device)
+            print(f"\n== profile: {section} {name} ({self.device}), one call ==")
+            sort = f"self_{'cuda' if self.cuda else 'cpu'}_time_total"
+            print(prof.key_averages().table(sort_by=sort, row_limit=15))
         self.t0, self.load0 = time.time(), load_avg()
 
 
@@ -302,10 +261,6 @@ def train_step(b, model, batch, teacher_qkv, compile_loss=False):
         optimizer_step(raw, opt, scaler, 1.0)
         scaler.update()
     return step
-
-
-# -----------------------------------------------------------------------------
-# the sections, one device at a time
 
 
 def ffn_step(b, config, x, dy, mask, backend=None):
@@ -335,6 +290,10 @@ def ffn_inputs(b):
     return scfg, x, dy, b.batch(B)["attention_mask"]  # mask: (B, T)
 
 
+# -----------------------------------------------------------------------------
+# the sections, one device at a time
+
+
 def ffn_section(b):
     """1. The MoE FFN per dispatch vs the dense FFN of one expert's size, forward + backward (training mode:
     router noise)."""
@@ -350,9 +309,9 @@ def ffn_section(b):
     t = b.time(fns, b.warmup, b.repeats)
     target = TARGETS["ffn_cuda" if b.cuda else "ffn"]
     ratios = {d: b.row(f"moe_ffn {d}{' (= auto)' if d == auto else ''} vs dense, {B}x{b.T} tok",
-                       round_ratios(t, d, "dense"), target) for d in dispatches}
+                       t, d, "dense", target) for d in dispatches}
     if b.cuda and "grouped" in fns:
-        b.row("moe_ffn grouped vs loop", round_ratios(t, "grouped", "loop"), 1.0)  # the grouped GEMM must win
+        b.row("moe_ffn grouped vs loop", t, "grouped", "loop", 1.0)  # the grouped GEMM must win
     b.res["timings_s"]["ffn"] = t
     b.res["ffn"] = dict(tokens=B * b.T, H=scfg.hidden_size, I=scfg.intermediate_size, E=E, ratios=ratios,
                         auto_resolves_to=auto, dense_ms=1e3 * median(t["dense"]))
@@ -376,8 +335,7 @@ def student_section(b):
             fns[name] = b.build(f"student_{shape}_{name}", calls=2,
                                 make=lambda: train_step(b, mm.Bert(config).to(b.device).train(), batch, tq))
         t = b.time(fns, 0, b.heavy)
-        r = b.row(f"student_step {shape} E={E} vs dense, {B}x{b.T}", round_ratios(t, "moe", "dense"),
-                  TARGETS["student"])
+        r = b.row(f"student_step {shape} E={E} vs dense, {B}x{b.T}", t, "moe", "dense", TARGETS["student"])
         flops = 3 * B * mm.count_flops(b.cfg(preset), b.T)["flops_per_sequence"]  # fwd + bwd, model FLOPs
         b.res["timings_s"][f"student_{shape}"] = t
         b.res["student"][shape] = dict(ratio=r, batch=B, dense_ms=1e3 * median(t["dense"]),
@@ -387,47 +345,36 @@ def student_section(b):
     b.done("student", fns)
 
 
-def inference_models(b, preset, rank):
-    """Dense and MoE (auto dispatch) in eval mode as deployed (no extra relation head); for 3L-384H also the
-    MoE with its experts compressed to rank-`rank` factors (compress_experts, per expert; the downstream
-    study's 1,4E r64). Their weights' memory is recorded."""
-    shape, models = b.shape(preset), {}
-    for name, n_exp in (("dense", 1), ("moe", E)):
-        torch.manual_seed(b.args.seed)
-        config = b.cfg(preset, num_experts=n_exp, relation_head="layer")
-        models[name] = b.build(f"weights_{shape}_{name}", calls=0,
-                               make=lambda: b.compiled(mm.Bert(config).to(b.device).eval()))
-    if preset == "3L-384H":
-        compress = lambda: mm.compress_experts(models["moe"], rank, "per_expert").eval()  # noqa: E731
-        models[f"moe_r{rank}"] = b.build(f"weights_{shape}_moe_r{rank}", compress, calls=0)
-    return models
-
-
-def forward_fn(b, model, batch):
-    def forward():
-        with torch.inference_mode(), b.amp():
-            return model(**batch)
-    return forward
-
-
 def inference_section(b):
-    """3. Inference latency (eval mode: no dropout, no router noise) and throughput, MoE vs dense."""
+    """3. Inference latency (eval mode: no dropout, no router noise) and throughput, MoE vs dense, as
+    deployed (no extra relation head); for 3L-384H also the MoE with its experts compressed to rank-`rank`
+    factors (compress_experts, per expert; the downstream study's 1,4E r64). Weights' memory apart."""
     rank = 16 if b.quick else 64
     b.res["inference"] = {}
     for preset in ("3L-384H", "6L-384H"):
-        shape, models = b.shape(preset), inference_models(b, preset, rank)
+        shape, models = b.shape(preset), {}
+        for name, n_exp in (("dense", 1), ("moe", E)):
+            torch.manual_seed(b.args.seed)
+            config = b.cfg(preset, num_experts=n_exp, relation_head="layer")
+            models[name] = b.build(f"weights_{shape}_{name}", calls=0,
+                                   make=lambda: b.compiled(mm.Bert(config).to(b.device).eval()))
+        if preset == "3L-384H":
+            compress = lambda: mm.compress_experts(models["moe"], rank, "per_expert").eval()  # noqa: E731
+            models[f"moe_r{rank}"] = b.build(f"weights_{shape}_moe_r{rank}", compress, calls=0)
         for B in b.sizes["infer"]:
             batch, tag, fns = b.batch(B), f"{B}x{b.T}", {}
             for name, model in models.items():
-                fns[name] = b.build(f"infer_{shape}_{tag}_{name}", calls=1,
-                                    make=lambda: forward_fn(b, model, batch))
+                def forward(model=model, batch=batch):  # bound now, as the loops move on
+                    with torch.inference_mode(), b.amp():
+                        return model(**batch)
+                fns[name] = b.build(f"infer_{shape}_{tag}_{name}", lambda: forward, calls=1)
             light = B == 1  # milliseconds a call: more rounds, and a warm-up
             t = b.time(fns, b.warmup if light else 0, b.repeats * 3 if light else b.heavy)
-            r = b.row(f"inference {shape} E={E} vs dense, {tag}", round_ratios(t, "moe", "dense"),
+            r = b.row(f"inference {shape} E={E} vs dense, {tag}", t, "moe", "dense",
                       TARGETS["infer_1" if light else "infer"])
             if f"moe_r{rank}" in fns:
-                b.row(f"inference {shape} E={E} rank-{rank} experts vs E={E}, {tag}",
-                      round_ratios(t, f"moe_r{rank}", "moe"), 1.0)
+                b.row(f"inference {shape} E={E} rank-{rank} experts vs E={E}, {tag}", t, f"moe_r{rank}",
+                      "moe", 1.0)
             b.res["timings_s"][f"infer_{shape}_{tag}"] = t
             b.res["inference"][f"{shape} {tag}"] = dict(
                 ratio=r, **{f"{name}_ms": 1e3 * median(ts) for name, ts in t.items()},
@@ -436,22 +383,11 @@ def inference_section(b):
     b.done("inference", fns)
 
 
-def sweep_step(b, scfg, batch, teacher_forward):
-    """A sweep's step (train_distill --students): SWEEP students share each teacher forward."""
-    shared = {}
-    steps = [train_step(b, mm.Bert(scfg).to(b.device).train(), batch, lambda: shared["qkv"])
-             for _ in range(SWEEP)]
-
-    def step():
-        shared["qkv"] = teacher_forward()
-        for student_step in steps:
-            student_step()
-    return step
-
-
 def distill_section(b):
-    """4. The whole distillation step vs the teacher's forward alone; in the same rounds, a sweep's step vs
-    SWEEP runs of their own, and with --compile on CPU a step whose student forward and loss are compiled."""
+    """4. The whole distillation step vs the teacher's forward alone, in milliseconds and model FLOP/s (the
+    relation loss not counted; CUDA: MFU). In the same rounds, a sweep's step (train_distill --students:
+    SWEEP students share each teacher forward) vs SWEEP runs of their own, and with --compile on CPU a step
+    whose student forward and loss are compiled."""
     B = b.sizes["distill"]
     batch = b.batch(B)
     tcfg, scfg = b.cfg("12L-768H"), b.cfg("6L-384H", num_experts=E)
@@ -463,11 +399,18 @@ def distill_section(b):
             return teacher(**batch).qkv  # the last layer's q, k, v
 
     fns = {"teacher_forward": b.build(f"teacher_{b.shape('12L-768H')}_forward", lambda: teacher_forward, 1)}
-    base = mem_reset(b.device)  # this window stays open over the timed rounds: 1 step alone, then >= 2 more
-    fns["distill_step"] = train_step(b, mm.Bert(scfg).to(b.device).train(), batch, teacher_forward)
-    fns["distill_step"]()
-    b.mem[f"distill_step_{b.shape('6L-384H')}_E{E}_over_teacher"] = mem_peak(b.device, base)
-    sweep = sweep_step(b, scfg, batch, teacher_forward)  # its students' weights before its memory window
+    fns["distill_step"] = b.build(f"distill_step_{b.shape('6L-384H')}_E{E}_over_teacher", calls=1,
+                                  make=lambda: train_step(b, mm.Bert(scfg).to(b.device).train(), batch,
+                                                          teacher_forward))
+    shared = {}  # the sweep's students' weights are made before its memory window
+    sweep_steps = [train_step(b, mm.Bert(scfg).to(b.device).train(), batch, lambda: shared["qkv"])
+                   for _ in range(SWEEP)]
+
+    def sweep():
+        shared["qkv"] = teacher_forward()
+        for step in sweep_steps:
+            step()
+
     fns[f"sweep_{SWEEP}_students"] = b.build(f"sweep_{SWEEP}_students_over_one", lambda: sweep, calls=1)
     if b.args.compile and not b.cuda:  # on CUDA --compile compiles every model already
         t0 = time.time()
@@ -476,14 +419,7 @@ def distill_section(b):
         for _ in range(5):  # compiles, then recompiles until the experts' token counts are dynamic
             fns["distill_step_compiled"]()
         b.res["compile_s"] = round(time.time() - t0, 1)
-    t = b.time(fns, 0, b.heavy)
-    b.res["timings_s"]["distill"] = t
-    distill_rows(b, t, tcfg, scfg, B)
-    b.done("distill", fns)
-
-
-def distill_rows(b, t, tcfg, scfg, B):
-    """Section 4's rows and figures: milliseconds, model FLOP/s (the relation loss not counted), CUDA: MFU."""
+    t = b.res["timings_s"]["distill"] = b.time(fns, 0, b.heavy)
     tf, ts = median(t["teacher_forward"]), median(t["distill_step"])
     f_teacher = B * mm.count_flops(tcfg, b.T)["flops_per_sequence"]
     f_distill = f_teacher + 3 * B * mm.count_flops(scfg, b.T)["flops_per_sequence"]
@@ -499,25 +435,16 @@ def distill_rows(b, t, tcfg, scfg, B):
             d["teacher_forward_mfu"] = d["teacher_forward_tflops"] / peak
             d["distill_step_mfu"] = d["distill_step_tflops"] / peak
     pair = f"{b.shape('12L-768H')} teacher + {b.shape('6L-384H')} E={E}"
-    b.res["distill_vs_teacher_forward"] = b.row(f"distill_step ({pair}) vs teacher fwd, {B}x{b.T}",
-                                                round_ratios(t, "distill_step", "teacher_forward"),
-                                                TARGETS["distill"])
+    b.res["distill_vs_teacher_forward"] = b.row(f"distill_step ({pair}) vs teacher fwd, {B}x{b.T}", t,
+                                                "distill_step", "teacher_forward", TARGETS["distill"])
     if "distill_step_compiled" in t:
-        b.row(f"distill_step, student fwd + loss compiled, vs teacher fwd, {B}x{b.T}",
-              round_ratios(t, "distill_step_compiled", "teacher_forward"), TARGETS["distill"])
-    sweep = b.row(f"sweep: {SWEEP} students on one teacher fwd vs {SWEEP} runs, {B}x{b.T}",
-                  round_ratios(t, f"sweep_{SWEEP}_students", "distill_step", den_scale=SWEEP),
-                  TARGETS["sweep"])
-    b.res["sweep"] = dict(students=SWEEP, ratio=sweep, saving=1 - sweep,
+        b.row(f"distill_step, student fwd + loss compiled, vs teacher fwd, {B}x{b.T}", t,
+              "distill_step_compiled", "teacher_forward", TARGETS["distill"])
+    r = b.row(f"sweep: {SWEEP} students on one teacher fwd vs {SWEEP} runs, {B}x{b.T}", t,
+              f"sweep_{SWEEP}_students", "distill_step", TARGETS["sweep"], den_scale=SWEEP)
+    b.res["sweep"] = dict(students=SWEEP, ratio=r, saving=1 - r,
                           step_ms=1e3 * median(t[f"sweep_{SWEEP}_students"]))
-
-
-def relation_step(teacher_qkv, student_qkv, token_mask, fused):
-    def step():
-        mm.relation_loss(teacher_qkv, student_qkv, token_mask, 32, fused=fused).backward()
-        for x in student_qkv:
-            x.grad = None
-    return step
+    b.done("distill", fns)
 
 
 def relation_loss_section(b):
@@ -531,11 +458,13 @@ def relation_loss_section(b):
     student_qkv = tuple(torch.randn(B, b.T, H_s, device=b.device, requires_grad=True) for _ in range(3))
     fns = {}
     for name, fused in (("readable", False), ("fused", True)):
-        fns[name] = b.build(f"relation_loss_{name}", calls=1,
-                            make=lambda: relation_step(teacher_qkv, student_qkv, token_mask, fused))
+        def step(fused=fused):  # fused bound now, as the loop moves on
+            mm.relation_loss(teacher_qkv, student_qkv, token_mask, 32, fused=fused).backward()
+            for x in student_qkv:
+                x.grad = None
+        fns[name] = b.build(f"relation_loss_{name}", lambda: step, calls=1)
     t = b.time(fns, b.warmup, b.heavy)
-    r = b.row(f"relation_loss fused vs readable, fwd+bwd {B}x{b.T}, R=32",
-              round_ratios(t, "fused", "readable"), 1.0)
+    r = b.row(f"relation_loss fused vs readable, fwd+bwd {B}x{b.T}, R=32", t, "fused", "readable", 1.0)
     b.res["timings_s"]["relation_loss"] = t
     b.res["relation_loss"] = dict(batch=B, relation_heads=32, ratio=r,
                                   readable_ms=1e3 * median(t["readable"]), fused_ms=1e3 * median(t["fused"]),
@@ -556,38 +485,21 @@ def measure(b):
 # the authors' code side by side (their classes imported from a checkout, never copied)
 
 
-def import_authors(repo):
-    """transformers and the authors' BertMiniLM and MoEBertMiniLM, from a checkout of their repository."""
-    if not os.path.isdir(repo):
-        raise SystemExit(f"--authors {repo}: no such directory (a checkout of github.com/GeneZC/MiniMoE)")
-    sys.path.insert(0, os.path.abspath(repo))
-    try:
-        import transformers
-        from models.bert_minilm import BertMiniLM
-        from models.moebert_minilm import MoEBertMiniLM
-    except ImportError as e:
-        raise SystemExit(f"--authors {repo}: cannot import the authors' models ({e}). Give a checkout of "
-                         "github.com/GeneZC/MiniMoE and run in an environment with transformers 4.x (4.23 "
-                         "installs on Python 3.11); see the README") from None
-    return transformers, BertMiniLM, MoEBertMiniLM
-
-
-def their_config(transformers, layers, H, R, vocab, moe=False):
-    """The edits their scripts make to a bert-base config."""
-    c = transformers.BertConfig(num_hidden_layers=layers, hidden_size=H, num_attention_heads=12,
-                                intermediate_size=4 * H * (4 if moe else 1), vocab_size=vocab)
-    c.num_relation_heads, c.attention_head_size = R, H // 12
-    return c
-
-
 def their_step(authors, shape, vocab, batch):
     """Their step as their training script takes it: BertMiniLM teacher, MoEBertMiniLM student (4 experts of
     4H neurons split by moefy from one wide FFN), loss_fn, loss.item(), clip 5, transformers.AdamW.
     Returns (step, student)."""
     transformers, BertMiniLM, MoEBertMiniLM = authors
     L_t, L_s, H, R = shape
-    teacher = BertMiniLM(their_config(transformers, L_t, H, R, vocab)).eval()
-    student = MoEBertMiniLM(their_config(transformers, L_s, H, R, vocab, moe=True))
+
+    def config(layers, moe=False):  # the edits their scripts make to a bert-base config
+        c = transformers.BertConfig(num_hidden_layers=layers, hidden_size=H, num_attention_heads=12,
+                                    intermediate_size=4 * H * (4 if moe else 1), vocab_size=vocab)
+        c.num_relation_heads, c.attention_head_size = R, H // 12
+        return c
+
+    teacher = BertMiniLM(config(L_t)).eval()
+    student = MoEBertMiniLM(config(L_s, moe=True))
     student.bert.moefy("1,4")
     student.config.moe = "1,4"
     no_decay = ("bias", "LayerNorm.weight")
@@ -610,44 +522,48 @@ def their_step(authors, shape, vocab, batch):
     return step, student
 
 
-def our_step(shape, vocab, batch):
-    """Our step: train_distill's distill_loss, optimizer_step (clip 1) and torch's AdamW.
-    Returns (step, student)."""
-    L_t, L_s, H, R = shape
-    config = mm.BertConfig(vocab_size=vocab, num_layers=L_t, hidden_size=H, intermediate_size=4 * H,
-                           num_heads=12, relation_head="layer")
-    teacher = mm.Bert(config).eval().requires_grad_(False)
-    student = mm.Bert(replace(config, num_layers=L_s, num_experts=E, relation_head="extra")).train()
-    opt, scaler = configure_optimizer(student, lr=3e-4), torch.amp.GradScaler("cuda", enabled=False)
-
-    def step():
-        with torch.no_grad():
-            qkv = teacher(**batch).qkv
-        loss = distill_loss(qkv, student, batch, num_relation_heads=R)[0]
-        loss.backward()
-        optimizer_step(student, opt, scaler, 1.0)
-    return step, student
-
-
 def authors_side_by_side(b, repo):
-    """Our whole distillation step against the authors', the shapes of the original comparison: a 6L-384H
-    teacher and a 3L-384H 1,4E student at 32x128 with padding, fp32, one process, rounds interleaved, random
-    weights on both sides. Their relations come from an extra Q/K/V head, the teacher's in all its layers."""
-    authors = import_authors(repo)
+    """Our whole distillation step (train_distill's distill_loss, optimizer_step with clip 1, torch's AdamW)
+    against the authors', the shapes of the original comparison: a 6L-384H teacher and a 3L-384H 1,4E
+    student at 32x128 with padding, fp32, one process, rounds interleaved, random weights on both sides.
+    Their relations come from an extra Q/K/V head, the teacher's in all its layers."""
+    if not os.path.isdir(repo):
+        raise SystemExit(f"--authors {repo}: no such directory (a checkout of github.com/GeneZC/MiniMoE)")
+    sys.path.insert(0, os.path.abspath(repo))
+    try:
+        import transformers
+        from models.bert_minilm import BertMiniLM
+        from models.moebert_minilm import MoEBertMiniLM
+    except ImportError as e:
+        raise SystemExit(f"--authors {repo}: cannot import the authors' models ({e}). Give a checkout of "
+                         "github.com/GeneZC/MiniMoE and run in an environment with transformers 4.x (4.23 "
+                         "installs on Python 3.11); see the README") from None
     B, L_t, L_s, H, R = (2, 2, 1, 48, 4) if b.quick else (32, 6, 3, 384, 32)
     torch.manual_seed(b.args.seed)
     batch = b.batch(B)
-    theirs, s_theirs = their_step(authors, (L_t, L_s, H, R), b.vocab, batch)
-    ours, s_ours = our_step((L_t, L_s, H, R), b.vocab, batch)
+    theirs, s_theirs = their_step((transformers, BertMiniLM, MoEBertMiniLM), (L_t, L_s, H, R), b.vocab, batch)
+    config = mm.BertConfig(vocab_size=b.vocab, num_layers=L_t, hidden_size=H, intermediate_size=4 * H,
+                           num_heads=12, relation_head="layer")
+    teacher = mm.Bert(config).eval().requires_grad_(False)
+    s_ours = mm.Bert(replace(config, num_layers=L_s, num_experts=E, relation_head="extra")).train()
+    opt, scaler = configure_optimizer(s_ours, lr=3e-4), torch.amp.GradScaler("cuda", enabled=False)
+
+    def ours():
+        with torch.no_grad():
+            qkv = teacher(**batch).qkv
+        loss = distill_loss(qkv, s_ours, batch, num_relation_heads=R)[0]
+        loss.backward()
+        optimizer_step(s_ours, opt, scaler, 1.0)
+
     fns = {"theirs": theirs, "ours": ours}
     for fn in fns.values():  # warm-up: optimizer state exists
         fn()
         fn()
     t = b.time(fns, 0, 2 if b.quick else max(b.heavy, 5))
     b.row(f"authors' code: our distill step vs theirs, {L_t}L-{H}H teacher + {L_s}L-{H}H E={E}, {B}x{b.T}",
-          round_ratios(t, "ours", "theirs"), 0.30)
+          t, "ours", "theirs", 0.30)
     n = {name: sum(p.numel() for p in m.parameters()) for name, m in (("ours", s_ours), ("theirs", s_theirs))}
-    return dict(rows=b.rows, timings_s=t, transformers=authors[0].__version__,
+    return dict(rows=b.rows, timings_s=t, transformers=transformers.__version__,
                 ours_ms=1e3 * median(t["ours"]), theirs_ms=1e3 * median(t["theirs"]), student_params=n)
 
 
@@ -687,8 +603,10 @@ def read_saved_runs(paths):
     return runs
 
 
-def print_summary(out):
-    """The machine and each section's figures (memory, load, throughput) of one run; returns its rows."""
+def print_table(out, other=None):
+    """The machine, each section's figures (memory, load, throughput) and the table of one run's JSON; with
+    `other` (a second run's JSON), each row's median there and the relative difference of the two medians.
+    --quick rows are judged against no target."""
     m, rows = out["machine"], []
     print(f"\ntorch {m['torch']}, {m['threads']} threads (OMP_WAIT_POLICY={m['omp_wait_policy']}), {m['cpu']}"
           + (f", GPU {m['gpu']}" if "gpu" in m else "")
@@ -711,19 +629,11 @@ def print_summary(out):
               + ", ".join(f"{k} {v['dense_seq_per_s']:.1f}/{v['moe_seq_per_s']:.1f}"
                           for k, v in res["inference"].items()))
         d = res["distill"]
-        mfu = ""
-        if "distill_step_mfu" in d:
-            mfu = f", MFU {d['teacher_forward_mfu']:.1%} / {d['distill_step_mfu']:.1%}"
+        mfu = (f", MFU {d['teacher_forward_mfu']:.1%} / {d['distill_step_mfu']:.1%}"
+               if "distill_step_mfu" in d else "")
         print(f"{dev} teacher forward {d['teacher_forward_ms']:.0f} ms ({d['teacher_forward_tflops']:.3f} "
               f"TFLOP/s), distillation step {d['distill_step_ms']:.0f} ms ({d['distill_step_tflops']:.3f} "
               f"TFLOP/s){mfu}")
-    return rows
-
-
-def print_table(out, other=None):
-    """The summary and the table of one run's JSON; with `other` (a second run's JSON), each row's median
-    there and the relative difference of the two medians. --quick rows are judged against no target."""
-    rows = print_summary(out)
     if not rows:
         raise SystemExit("nothing measured (--skip_cpu without a GPU)")
     quick = out["args"]["quick"]
@@ -766,7 +676,7 @@ def compiled_ffn(b):
     t = b.time(fns, b.warmup, b.repeats)
     with b.amp():
         auto = mm.resolve_dispatch("auto", x)
-    b.row(f"moe_ffn compiled ({auto}) vs dense compiled, {B}x{b.T} tok", round_ratios(t, "moe", "dense"),
+    b.row(f"moe_ffn compiled ({auto}) vs dense compiled, {B}x{b.T} tok", t, "moe", "dense",
           TARGETS["ffn_cuda" if b.cuda else "ffn"])
     return {name: B * b.T / median(ts) for name, ts in t.items()}
 
@@ -802,38 +712,34 @@ def short_distillation(b, steps):
                 last_loss=losses[-1], tokens_per_s=(steps - 1) * B * b.T / (time.time() - t0))
 
 
-def cuda_tests():
-    """tests/test_cuda.py in a process of its own: (exit status, the lines of its output)."""
+def device_check(b):
+    """The CUDA rows of measure() (eager, bf16 autocast: the FFN per dispatch, student steps, inference, the
+    distillation step with MFU), the compiled FFN, tests/test_cuda.py (in a process of its own) and
+    short_distillation, in one JSON (no GPU: all of it on CPU). Returns the device's results and whether
+    everything passed."""
+    res = measure(b)
+    ffn_compiled = compiled_ffn(b)  # its row joins res["rows"]
     pytest = [sys.executable, "-m", "pytest", "tests/test_cuda.py", "-q", "-p", "no:cacheprovider"]
     tests = subprocess.run(pytest, cwd=HERE, capture_output=True, text=True)
     lines = (tests.stdout + tests.stderr).strip().splitlines() or [""]
     if tests.returncode:
         print("\n".join(lines[-40:]))
-    return tests.returncode, lines
-
-
-def device_check(b):
-    """The CUDA rows of measure() (eager, bf16 autocast: the FFN per dispatch, student steps, inference, the
-    distillation step with MFU), the compiled FFN, tests/test_cuda.py and short_distillation, in one JSON
-    (no GPU: all of it on CPU). Returns the device's results and whether everything passed."""
-    res = measure(b)
-    ffn_compiled = compiled_ffn(b)  # its row joins res["rows"]
-    returncode, lines = cuda_tests()
     distill = short_distillation(b, 4 if b.quick else 100)
     d = res["distill"]
     tok = dict(ffn={k: res["ffn"]["tokens"] / median(v) for k, v in res["timings_s"]["ffn"].items()},
                ffn_compiled=ffn_compiled, distill_step=d["batch"] * b.T / d["distill_step_ms"] * 1e3,
                short_distillation=distill["tokens_per_s"])
-    res["device_check"] = dict(tokens_per_s=tok, tests=dict(returncode=returncode, summary=lines[-1]),
+    res["device_check"] = dict(tokens_per_s=tok, tests=dict(returncode=tests.returncode, summary=lines[-1]),
                                short_distillation=distill, peak_bf16_tflops=res.get("peak_bf16_tflops"))
     print(f"\n{b.device} tokens/s: " + ", ".join(f"ffn {k} {v:,.0f}" for k, v in tok["ffn"].items())
           + ", " + ", ".join(f"ffn compiled {k} {v:,.0f}" for k, v in ffn_compiled.items())
           + f", distill step {tok['distill_step']:,.0f}")
-    print(f"tests/test_cuda.py: {lines[-1]} (exit {returncode})")
+    print(f"tests/test_cuda.py: {lines[-1]} (exit {tests.returncode})")
     print(f"short distillation ({distill['steps']} steps, {distill['precision']}): loss "
           f"{distill['first_loss']:.4f} -> {distill['last_loss']:.4f}, "
           f"{distill['tokens_per_s']:,.0f} tokens/s")
-    return res, returncode == 0 and all(math.isfinite(distill[k]) for k in ("first_loss", "last_loss"))
+    finite = all(math.isfinite(distill[k]) for k in ("first_loss", "last_loss"))
+    return res, tests.returncode == 0 and finite
 
 
 # -----------------------------------------------------------------------------
