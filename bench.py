@@ -10,23 +10,18 @@ step, inference latency, the whole distillation step vs the teacher's forward, a
     python bench.py --authors DIR --json PATH   # our distillation step vs the authors' (README: setup)
     python bench.py --device_check              # the one-command GPU check (tests/test_bench.py: --quick)
 
-Every headline is a ratio of variants timed in interleaved rounds (each round times the dense variant, then
-each MoE one, so a noisy shared machine slows them alike), after a warm-up: every variant first runs alone
-inside its memory window (2 training steps, so that optimizer state exists, or 1 forward), then the light
-sections add --warmup rounds. A row reports the rounds' median ratio and its min-max spread, each section
-the load average before and after it; absolute times are context only. CPU: fp32. CUDA: bf16 autocast,
-CUDA events, MFU. --quick times stand-ins a third as deep at width 64 (the teacher 128) on 16 tokens, in
-rows named for those shapes that start with "smoke" and carry no target: a tiny model's ratios say nothing
-about the real sizes'.
+A row is the median (and min-max spread) of per-round ratios of variants timed in interleaved rounds, so
+that a noisy shared machine slows them alike, after each variant ran alone in its memory window (2 training
+steps, so that optimizer state exists, or 1 forward). Each section reports the load average before and
+after it; absolute times are context only. CPU: fp32; CUDA: bf16 autocast, CUDA events, MFU. --quick rows
+time stand-ins (a third of the layers, width 64, 16 tokens): named "smoke" and for their shapes, no target.
 
-OMP_WAIT_POLICY defaults to PASSIVE here: on a shared, oversubscribed machine libgomp's spinning threads
-steal the cores from the working ones, a penalty per parallel op that hits the MoE's extra small ops
-hardest. `OMP_WAIT_POLICY=ACTIVE python bench.py` measures the spinning default.
+OMP_WAIT_POLICY defaults to PASSIVE: on a shared, oversubscribed machine libgomp's spinning threads steal
+the cores from the working ones, hitting the MoE's extra small ops hardest (`OMP_WAIT_POLICY=ACTIVE` to
+measure the spinning default).
 
-Memory is what a variant adds above what was allocated before it was built: its weights, gradients,
-optimizer state and peak activations (inference rows: activations only; the distillation row adds the
-student to the teacher in memory). CUDA: max_memory_allocated; CPU (Linux): the peak RSS (VmHWM, reset
-through /proc/self/clear_refs after a malloc_trim).
+Memory is what a variant adds to what was allocated before it was built (CUDA: max_memory_allocated; Linux
+CPU: the peak RSS): weights, gradients, optimizer state, peak activations; inference rows: activations only.
 """
 import os
 
@@ -76,21 +71,19 @@ def build_parser():
                    help="timed rounds of the light sections (the FFN; inference at 1x128: x3)")
     p.add_argument("--heavy", type=POSITIVE_INT, default=3, help="timed rounds of the steps of seconds")
     p.add_argument("--warmup", type=NONNEGATIVE_INT, default=1, help="interleaved warm-up rounds (light)")
-    p.add_argument("--threads", type=POSITIVE_INT, default=None,
-                   help="torch CPU threads (default: torch's, all cores; --quick: 1)")
+    p.add_argument("--threads", type=POSITIVE_INT, help="torch CPU threads (default: all; --quick: 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models in the CUDA section; on "
                    "CPU, add a distillation step whose student forward and loss are compiled")
-    p.add_argument("--peak_tflops", type=POSITIVE, default=None,
-                   help="peak dense bf16 TFLOP/s for MFU (default: by GPU name)")
+    p.add_argument("--peak_tflops", type=POSITIVE, help="peak dense bf16 TFLOP/s, for MFU (default: by GPU)")
     p.add_argument("--skip_cpu", action="store_true", help="the CUDA section only")
     p.add_argument("--profile", action="store_true", help="torch.profiler tables of one call of each variant")
     p.add_argument("--table", nargs="+", metavar="JSON", help="print the table of a saved --json run (no "
                    "measuring); with a second run, each row's ratio there and the difference")
     p.add_argument("--authors", metavar="DIR", help="only time our whole distillation step against the "
                    "authors' (a checkout of github.com/GeneZC/MiniMoE; needs transformers 4.x)")
-    p.add_argument("--device_check", action="store_true", help="the one-command GPU check: the CUDA rows, a "
-                   "compiled FFN, the CUDA tests, a short distillation, in --json (default "
-                   "results/device_check.json); no GPU: on CPU")
+    p.add_argument("--device_check", action="store_true", help="the GPU check in one command (CUDA rows, "
+                   "compiled FFN, CUDA tests, a short distillation; no GPU: on CPU) into --json "
+                   "(results/device_check.json)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -216,9 +209,8 @@ class Bench:
         return times
 
     def row(self, name, t, num, den, target, den_scale=1):
-        """A table row from the per-round ratios t[num][i] / (den_scale * t[den][i]): their median, judged
-        against the target, and their spread; --quick: "smoke ...", judged against nothing. Returns the
-        median."""
+        """A row of the per-round ratios t[num][i] / (den_scale * t[den][i]): their median, judged against
+        the target (--quick: none, "smoke ..."), and their spread. Returns the median."""
         ratios = [x / (den_scale * y) for x, y in zip(t[num], t[den])]
         if self.quick:
             name, target = f"smoke {name}", None
@@ -228,8 +220,7 @@ class Bench:
         return r
 
     def done(self, section, fns):
-        """Close a section: its seconds and the load average before and after it; --profile: the
-        torch.profiler table of one call of each fn."""
+        """Close a section: its seconds, the load average before and after; --profile: one call's tables."""
         self.res["section_s"][section] = round(time.time() - self.t0, 1)
         self.res["load_avg"][section] = [self.load0, load_avg()]  # 1-minute load average before, after
         print(f"{self.device} {section}: {self.res['section_s'][section]:.0f} s, load {self.load0} -> "
@@ -245,10 +236,9 @@ class Bench:
 
 
 def train_step(b, model, batch, teacher_qkv, compile_loss=False):
-    """One optimizer step as in train_distill.py: relation loss + 0.01 load balance, backward, clip, AdamW
-    (bf16 or fp32: a disabled GradScaler, as train_distill's). teacher_qkv: the teacher's q, k, v or a
-    function returning them. compile_loss: torch.compile the student's forward and the loss together (what
-    inductor can fuse: dropout, GELU, the relation softmaxes)."""
+    """One optimizer step as in train_distill.py (bf16 or fp32: its GradScaler is disabled). teacher_qkv:
+    q, k, v or a function returning them. compile_loss: torch.compile the student's forward and the loss
+    together (what inductor can fuse: dropout, GELU, the relation softmaxes)."""
     opt, scaler = configure_optimizer(model, lr=1e-4), torch.amp.GradScaler("cuda", enabled=False)
     raw, model = model, b.compiled(model)
     loss_fn = torch.compile(distill_loss) if compile_loss else distill_loss
@@ -281,8 +271,7 @@ def ffn_step(b, config, x, dy, mask, backend=None):
 
 
 def ffn_inputs(b):
-    """The students' FFN config (H = 384, I = 1536), an input that needs its gradient too, an upstream
-    gradient and a token mask."""
+    """The students' FFN config (H = 384, I = 1536), an input with its gradient, dy and a token mask."""
     scfg, B = b.cfg("3L-384H"), b.sizes["ffn"]
     torch.manual_seed(b.args.seed)
     x = torch.randn(B, b.T, scfg.hidden_size, device=b.device, requires_grad=True)  # (B, T, H)
@@ -295,8 +284,7 @@ def ffn_inputs(b):
 
 
 def ffn_section(b):
-    """1. The MoE FFN per dispatch vs the dense FFN of one expert's size, forward + backward (training mode:
-    router noise)."""
+    """1. The MoE FFN per dispatch vs the dense FFN of one expert's size, fwd + bwd (with router noise)."""
     scfg, x, dy, mask = ffn_inputs(b)
     B = b.sizes["ffn"]
     with b.amp():  # the grouped GEMM only where it runs as asked (CUDA: bf16 on compute capability 9.x/10.x)
@@ -448,8 +436,7 @@ def distill_section(b):
 
 
 def relation_loss_section(b):
-    """5. The relation loss alone, forward + backward: readable vs fused (ChunkedRelationKL, 8 heads a
-    block)."""
+    """5. The relation loss alone, fwd + bwd: readable vs fused (ChunkedRelationKL, 8 heads a block)."""
     B = b.sizes["distill"]
     token_mask = b.batch(B)["attention_mask"]  # (B, T)
     torch.manual_seed(b.args.seed)
@@ -605,8 +592,7 @@ def read_saved_runs(paths):
 
 def print_table(out, other=None):
     """The machine, each section's figures (memory, load, throughput) and the table of one run's JSON; with
-    `other` (a second run's JSON), each row's median there and the relative difference of the two medians.
-    --quick rows are judged against no target."""
+    `other` (a second run's JSON), each row's median there and the relative difference of the two medians."""
     m, rows = out["machine"], []
     print(f"\ntorch {m['torch']}, {m['threads']} threads (OMP_WAIT_POLICY={m['omp_wait_policy']}), {m['cpu']}"
           + (f", GPU {m['gpu']}" if "gpu" in m else "")
@@ -663,9 +649,8 @@ def print_table(out, other=None):
 
 
 def compiled_ffn(b):
-    """Section 1's FFN compiled, MoE (auto dispatch) vs dense, forward + backward: a row, and tokens/s of
-    each. Inductor on CUDA; aot_eager on CPU (the trace without C++ codegen, to keep a CPU check to
-    seconds)."""
+    """Section 1's FFN compiled, MoE (auto dispatch) vs dense: a row, and tokens/s of each. Inductor on
+    CUDA; aot_eager on CPU (the trace without C++ codegen, to keep a CPU check to seconds)."""
     scfg, x, dy, mask = ffn_inputs(b)
     B, backend = b.sizes["ffn"], "inductor" if b.cuda else "aot_eager"
     fns = {}
@@ -682,10 +667,9 @@ def compiled_ffn(b):
 
 
 def short_distillation(b, steps):
-    """`steps` optimizer steps as train_distill.py takes them (its runtime and precision, distill_loss,
-    optimizer_step), from a random-init teacher of the default teacher's shape (12L-768H: the 90 MB
-    checkpoint need not travel) into a 6L-384H 1,4E student, on synthetic WordPiece batches (no corpus, no
-    `datasets`)."""
+    """`steps` optimizer steps as train_distill.py takes them (its runtime, precision, distill_loss and
+    optimizer_step), from a random-init 12L-768H teacher (the default teacher's 90 MB need not travel) into
+    a 6L-384H 1,4E student, on synthetic batches (no corpus, no `datasets`)."""
     rt = setup_runtime(b.args.seed)  # bf16 autocast on a CUDA device that has it, else fp32
     B = b.sizes["distill"]
     teacher = mm.Bert(b.cfg("12L-768H")).to(rt.device).eval().requires_grad_(False)
@@ -713,10 +697,8 @@ def short_distillation(b, steps):
 
 
 def device_check(b):
-    """The CUDA rows of measure() (eager, bf16 autocast: the FFN per dispatch, student steps, inference, the
-    distillation step with MFU), the compiled FFN, tests/test_cuda.py (in a process of its own) and
-    short_distillation, in one JSON (no GPU: all of it on CPU). Returns the device's results and whether
-    everything passed."""
+    """measure()'s rows (CUDA: eager bf16, with MFU), the compiled FFN, tests/test_cuda.py (a process of
+    its own) and short_distillation, in one JSON (no GPU: on CPU). Returns them and whether all passed."""
     res = measure(b)
     ffn_compiled = compiled_ffn(b)  # its row joins res["rows"]
     pytest = [sys.executable, "-m", "pytest", "tests/test_cuda.py", "-q", "-p", "no:cacheprovider"]
@@ -747,8 +729,7 @@ def device_check(b):
 
 
 def run(args):
-    """Measure what the arguments ask, write the JSON, print the table. Returns the device check's verdict
-    (True for the other modes)."""
+    """Measure what the arguments ask, write the JSON, print the table. Returns the device check's verdict."""
     t_start, passed = time.time(), True
     out = dict(machine=machine(), args=vars(args), cuda=None)
     cuda = torch.cuda.is_available()
