@@ -236,9 +236,9 @@ class Bench:
 
 
 def train_step(b, model, batch, teacher_qkv, compile_loss=False):
-    """One optimizer step as in train_distill.py (bf16 or fp32: its GradScaler is disabled). teacher_qkv:
-    q, k, v or a function returning them. compile_loss: torch.compile the student's forward and the loss
-    together (what inductor can fuse: dropout, GELU, the relation softmaxes)."""
+    """One optimizer step as in train_distill.py: relation loss + 0.01 load balance, backward, clip, AdamW
+    (bf16 or fp32: its GradScaler disabled). teacher_qkv: q, k, v or a function returning them.
+    compile_loss: torch.compile the student's forward and loss (inductor fuses dropout, GELU, softmaxes)."""
     opt, scaler = configure_optimizer(model, lr=1e-4), torch.amp.GradScaler("cuda", enabled=False)
     raw, model = model, b.compiled(model)
     loss_fn = torch.compile(distill_loss) if compile_loss else distill_loss
