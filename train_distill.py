@@ -61,7 +61,7 @@ from runkeeping import (FRACTION, NONNEGATIVE, POSITIVE, POSITIVE_INT, Runtime, 
                         resumed_results, rng_state, run_script, set_rng_state, set_torch_rng_state,
                         setup_runtime, torch_rng_state, truncate_log, warn, workers_die_with_us, write_json)
 
-DEMO_MAX_STEPS = 100  # the no-argument demo's budget: ~10 min on 2 CPU cores, dense baseline included
+DEMO_MAX_STEPS = 100  # the no-argument demo's budget, dense baseline included
 DEMO_BATCH_SIZE = 16
 PIPELINE_VERSION = 1  # bump when the pair-building code changes: invalidates cached pairs
 
@@ -71,7 +71,7 @@ PIPELINE_VERSION = 1  # bump when the pair-building code changes: invalidates ca
 
 
 def gensim_wiki_sample():
-    """The small English Wikipedia XML dump (206 pages, 1.7 MB bz2) that ships with gensim's tests."""
+    """The small English Wikipedia XML dump (206 pages) that ships with gensim's tests."""
     import gensim
     name = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
     path = Path(gensim.__file__).parent / "test" / "test_data" / name
@@ -100,8 +100,8 @@ def split_sentences(text, min_words=8):
 
 @contextlib.contextmanager
 def open_binary(path):
-    """A file, decompressed on the fly when it ends in .gz or .bz2; a clear error when it cannot be read
-    (a truncated .gz, an unreadable file), also midway through."""
+    """A file, decompressed on the fly (.gz, .bz2); a ValueError naming it when it cannot be read (a
+    truncated .gz), also midway through."""
     opener = {".gz": gzip.open, ".bz2": bz2.open}.get(Path(path).suffix, open)
     try:
         with opener(path, "rb") as f:
@@ -111,8 +111,8 @@ def open_binary(path):
 
 
 def read_text_lines(lines, min_words=8):
-    """Documents (lists of sentences) of text lines, a blank line ending each; a document with text
-    but no sentence of min_words words comes out empty (and is counted as too short). Streams."""
+    """Documents (lists of sentences) of text lines, a blank line ending each; a document with text but
+    no sentence of min_words words comes out empty (and is counted as too short)."""
     doc, has_text = [], False
     for line in itertools.chain(lines, [""]):
         if line.strip():
@@ -124,8 +124,8 @@ def read_text_lines(lines, min_words=8):
 
 
 def utf8_lines(f, path):
-    """The lines of a binary file, decoded; lines that are not UTF-8 are skipped and counted.
-    WikiExtractor's <doc ...> and </doc> lines come out blank: they end a document."""
+    """The lines of a binary file, decoded; those that are not UTF-8 skipped and counted. WikiExtractor's
+    <doc ...> and </doc> lines come out blank: they end a document."""
     skipped = 0
     for raw in f:
         try:
@@ -139,15 +139,14 @@ def utf8_lines(f, path):
 
 
 def read_text_file(path, min_words=8):
-    """Plain text: one sentence or paragraph per line, a blank line between documents (BERT's
-    pretraining-data format). Yields documents as lists of sentences."""
+    """Plain text, one sentence or paragraph per line, a blank line between documents (BERT's format)."""
     with open_binary(path) as f:
         yield from read_text_lines(utf8_lines(f, path), min_words)
 
 
 def read_wiki_dump(path, min_words=8):
-    """A Wikipedia XML dump (pages-articles*.xml[.bz2]), streamed: articles (namespace 0) through gensim's
-    extract_pages + filter_wiki, redirects and markup leftovers (headings, tables, galleries) dropped."""
+    """A Wikipedia XML dump, streamed: articles (namespace 0) through gensim's extract_pages + filter_wiki,
+    redirects and markup leftovers (headings, tables, galleries) dropped."""
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
     with open_binary(path) as f:
         for _title, text, _pageid in extract_pages(f, filter_namespaces=("0",)):
@@ -160,9 +159,8 @@ def read_wiki_dump(path, min_words=8):
 
 
 def read_hub_dataset(spec, min_words=8):
-    """`datasets.load_dataset(name, config, split="train", streaming=True)` for "name[:config]", failing fast
-    with a clear message when offline (nothing is downloaded up front: rows stream). Each row's "text" is one
-    document: an article (wikipedia) or a paragraph (wikitext)."""
+    """The "train" split of the Hugging Face dataset "name[:config]", streamed (failing fast when offline);
+    each row's "text" is one document: an article (wikipedia) or a paragraph (wikitext)."""
     import datasets
     name, _, config = spec.partition(":")
     if not minimoe.hf_offline(datasets=True) and not hub_reachable():
@@ -180,8 +178,8 @@ def read_hub_dataset(spec, min_words=8):
 
 
 def corpus_sources(corpus):
-    """The files of a local corpus (a file, or a directory's files, hidden ones left out), or
-    [corpus] for a Hugging Face dataset id; a missing path that looks local is an error."""
+    """The files of a local corpus (a file, or a directory's files, hidden ones left out), or [corpus] for
+    a Hugging Face dataset id; a missing path that looks local is an error."""
     p = Path(corpus).expanduser()
     if p.is_dir():
         files = sorted(str(f) for f in p.rglob("*")
@@ -204,14 +202,12 @@ def is_wiki_dump(path):
 
 def iter_documents(sources, min_words=8):
     """{"sentences": [...]} for each document of at least two sentences (one sentence cannot make an
-    A/B pair of its own) of each source: a Wikipedia dump, a plain-text file, or a hub dataset id.
-    The number of shorter documents skipped is logged."""
+    A/B pair of its own) of each source: a Wikipedia dump, a plain-text file, or a hub dataset id."""
     for src in sources:
         if not Path(src).exists():
             docs = read_hub_dataset(src, min_words)
         else:
-            reader = read_wiki_dump if is_wiki_dump(src) else read_text_file
-            docs = reader(src, min_words)
+            docs = (read_wiki_dump if is_wiki_dump(src) else read_text_file)(src, min_words)
         short = 0
         for doc in docs:
             if len(doc) >= 2:
@@ -224,13 +220,6 @@ def iter_documents(sources, min_words=8):
 
 # -----------------------------------------------------------------------------
 # Documents -> BERT segment pairs [CLS] A [SEP] B [SEP], tokenised and cached with `datasets`
-
-
-def truncate_pair(a, b, max_tokens, rng):
-    """Trim the longer segment, from the front or the back at random, until both fit (BERT)."""
-    while len(a) + len(b) > max_tokens:
-        longer = a if len(a) > len(b) else b
-        longer.pop(0) if rng.random() < 0.5 else longer.pop()
 
 
 def document_pairs(docs, d, max_tokens, short_seq_prob, rng, random_next_prob=0.5):
@@ -258,7 +247,9 @@ def document_pairs(docs, d, max_tokens, short_seq_prob, rng, random_next_prob=0.
                 i -= len(chunk) - a_end  # the unused sentences start the next chunk
             else:
                 b = [t for s in chunk[a_end:] for t in s]
-            truncate_pair(a, b, max_tokens, rng)
+            while len(a) + len(b) > max_tokens:  # trim the longer, front or back at random (BERT)
+                longer = a if len(a) > len(b) else b
+                longer.pop(0) if rng.random() < 0.5 else longer.pop()
             if a and b:
                 yield a, b
             chunk, length = [], 0
@@ -288,40 +279,21 @@ def pairs_batch(batch, indices, tokenizer, max_seq_length, short_seq_prob, seed)
     return out
 
 
-def pairs_cache_path(corpus, sources, tokenizer, cache_dir, max_seq_length, short_seq_prob, min_words,
-                     heldout, seed):
-    """Where build_pairs caches the pairs of `corpus`: named by a key of its files (path, size, mtime), the
-    tokenizer and the parameters, so that a change of any of them builds anew."""
-    identity = [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns)
-                if Path(f).exists() else f for f in sources]
-    params = dict(version=PIPELINE_VERSION, max_seq_length=max_seq_length, short_seq_prob=short_seq_prob,
-                  min_words=min_words, heldout=heldout, seed=seed, corpus=identity)
-    key = hashlib.sha256((json.dumps(params, sort_keys=True) + tokenizer.to_str()).encode()).hexdigest()[:16]
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(corpus).name or corpus)[:60]
-    return Path(cache_dir).expanduser() / f"pairs-{name}-{key}"
-
-
-def pid_alive(pid):
-    """Does process `pid` exist on this host?"""
-    try:
-        os.kill(pid, 0)  # signal 0: only asks
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by another user
-        pass
-    return True
-
-
 def new_build_dir(cache_dir):
-    """A fresh ".build-HOST-PID-random" directory under cache_dir to build in, after removing those that
-    builds killed on this host left behind."""
+    """A fresh ".build-HOST-PID-random" directory to build in, after removing those of builds on this host
+    whose process is gone (killed)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname()
     for old in cache_dir.glob(".build-*"):
         m = re.fullmatch(r"\.build-(.+)-(\d+)-[^-]+", old.name)
-        if m and m[1] == host and not pid_alive(int(m[2])):
-            warn(f"removing {old}, left by an interrupted pair build")
-            shutil.rmtree(old, ignore_errors=True)
+        if m and m[1] == host:
+            try:
+                os.kill(int(m[2]), 0)  # signal 0: only asks whether the process lives
+            except ProcessLookupError:
+                warn(f"removing {old}, left by an interrupted pair build")
+                shutil.rmtree(old, ignore_errors=True)
+            except PermissionError:  # it lives, owned by another user
+                pass
     return Path(tempfile.mkdtemp(prefix=f".build-{host}-{os.getpid()}-", dir=cache_dir))
 
 
@@ -351,15 +323,19 @@ def build_pairs(corpus, tokenizer, cache_dir, max_seq_length=128, short_seq_prob
                 heldout=0.05, seed=776, num_proc=None):
     """Train and held-out segment pairs of `corpus` as a datasets.DatasetDict with splits "train" and
     "heldout" (columns input_ids int32, token_type_ids int8; variable length, no padding). The held-out
-    split is a set of documents (a fraction `heldout`, at most 1000). Cached (pairs_cache_path): a second
-    call only maps the Arrow files. Streams: documents are written to Arrow as they are read, so a full
-    dump fits."""
+    split is a set of documents (a fraction `heldout`, at most 1000). Streams, and caches: the cache is
+    named by a key of the corpus files (path, size, mtime), the tokenizer and the parameters."""
     import datasets
     if max_seq_length < 8:
         raise ValueError(f"max_seq_length {max_seq_length} is too short for a segment pair")
     sources = corpus_sources(corpus)
-    final = pairs_cache_path(corpus, sources, tokenizer, cache_dir, max_seq_length, short_seq_prob, min_words,
-                             heldout, seed)
+    identity = [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns)
+                if Path(f).exists() else f for f in sources]
+    params = dict(version=PIPELINE_VERSION, max_seq_length=max_seq_length, short_seq_prob=short_seq_prob,
+                  min_words=min_words, heldout=heldout, seed=seed, corpus=identity)
+    key = hashlib.sha256((json.dumps(params, sort_keys=True) + tokenizer.to_str()).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(corpus).name or corpus)[:60]
+    final = Path(cache_dir).expanduser() / f"pairs-{name}-{key}"
     if (final / "dataset_dict.json").exists():
         return load_pairs(final)
     build = new_build_dir(final.parent)
