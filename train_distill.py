@@ -67,7 +67,253 @@ PIPELINE_VERSION = 1  # bump when the pair-building code changes: invalidates ca
 
 
 # -----------------------------------------------------------------------------
-# Corpus -> documents, each a list of sentences
+# Arguments: the flags, the defaults that depend on others, the students to train
+
+
+# flags that --resume may change: how long training goes on (--max_steps, --epochs: the lr schedule is
+# stretched to the new end), logging, evaluation and saving, where things are, and how the hardware runs
+# a batch (--micro_batch_size, --precision, --compile: the same batches, other rounding). Every other
+# flag (data, model, loss, optimisation, seed) must equal the checkpoint's, or --resume refuses.
+RESUME_MAY_CHANGE = ("max_steps", "epochs", "log_every", "eval_every", "eval_pairs", "save_every",
+                     "keep_last", "num_proc", "cache_dir", "out_dir", "micro_batch_size", "precision",
+                     "compile")
+NOT_COMPARED = RESUME_MAY_CHANGE + ("resume", "overwrite", "debug", "prepare_only", "force_tokenizer",
+                                    "student_specs", "attn_experts", "ffn_experts")  # the last three: derived
+
+
+def add_data_args(g):
+    g.add_argument("--corpus", help="a Wikipedia dump (*.xml.bz2), plain-text files (file or dir, a blank "
+                   "line between documents, .gz allowed), or a HF dataset id 'name[:config]'; default: "
+                   "gensim's Wikipedia sample (the embedded demo)")
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "minimoe")
+    g.add_argument("--cache_dir", default=cache, help="of the tokenised segment pairs (%(default)s)")
+    g.add_argument("--max_seq_length", type=number(int, low=8), default=128, help="per pair (%(default)s)")
+    g.add_argument("--short_seq_prob", type=FRACTION, default=0.1,
+                   help="chance of a shorter pair, as BERT (%(default)s)")
+    g.add_argument("--min_sentence_words", type=POSITIVE_INT, default=8, help="fewer: dropped (%(default)s)")
+    g.add_argument("--heldout", type=number(float, above=0, high=1), default=0.05,
+                   help="fraction of documents held out, at most 1000 (%(default)s)")
+    g.add_argument("--num_proc", type=POSITIVE_INT, help="for reading and tokenising (all cores)")
+    g.add_argument("--prepare_only", action="store_true", help="build the pair cache and exit")
+
+
+def add_model_args(g):
+    g.add_argument("--teacher", help="HF BERT dir or hub id, or our student dir or checkpoint file (MiniLM "
+                   "w/ TA); default: the embedded all-MiniLM-L6-v2")
+    g.add_argument("--tokenizer", help="default: the teacher's")
+    g.add_argument("--eval_teacher", help="score the held-out relation loss against this teacher (MiniLM w/ "
+                   "TA: the TA's own teacher); 'default': the embedded all-MiniLM-L6-v2")
+    g.add_argument("--student", default="3L-384H",
+                   help=f"size LL-HH, e.g. a preset: {', '.join(minimoe.PRESETS)} (%(default)s)")
+    g.add_argument("--layers", type=POSITIVE_INT, help="override the preset's")
+    g.add_argument("--hidden", type=POSITIVE_INT, help="override the preset's width (FFN: 4 x hidden)")
+    g.add_argument("--heads", type=POSITIVE_INT, help="override the preset's attention heads")
+    g.add_argument("--experts", default="1,4", help="attention,FFN experts; 1,1: dense MiniLM (%(default)s)")
+    g.add_argument("--dropout", type=FRACTION, help="student dropout and router noise (config: 0.1)")
+    g.add_argument("--num_relation_heads", type=POSITIVE_INT, default=32, help="MiniLMv2's (%(default)s)")
+    g.add_argument("--teacher_layer", type=int, default=-1, help="distilled (%(default)s: last)")
+    g.add_argument("--load_balance_weight", type=NONNEGATIVE, default=0.01, help="(%(default)s)")
+    g.add_argument("--init_from", help="a dense student (dir or checkpoint) to upcycle")
+    g.add_argument("--compare_dense", action=argparse.BooleanOptionalAction,
+                   help="also train the dense student of that size on the same batches (default: on for "
+                   "the demo)")
+    g.add_argument("--students", nargs="+", metavar="NAME=A,E[:HEAD][@SIZE]",
+                   help="several students on the same batches and teacher forward, e.g. minilm=1,1:layer "
+                   "moe4=1,4 ta=1,1@4L-384H (A,E: attention,FFN experts; HEAD: auto|layer|extra; SIZE: a "
+                   "preset, default --student); saved to out_dir/NAME/student")
+    g.add_argument("--relation_head", default="auto", choices=["auto", "layer", "extra"],
+                   help="the students' relations from the last layer's Q/K/V (layer, MiniLMv2) or an extra "
+                   "Q/K/V head on the final hidden states (extra, the original MiniMoE); auto: extra with "
+                   "experts, layer when dense (%(default)s)")
+    g.add_argument("--expert_init", default="split", choices=["split", "independent"],
+                   help="split: experts cut from one wide FFN, 2/3 of their neurons shared (the original's); "
+                   "independent: each drawn on its own (%(default)s)")
+    g.add_argument("--relation_dropout", type=FRACTION, default=0.0,
+                   help="on the students' relation probabilities, as the original code (0.1 there); makes "
+                   "the training loss noisy and larger than the KL (%(default)s)")
+
+
+def add_optimisation_args(g):
+    g.add_argument("--lr", type=NONNEGATIVE, default=3e-4, help="peak AdamW lr (%(default)s)")
+    g.add_argument("--weight_decay", type=NONNEGATIVE, default=0.01, help="(%(default)s)")
+    g.add_argument("--warmup", type=FRACTION, default=0.01, help="fraction of steps, linear (%(default)s)")
+    g.add_argument("--grad_clip", type=POSITIVE, default=5.0, help="max grad norm (%(default)s)")
+    g.add_argument("--batch_size", type=POSITIVE_INT, help="global, in pairs; the paper: 1024 (default: "
+                   f"{DEMO_BATCH_SIZE} for the demo, 128 otherwise)")
+    g.add_argument("--micro_batch_size", type=POSITIVE_INT, help="pairs per rank per forward; accumulation = "
+                   "batch_size / (micro_batch_size x ranks) (default: none)")
+    g.add_argument("--max_steps", type=POSITIVE_INT,
+                   help=f"optimizer steps (default: {DEMO_MAX_STEPS} for the demo, otherwise --epochs)")
+    g.add_argument("--epochs", type=POSITIVE, help="passes over the pairs (default: 5, the paper's)")
+    g.add_argument("--seed", type=int, default=776, help="(%(default)s, the original's)")
+
+
+def add_runtime_args(g):
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 autocast on CUDA if supported, else fp32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the teacher, and each student's "
+                   "forward with its loss (one graph: inductor fuses dropout, GELU, relation softmaxes)")
+    g.add_argument("--out_dir", default="out", help="(%(default)s)")
+    g.add_argument("--log_every", type=POSITIVE_INT, default=10, help="steps (%(default)s)")
+    g.add_argument("--eval_every", type=POSITIVE_INT, default=50,
+                   help="steps between held-out evaluations (%(default)s)")
+    g.add_argument("--eval_pairs", type=POSITIVE_INT, default=128, help="held-out pairs scored (%(default)s)")
+    g.add_argument("--save_every", type=POSITIVE_INT, default=100, help="steps per checkpoint (%(default)s)")
+    g.add_argument("--keep_last", type=POSITIVE_INT, default=3, help="checkpoints kept (%(default)s)")
+    g.add_argument("--resume", nargs="?", const="latest",
+                   help="from a checkpoint file (no value: the newest intact one in out_dir/checkpoints). "
+                   "The flags must be the checkpoint's, except "
+                   + ", ".join("--" + k for k in RESUME_MAY_CHANGE))
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out_dir that holds a previous run (deletes its checkpoints)")
+    g.add_argument("--force_tokenizer", action="store_true",
+                   help="accept a --tokenizer whose vocabulary differs from the teacher's")
+    g.add_argument("--debug", action="store_true", help="a traceback for every error, user errors included")
+
+
+def parse_args(argv=None):
+    """The flags, with the defaults that depend on others filled in (the embedded demo's when --corpus is not
+    given) and args.student_specs, the students to train (parse_student's dicts)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_args(p.add_argument_group("data"))
+    add_model_args(p.add_argument_group("models"))
+    add_optimisation_args(p.add_argument_group("optimisation"))
+    add_runtime_args(p.add_argument_group("runtime and output"))
+    args = p.parse_args(argv)
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out_dir, --overwrite deletes it: give one of them")
+
+    demo = args.corpus is None  # the embedded no-argument run
+    args.corpus = args.corpus or gensim_wiki_sample()
+    args.teacher = args.teacher or minimoe.default_teacher()
+    if args.eval_teacher == "default":
+        args.eval_teacher = minimoe.default_teacher()
+    args.batch_size = args.batch_size or (DEMO_BATCH_SIZE if demo else 128)
+    if args.max_steps is None and args.epochs is None:
+        args.max_steps, args.epochs = (DEMO_MAX_STEPS, None) if demo else (None, 5)
+    try:
+        args.attn_experts, args.ffn_experts = (int(e) for e in args.experts.split(","))
+    except ValueError:
+        p.error(f"--experts wants 'attention,ffn', e.g. 1,4; got {args.experts!r}")
+    dense_student = args.attn_experts == 1 and args.ffn_experts == 1
+    if not re.fullmatch(r"\d+L-\d+H", args.student):
+        p.error(f"--student {args.student!r}: a size such as 3L-384H (presets: {', '.join(minimoe.PRESETS)})")
+    if args.students:  # explicit students; --compare_dense is the shorthand for "student" + "dense"
+        try:
+            specs = [parse_student(t, args.student, args.relation_head) for t in args.students]
+        except ValueError as e:
+            p.error(str(e))
+        if len({s["name"] for s in specs}) != len(specs):
+            p.error("--students: names must be unique")
+    else:
+        compare = demo if args.compare_dense is None else args.compare_dense
+        args.compare_dense = compare and not dense_student
+        specs = [dict(name="student", size=args.student, attn_experts=args.attn_experts,
+                      ffn_experts=args.ffn_experts, relation_head=args.relation_head, out="student")]
+        # the paper's MiniLM: dense, relations of its last layer (unless told otherwise)
+        if args.compare_dense:
+            specs.append(dict(name="dense", size=args.student, attn_experts=1, ffn_experts=1,
+                              relation_head=args.relation_head, out="student_dense"))
+    args.student_specs = specs
+    return args
+
+
+STUDENT_SPEC = re.compile(r"(?P<name>[A-Za-z][\w.-]*)=(?P<attn>\d+),(?P<ffn>\d+)"
+                          r"(?::(?P<head>auto|layer|extra))?(?:@(?P<size>\d+L-\d+H))?")
+
+
+def parse_student(text, default_size, default_head):
+    """'NAME=A,E[:HEAD][@SIZE]' -> a spec dict, e.g. moe4=1,4 | minilm=1,1:layer | ta=1,1@4L-384H."""
+    m = STUDENT_SPEC.fullmatch(text)
+    if not m:
+        raise ValueError(f"--students {text!r}: expected NAME=A,E[:auto|layer|extra][@PRESET], e.g. "
+                         "moe4=1,4, minilm=1,1:layer, ta=1,1@4L-384H")
+    attn, ffn = int(m["attn"]), int(m["ffn"])
+    if attn < 1 or ffn < 1:
+        raise ValueError(f"--students {text!r}: expert counts must be >= 1")
+    return dict(name=m["name"], size=m["size"] or default_size, own_size=bool(m["size"]), attn_experts=attn,
+                ffn_experts=ffn, relation_head=m["head"] or default_head, out=f"{m['name']}/student")
+
+
+# -----------------------------------------------------------------------------
+# The story: arguments, output directory, teacher, data, students, the loop, the saved students
+
+
+def main(argv=None):
+    """The story: arguments, the output directory, teacher, data, students, the loop, the saved students."""
+    args = parse_args(argv)
+    rt = setup_runtime(args.seed, args.precision)
+    W = rt.world_size
+    args.micro_batch_size = args.micro_batch_size or args.batch_size // W
+    accum = args.batch_size // (args.micro_batch_size * W)
+    if accum < 1 or accum * args.micro_batch_size * W != args.batch_size:
+        raise SystemExit(f"--batch_size {args.batch_size} must be a multiple of micro_batch_size "
+                         f"{args.micro_batch_size} x {W} ranks")
+    log = print if rt.is_master else (lambda *a, **k: None)
+    resume = claim_out_dir(args, rt, log)  # checked before any expensive work
+    teacher, eval_teacher, tokenizer = load_teacher(args, rt)
+    tcfg, pad_id = teacher.config, tokenizer.token_to_id("[PAD]") or 0
+    train, heldout = load_data(args, tokenizer, rt, log)
+    if args.prepare_only:
+        return None
+    steps_per_epoch = len(train) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"only {len(train)} train pairs, fewer than one batch of {args.batch_size}")
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+
+    students = make_students(args, rt, tcfg, resume, total_steps, log)
+    loss_fn = distill_loss  # the student's forward and loss
+    if args.compile:
+        teacher = torch.compile(teacher)
+        loss_fn = torch.compile(distill_loss)
+    run = Run(args, rt, students, total_steps, steps_per_epoch, new_results(args, argv, tcfg, students),
+              eval_teacher, heldout, pad_id)
+    start_or_resume(run, resume, tokenizer)
+    log(f"training {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs) of {args.batch_size} "
+        f"pairs = {W} ranks x {args.micro_batch_size} x {accum} accumulation; lr {args.lr}, {rt.device}, "
+        f"{rt.amp_dtype or torch.float32}")
+    train_loop(run, teacher, train, loss_fn, accum)
+    return save_students(run, tokenizer)
+
+
+def claim_out_dir(args, rt, log):
+    """Lock --out_dir (refusing an unwritable one, or one another live run uses), refuse to overwrite a
+    previous run by accident, and read the checkpoint to resume: the checkpoint, or None for a fresh run."""
+    out_dir, ckpt_dir = Path(args.out_dir), Path(args.out_dir) / "checkpoints"
+    if rt.is_master and not args.prepare_only:
+        lock_out_dir(out_dir)
+        remove_stale_temp_files(out_dir)
+        if not args.resume and not args.overwrite:  # a finished or killed run is not overwritten by accident
+            previous = checkpoints(ckpt_dir)[-1:] + [out_dir / f for f in ["results.json"] +
+                                                     [s["out"] for s in args.student_specs]]
+            if previous := [str(f) for f in previous if f.exists()]:
+                raise SystemExit(f"{out_dir} holds a previous run ({', '.join(previous)}): pass --resume to "
+                                 "continue it, --overwrite to start afresh, or another --out_dir")
+    if not args.resume or args.prepare_only:
+        return None
+    path, resume = find_resume_checkpoint(ckpt_dir, args.resume)
+    if resume is None:
+        log(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
+    else:
+        check_resume_args(resume["args"], args, path)
+        log(f"resuming from {path} (step {resume['step']})")
+    return resume
+
+
+def check_resume_args(saved, args, path):
+    """Refuse to resume with flags that break an exact resume: those that differ from the checkpoint's
+    stored args (flags it does not know, from a later version, pass)."""
+    changed = [f"--{k} {saved[k]!r} (now {v!r})" for k, v in vars(args).items()
+               if k in saved and k not in NOT_COMPARED and saved[k] != v]
+    if changed:
+        raise SystemExit(f"--resume: {path} was trained with other values of " + ", ".join(changed) +
+                         ". Rerun with the checkpoint's values, or start a new run (another --out_dir, or "
+                         "--overwrite). "
+                         "Flags that may change on resume: " + ", ".join("--" + k for k in RESUME_MAY_CHANGE))
+
+
+# -----------------------------------------------------------------------------
+# Data: corpus -> documents, each a list of sentences
 
 
 def gensim_wiki_sample():
@@ -219,103 +465,25 @@ def iter_documents(sources, min_words=8):
 
 
 # -----------------------------------------------------------------------------
-# Documents -> BERT segment pairs [CLS] A [SEP] B [SEP], tokenised and cached with `datasets`
+# Data: documents -> BERT segment pairs [CLS] A [SEP] B [SEP], tokenised and cached with `datasets`
 
 
-def document_pairs(docs, d, max_tokens, short_seq_prob, rng, random_next_prob=0.5):
-    """Segment pairs (A, B) of token ids from document `d` of `docs` (lists of tokenised sentences),
-    as BERT's create_instances_from_document and MiniMoE's run_building_data_bert.py: sentences are
-    gathered into chunks of about max_tokens (a random shorter target with prob. short_seq_prob),
-    A = the chunk's first sentences, B = the rest or, with prob. 1/2, sentences of another document."""
-    doc = docs[d]
-    target = rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
-    chunk, length, i = [], 0, 0
-    while i < len(doc):
-        chunk.append(doc[i])
-        length += len(doc[i])
-        if i == len(doc) - 1 or length >= target:
-            a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
-            a = [t for s in chunk[:a_end] for t in s]
-            b = []
-            if len(docs) > 1 and (len(chunk) == 1 or rng.random() < random_next_prob):
-                o = rng.randrange(len(docs) - 1)
-                other = docs[o + (o >= d)]  # any document but this one
-                for s in other[rng.randrange(len(other)):]:
-                    b += s
-                    if len(b) >= target - len(a):
-                        break
-                i -= len(chunk) - a_end  # the unused sentences start the next chunk
-            else:
-                b = [t for s in chunk[a_end:] for t in s]
-            while len(a) + len(b) > max_tokens:  # trim the longer, front or back at random (BERT)
-                longer = a if len(a) > len(b) else b
-                longer.pop(0) if rng.random() < 0.5 else longer.pop()
-            if a and b:
-                yield a, b
-            chunk, length = [], 0
-        i += 1
-
-
-def pairs_batch(batch, indices, tokenizer, max_seq_length, short_seq_prob, seed):
-    """datasets.map function: a batch of documents -> their pairs' input_ids and token_type_ids.
-    Tokenises all sentences of the batch in one call; random next segments come from the same batch.
-    Seeded by the batch's first index, so the result does not depend on num_proc."""
-    max_tokens = max_seq_length - 3  # room for [CLS], [SEP], [SEP]
-    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    flat = [s for doc in batch["sentences"] for s in doc]
-    ids = [e.ids[:max_tokens] for e in tokenizer.encode_batch(flat, add_special_tokens=False)]
-    docs, start = [], 0
-    for doc in batch["sentences"]:
-        sents = [s for s in ids[start:start + len(doc)] if s]
-        start += len(doc)
-        if sents:
-            docs.append(sents)
-    rng = random.Random(f"{seed}:{indices[0]}")
-    out = {"input_ids": [], "token_type_ids": []}
-    for d in range(len(docs)):
-        for a, b in document_pairs(docs, d, max_tokens, short_seq_prob, rng):
-            out["input_ids"].append([cls] + a + [sep] + b + [sep])
-            out["token_type_ids"].append([0] * (len(a) + 2) + [1] * (len(b) + 1))
-    return out
-
-
-def new_build_dir(cache_dir):
-    """A fresh ".build-HOST-PID-random" directory to build in, after removing those of builds on this host
-    whose process is gone (killed)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    host = socket.gethostname()
-    for old in cache_dir.glob(".build-*"):
-        m = re.fullmatch(r"\.build-(.+)-(\d+)-[^-]+", old.name)
-        if m and m[1] == host:
-            try:
-                os.kill(int(m[2]), 0)  # signal 0: only asks whether the process lives
-            except ProcessLookupError:
-                warn(f"removing {old}, left by an interrupted pair build")
-                shutil.rmtree(old, ignore_errors=True)
-            except PermissionError:  # it lives, owned by another user
-                pass
-    return Path(tempfile.mkdtemp(prefix=f".build-{host}-{os.getpid()}-", dir=cache_dir))
-
-
-def read_documents(sources, min_words, cache_dir, num_proc):
-    """The documents of all sources as a datasets.Dataset of {"sentences": [...]} rows, written to Arrow as
-    they are read (one reader process per file, e.g. the parts of a dump); [] when there are none."""
-    import datasets
-    features = datasets.Features({"sentences": datasets.Sequence(datasets.Value("string"))})
-    nproc = min(num_proc or os.cpu_count() or 1, len(sources))
-    try:
-        return datasets.Dataset.from_generator(iter_documents, features=features, cache_dir=str(cache_dir),
-                                               gen_kwargs=dict(sources=sources, min_words=min_words),
-                                               num_proc=nproc if nproc > 1 else None)
-    except datasets.exceptions.DatasetGenerationError as e:  # our readers' clear errors, unwrapped
-        cause = e.__cause__
-        if type(cause).__name__ == "RemoteTraceback":  # raised in a reader process: its text only
-            cause = ValueError(str(cause).split("The above exception")[0].strip().splitlines()[-1])
-        raise (cause or e) from None
-    except ValueError as e:
-        if "corresponds to no data" not in str(e):
-            raise
-        return []
+def load_data(args, tokenizer, rt, log):
+    """(train, held-out) segment pairs, built by one process per node and cached; the held-out ones cut to
+    --eval_pairs."""
+    build = functools.partial(build_pairs, args.corpus, tokenizer, args.cache_dir, args.max_seq_length,
+                              args.short_seq_prob, args.min_sentence_words, args.heldout, args.seed,
+                              args.num_proc)
+    if rt.local_rank == 0:
+        pairs = build()
+    if rt.is_ddp:
+        dist.barrier()
+    if rt.local_rank != 0:
+        pairs = build()
+    train, heldout = pairs["train"], pairs["heldout"]
+    log(f"data: {len(train):,} train / {len(heldout):,} held-out pairs from {args.corpus} "
+        f"(max length {args.max_seq_length}), cache {Path(train.cache_files[0]['filename']).parent.parent}")
+    return train, heldout.select(range(min(args.eval_pairs, len(heldout))))
 
 
 @workers_die_with_us
@@ -389,47 +557,100 @@ def load_pairs(path):
     return pairs
 
 
-def vocab_hash(tokenizer):
-    """sha256 of a tokenizer's vocabulary (token -> id): two tokenizers with the same hash map text alike."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+def new_build_dir(cache_dir):
+    """A fresh ".build-HOST-PID-random" directory to build in, after removing those of builds on this host
+    whose process is gone (killed)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for old in cache_dir.glob(".build-*"):
+        m = re.fullmatch(r"\.build-(.+)-(\d+)-[^-]+", old.name)
+        if m and m[1] == host:
+            try:
+                os.kill(int(m[2]), 0)  # signal 0: only asks whether the process lives
+            except ProcessLookupError:
+                warn(f"removing {old}, left by an interrupted pair build")
+                shutil.rmtree(old, ignore_errors=True)
+            except PermissionError:  # it lives, owned by another user
+                pass
+    return Path(tempfile.mkdtemp(prefix=f".build-{host}-{os.getpid()}-", dir=cache_dir))
 
 
-def check_tokenizer(tokenizer, args, tcfg):
-    """Refuse a tokenizer that does not fit the teacher (the student ships with it): one larger than the
-    teacher's embedding table; unless --force_tokenizer, another size, or, given with --tokenizer, another
-    vocabulary than the teacher's own."""
-    n = tokenizer.get_vocab_size()
-    if n > tcfg.vocab_size:  # ids past the embedding table: no flag makes this work
-        raise SystemExit(f"the tokenizer has {n} tokens but the teacher's embedding table only "
-                         f"{tcfg.vocab_size} rows: pass the teacher's own tokenizer (--tokenizer)")
-    if args.force_tokenizer:
-        return
-    if n != tcfg.vocab_size:
-        raise SystemExit(f"the tokenizer has {n} tokens but the teacher's embedding table {tcfg.vocab_size} "
-                         "rows: pass the teacher's own tokenizer (--tokenizer), or --force_tokenizer if this "
-                         "is intended")
-    if args.tokenizer:
-        try:
-            own = load_tokenizer(args.teacher)
-        except (OSError, ValueError):  # the teacher has no tokenizer files to compare with
-            return
-        if vocab_hash(own) != vocab_hash(tokenizer):
-            raise SystemExit(f"--tokenizer {args.tokenizer}: its vocabulary differs from the teacher's own "
-                             f"({args.teacher}; same size, other tokens or ids): drop --tokenizer, or pass "
-                             "--force_tokenizer if this is intended")
+def read_documents(sources, min_words, cache_dir, num_proc):
+    """The documents of all sources as a datasets.Dataset of {"sentences": [...]} rows, written to Arrow as
+    they are read (one reader process per file, e.g. the parts of a dump); [] when there are none."""
+    import datasets
+    features = datasets.Features({"sentences": datasets.Sequence(datasets.Value("string"))})
+    nproc = min(num_proc or os.cpu_count() or 1, len(sources))
+    try:
+        return datasets.Dataset.from_generator(iter_documents, features=features, cache_dir=str(cache_dir),
+                                               gen_kwargs=dict(sources=sources, min_words=min_words),
+                                               num_proc=nproc if nproc > 1 else None)
+    except datasets.exceptions.DatasetGenerationError as e:  # our readers' clear errors, unwrapped
+        cause = e.__cause__
+        if type(cause).__name__ == "RemoteTraceback":  # raised in a reader process: its text only
+            cause = ValueError(str(cause).split("The above exception")[0].strip().splitlines()[-1])
+        raise (cause or e) from None
+    except ValueError as e:
+        if "corresponds to no data" not in str(e):
+            raise
+        return []
 
 
-@torch.no_grad()
-def check_teacher(teacher, path, layer=-1):
-    """Blame a teacher whose outputs are not finite (overflowing weights, a bad config value) once, at load,
-    on a tiny input, rather than as a training run that diverged."""
-    device = next(teacher.parameters()).device
-    ids = torch.arange(1, 9, device=device).clamp(max=teacher.config.vocab_size - 1)[None]  # (1, 8)
-    out = teacher(ids, torch.ones_like(ids), torch.zeros_like(ids), relation_layer=layer)
-    if not all(torch.isfinite(t).all() for t in (out.last_hidden_state, *out.qkv)):
-        raise SystemExit(f"--teacher {path}: its outputs on a short input are not finite (NaN/inf): the "
-                         "teacher's weights or config.json are broken; use another teacher")
+def document_pairs(docs, d, max_tokens, short_seq_prob, rng, random_next_prob=0.5):
+    """Segment pairs (A, B) of token ids from document `d` of `docs` (lists of tokenised sentences),
+    as BERT's create_instances_from_document and MiniMoE's run_building_data_bert.py: sentences are
+    gathered into chunks of about max_tokens (a random shorter target with prob. short_seq_prob),
+    A = the chunk's first sentences, B = the rest or, with prob. 1/2, sentences of another document."""
+    doc = docs[d]
+    target = rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
+    chunk, length, i = [], 0, 0
+    while i < len(doc):
+        chunk.append(doc[i])
+        length += len(doc[i])
+        if i == len(doc) - 1 or length >= target:
+            a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
+            a = [t for s in chunk[:a_end] for t in s]
+            b = []
+            if len(docs) > 1 and (len(chunk) == 1 or rng.random() < random_next_prob):
+                o = rng.randrange(len(docs) - 1)
+                other = docs[o + (o >= d)]  # any document but this one
+                for s in other[rng.randrange(len(other)):]:
+                    b += s
+                    if len(b) >= target - len(a):
+                        break
+                i -= len(chunk) - a_end  # the unused sentences start the next chunk
+            else:
+                b = [t for s in chunk[a_end:] for t in s]
+            while len(a) + len(b) > max_tokens:  # trim the longer, front or back at random (BERT)
+                longer = a if len(a) > len(b) else b
+                longer.pop(0) if rng.random() < 0.5 else longer.pop()
+            if a and b:
+                yield a, b
+            chunk, length = [], 0
+        i += 1
+
+
+def pairs_batch(batch, indices, tokenizer, max_seq_length, short_seq_prob, seed):
+    """datasets.map function: a batch of documents -> their pairs' input_ids and token_type_ids.
+    Tokenises all sentences of the batch in one call; random next segments come from the same batch.
+    Seeded by the batch's first index, so the result does not depend on num_proc."""
+    max_tokens = max_seq_length - 3  # room for [CLS], [SEP], [SEP]
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    flat = [s for doc in batch["sentences"] for s in doc]
+    ids = [e.ids[:max_tokens] for e in tokenizer.encode_batch(flat, add_special_tokens=False)]
+    docs, start = [], 0
+    for doc in batch["sentences"]:
+        sents = [s for s in ids[start:start + len(doc)] if s]
+        start += len(doc)
+        if sents:
+            docs.append(sents)
+    rng = random.Random(f"{seed}:{indices[0]}")
+    out = {"input_ids": [], "token_type_ids": []}
+    for d in range(len(docs)):
+        for a, b in document_pairs(docs, d, max_tokens, short_seq_prob, rng):
+            out["input_ids"].append([cls] + a + [sep] + b + [sep])
+            out["token_type_ids"].append([0] * (len(a) + 2) + [1] * (len(b) + 1))
+    return out
 
 
 def collate_pairs(rows, pad_id, length=None):
@@ -454,7 +675,69 @@ def global_batches(num_pairs, batch_size, seed, start_step=0):
 
 
 # -----------------------------------------------------------------------------
-# The distillation loss
+# Teacher: frozen, checked once at load, with the tokenizer the students share
+
+
+def load_teacher(args, rt):
+    """The frozen teacher, the one held-out relation loss is measured against (--eval_teacher: e.g. the TA's
+    own teacher), and the teacher's tokenizer, which the students share."""
+    teacher = load_bert(args.teacher).to(rt.device).eval().requires_grad_(False)
+    check_teacher(teacher, args.teacher, args.teacher_layer)
+    eval_teacher = teacher
+    if args.eval_teacher:
+        eval_teacher = load_bert(args.eval_teacher).to(rt.device).eval().requires_grad_(False)
+        if eval_teacher.config.vocab_size != teacher.config.vocab_size:
+            raise SystemExit(f"--eval_teacher {args.eval_teacher}: vocabulary of "
+                             f"{eval_teacher.config.vocab_size} tokens, the teacher's has "
+                             f"{teacher.config.vocab_size}; they must share a tokenizer")
+    tcfg = teacher.config
+    tokenizer = load_tokenizer(args.tokenizer or args.teacher)
+    check_tokenizer(tokenizer, args, tcfg)
+    if args.max_seq_length > tcfg.max_position_embeddings:
+        raise SystemExit(f"--max_seq_length {args.max_seq_length} exceeds the teacher's "
+                         f"{tcfg.max_position_embeddings} positions")
+    return teacher, eval_teacher, tokenizer
+
+
+def check_tokenizer(tokenizer, args, tcfg):
+    """Refuse a tokenizer that does not fit the teacher (the student ships with it): one larger than the
+    teacher's embedding table; unless --force_tokenizer, another size, or, given with --tokenizer, another
+    vocabulary than the teacher's own."""
+    n = tokenizer.get_vocab_size()
+    if n > tcfg.vocab_size:  # ids past the embedding table: no flag makes this work
+        raise SystemExit(f"the tokenizer has {n} tokens but the teacher's embedding table only "
+                         f"{tcfg.vocab_size} rows: pass the teacher's own tokenizer (--tokenizer)")
+    if args.force_tokenizer:
+        return
+    if n != tcfg.vocab_size:
+        raise SystemExit(f"the tokenizer has {n} tokens but the teacher's embedding table {tcfg.vocab_size} "
+                         "rows: pass the teacher's own tokenizer (--tokenizer), or --force_tokenizer if this "
+                         "is intended")
+    if args.tokenizer:
+        try:
+            own = load_tokenizer(args.teacher)
+        except (OSError, ValueError):  # the teacher has no tokenizer files to compare with
+            return
+        if own.get_vocab() != tokenizer.get_vocab():  # token -> id: the same map, the same ids
+            raise SystemExit(f"--tokenizer {args.tokenizer}: its vocabulary differs from the teacher's own "
+                             f"({args.teacher}; same size, other tokens or ids): drop --tokenizer, or pass "
+                             "--force_tokenizer if this is intended")
+
+
+@torch.no_grad()
+def check_teacher(teacher, path, layer=-1):
+    """Blame a teacher whose outputs are not finite (overflowing weights, a bad config value) once, at load,
+    on a tiny input, rather than as a training run that diverged."""
+    device = next(teacher.parameters()).device
+    ids = torch.arange(1, 9, device=device).clamp(max=teacher.config.vocab_size - 1)[None]  # (1, 8)
+    out = teacher(ids, torch.ones_like(ids), torch.zeros_like(ids), relation_layer=layer)
+    if not all(torch.isfinite(t).all() for t in (out.last_hidden_state, *out.qkv)):
+        raise SystemExit(f"--teacher {path}: its outputs on a short input are not finite (NaN/inf): the "
+                         "teacher's weights or config.json are broken; use another teacher")
+
+
+# -----------------------------------------------------------------------------
+# The distillation loss, and the held-out relation loss
 
 
 def distill_loss(teacher_qkv, student, batch, num_relation_heads=32, load_balance_weight=0.01,
@@ -496,24 +779,57 @@ def evaluate(teacher, students, pairs, rt, pad_id, batch_size, num_relation_head
 
 
 # -----------------------------------------------------------------------------
-# Students: specs, configs, and what the loop keeps of each
+# Students: configs, optimizers, RNG streams, and what the loop keeps of each
 
 
-STUDENT_SPEC = re.compile(r"(?P<name>[A-Za-z][\w.-]*)=(?P<attn>\d+),(?P<ffn>\d+)"
-                          r"(?::(?P<head>auto|layer|extra))?(?:@(?P<size>\d+L-\d+H))?")
-
-
-def parse_student(text, default_size, default_head):
-    """'NAME=A,E[:HEAD][@SIZE]' -> a spec dict, e.g. moe4=1,4 | minilm=1,1:layer | ta=1,1@4L-384H."""
-    m = STUDENT_SPEC.fullmatch(text)
-    if not m:
-        raise ValueError(f"--students {text!r}: expected NAME=A,E[:auto|layer|extra][@PRESET], e.g. "
-                         "moe4=1,4, minilm=1,1:layer, ta=1,1@4L-384H")
-    attn, ffn = int(m["attn"]), int(m["ffn"])
-    if attn < 1 or ffn < 1:
-        raise ValueError(f"--students {text!r}: expert counts must be >= 1")
-    return dict(name=m["name"], size=m["size"] or default_size, own_size=bool(m["size"]), attn_experts=attn,
-                ffn_experts=ffn, relation_head=m["head"] or default_head, out=f"{m['name']}/student")
+def make_students(args, rt, tcfg, resume, total_steps, log):
+    """The students, each with its own init, dropout stream, optimizer (AdamW), schedule (1% linear warmup,
+    linear decay) and output directory: those of the resumed run (check_resume_args: the flags say the
+    same), or of --students (--student, --compare_dense)."""
+    if resume:
+        cfgs = {k: BertConfig(**st["config"]) for k, st in resume["students"].items()}
+        outs = resume["out_dirs"]
+        if resume["total_steps"] != total_steps:
+            log(f"note: the checkpoint's run had {resume['total_steps']} steps, this one {total_steps}")
+    else:
+        cfgs = {s["name"]: student_config(s, args, tcfg) for s in args.student_specs}
+        outs = {s["name"]: s["out"] for s in args.student_specs}
+    for k, cfg in cfgs.items():
+        for name, width in (("teacher", tcfg.hidden_size), (f"student {k}", cfg.hidden_size)):
+            if width % args.num_relation_heads:
+                raise SystemExit(f"--num_relation_heads {args.num_relation_heads} does not divide the "
+                                 f"{name}'s width {width}")
+    students = {}
+    for k, cfg in cfgs.items():
+        torch.manual_seed(args.seed + rt.rank)  # the same init and dropout stream as a run of its own
+        model = Bert(cfg)
+        students[k] = Student(model, outs[k], torch_rng_state())
+    if args.init_from and not resume:
+        init = load_bert(args.init_from)
+        try:
+            # shared weights copied; a MiniMoE copies each dense FFN into all its experts
+            for st in students.values():
+                st.model.upcycle_from(init)
+        except RuntimeError as e:
+            raise SystemExit(f"--init_from {args.init_from}: does not fit the students "
+                             f"({str(e)[:300]})") from None
+    warmup_steps = int(args.warmup * total_steps)
+    schedule = functools.partial(lr_lambda, total_steps=total_steps, warmup_steps=warmup_steps)
+    for i, (k, st) in enumerate(students.items()):
+        st.call = st.model.to(rt.device).train()
+        if rt.is_ddp:  # with the layer relation head the last layer's FFN (and more) gets no gradient
+            st.call = DDP(st.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                          find_unused_parameters=True)
+        st.optimizer = configure_optimizer(st.model, args.lr, args.weight_decay)
+        st.scheduler = torch.optim.lr_scheduler.LambdaLR(st.optimizer, schedule)
+        st.prefix = "" if i == 0 else f"{k}_"
+        st.diverged = torch.zeros((), dtype=torch.long, device=rt.device)
+    log(f"teacher {args.teacher}: {tcfg.num_layers}L-{tcfg.hidden_size}H")
+    for k, st in students.items():
+        count = minimoe.count_params(st.model.config)
+        log(f"student {k}: {describe(st.model.config)}, {count['total'] / 1e6:.1f}M params, "
+            f"{count['active'] / 1e6:.1f}M active per token -> {Path(args.out_dir) / st.out}")
+    return students
 
 
 def student_config(spec, args, tcfg):
@@ -606,320 +922,6 @@ def new_results(args, argv, tcfg, students):
             "tok_per_s": [], "step": 0, "wall_s": 0.0, "heldout_pairs": None, "final": None, "per_pair": None}
 
 
-# -----------------------------------------------------------------------------
-# The script
-
-
-# flags that --resume may change: how long training goes on (--max_steps, --epochs: the lr schedule is
-# stretched to the new end), logging, evaluation and saving, where things are, and how the hardware runs
-# a batch (--micro_batch_size, --precision, --compile: the same batches, other rounding). Every other
-# flag (data, model, loss, optimisation, seed) must equal the checkpoint's, or --resume refuses.
-RESUME_MAY_CHANGE = ("max_steps", "epochs", "log_every", "eval_every", "eval_pairs", "save_every",
-                     "keep_last", "num_proc", "cache_dir", "out_dir", "micro_batch_size", "precision",
-                     "compile")
-NOT_COMPARED = RESUME_MAY_CHANGE + ("resume", "overwrite", "debug", "prepare_only", "force_tokenizer",
-                                    "student_specs", "attn_experts", "ffn_experts")  # the last three: derived
-
-
-def check_resume_args(saved, args, path):
-    """Refuse to resume with flags that break an exact resume: those that differ from the checkpoint's
-    stored args (flags it does not know, from a later version, pass)."""
-    changed = [f"--{k} {saved[k]!r} (now {v!r})" for k, v in vars(args).items()
-               if k in saved and k not in NOT_COMPARED and saved[k] != v]
-    if changed:
-        raise SystemExit(f"--resume: {path} was trained with other values of " + ", ".join(changed) +
-                         ". Rerun with the checkpoint's values, or start a new run (another --out_dir, or "
-                         "--overwrite). "
-                         "Flags that may change on resume: " + ", ".join("--" + k for k in RESUME_MAY_CHANGE))
-
-
-def add_data_args(g):
-    g.add_argument("--corpus", help="a Wikipedia dump (*.xml.bz2), plain-text files (file or dir, a blank "
-                   "line between documents, .gz allowed), or a HF dataset id 'name[:config]'; default: "
-                   "gensim's Wikipedia sample (the embedded demo)")
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "minimoe")
-    g.add_argument("--cache_dir", default=cache, help="of the tokenised segment pairs (%(default)s)")
-    g.add_argument("--max_seq_length", type=number(int, low=8), default=128, help="per pair (%(default)s)")
-    g.add_argument("--short_seq_prob", type=FRACTION, default=0.1,
-                   help="chance of a shorter pair, as BERT (%(default)s)")
-    g.add_argument("--min_sentence_words", type=POSITIVE_INT, default=8, help="fewer: dropped (%(default)s)")
-    g.add_argument("--heldout", type=number(float, above=0, high=1), default=0.05,
-                   help="fraction of documents held out, at most 1000 (%(default)s)")
-    g.add_argument("--num_proc", type=POSITIVE_INT, help="for reading and tokenising (all cores)")
-    g.add_argument("--prepare_only", action="store_true", help="build the pair cache and exit")
-
-
-def add_model_args(g):
-    g.add_argument("--teacher", help="HF BERT dir or hub id, or our student dir or checkpoint file (MiniLM "
-                   "w/ TA); default: the embedded all-MiniLM-L6-v2")
-    g.add_argument("--tokenizer", help="default: the teacher's")
-    g.add_argument("--eval_teacher", help="score the held-out relation loss against this teacher (MiniLM w/ "
-                   "TA: the TA's own teacher); 'default': the embedded all-MiniLM-L6-v2")
-    g.add_argument("--student", default="3L-384H",
-                   help=f"size LL-HH, e.g. a preset: {', '.join(minimoe.PRESETS)} (%(default)s)")
-    g.add_argument("--layers", type=POSITIVE_INT, help="override the preset's")
-    g.add_argument("--hidden", type=POSITIVE_INT, help="override the preset's width (FFN: 4 x hidden)")
-    g.add_argument("--heads", type=POSITIVE_INT, help="override the preset's attention heads")
-    g.add_argument("--experts", default="1,4", help="attention,FFN experts; 1,1: dense MiniLM (%(default)s)")
-    g.add_argument("--dropout", type=FRACTION, help="student dropout and router noise (config: 0.1)")
-    g.add_argument("--num_relation_heads", type=POSITIVE_INT, default=32, help="MiniLMv2's (%(default)s)")
-    g.add_argument("--teacher_layer", type=int, default=-1, help="distilled (%(default)s: last)")
-    g.add_argument("--load_balance_weight", type=NONNEGATIVE, default=0.01, help="(%(default)s)")
-    g.add_argument("--init_from", help="a dense student (dir or checkpoint) to upcycle")
-    g.add_argument("--compare_dense", action=argparse.BooleanOptionalAction,
-                   help="also train the dense student of that size on the same batches (default: on for "
-                   "the demo)")
-    g.add_argument("--students", nargs="+", metavar="NAME=A,E[:HEAD][@SIZE]",
-                   help="several students on the same batches and teacher forward, e.g. minilm=1,1:layer "
-                   "moe4=1,4 ta=1,1@4L-384H (A,E: attention,FFN experts; HEAD: auto|layer|extra; SIZE: a "
-                   "preset, default --student); saved to out_dir/NAME/student")
-    g.add_argument("--relation_head", default="auto", choices=["auto", "layer", "extra"],
-                   help="the students' relations from the last layer's Q/K/V (layer, MiniLMv2) or an extra "
-                   "Q/K/V head on the final hidden states (extra, the original MiniMoE); auto: extra with "
-                   "experts, layer when dense (%(default)s)")
-    g.add_argument("--expert_init", default="split", choices=["split", "independent"],
-                   help="split: experts cut from one wide FFN, 2/3 of their neurons shared (the original's); "
-                   "independent: each drawn on its own (%(default)s)")
-    g.add_argument("--relation_dropout", type=FRACTION, default=0.0,
-                   help="on the students' relation probabilities, as the original code (0.1 there); makes "
-                   "the training loss noisy and larger than the KL (%(default)s)")
-
-
-def add_optimisation_args(g):
-    g.add_argument("--lr", type=NONNEGATIVE, default=3e-4, help="peak AdamW lr (%(default)s)")
-    g.add_argument("--weight_decay", type=NONNEGATIVE, default=0.01, help="(%(default)s)")
-    g.add_argument("--warmup", type=FRACTION, default=0.01, help="fraction of steps, linear (%(default)s)")
-    g.add_argument("--grad_clip", type=POSITIVE, default=5.0, help="max grad norm (%(default)s)")
-    g.add_argument("--batch_size", type=POSITIVE_INT, help="global, in pairs; the paper: 1024 (default: "
-                   f"{DEMO_BATCH_SIZE} for the demo, 128 otherwise)")
-    g.add_argument("--micro_batch_size", type=POSITIVE_INT, help="pairs per rank per forward; accumulation = "
-                   "batch_size / (micro_batch_size x ranks) (default: none)")
-    g.add_argument("--max_steps", type=POSITIVE_INT,
-                   help=f"optimizer steps (default: {DEMO_MAX_STEPS} for the demo, otherwise --epochs)")
-    g.add_argument("--epochs", type=POSITIVE, help="passes over the pairs (default: 5, the paper's)")
-    g.add_argument("--seed", type=int, default=776, help="(%(default)s, the original's)")
-
-
-def add_runtime_args(g):
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 autocast on CUDA if supported, else fp32")
-    g.add_argument("--compile", action="store_true", help="torch.compile the teacher, and each student's "
-                   "forward with its loss (one graph: inductor fuses dropout, GELU, relation softmaxes)")
-    g.add_argument("--out_dir", default="out", help="(%(default)s)")
-    g.add_argument("--log_every", type=POSITIVE_INT, default=10, help="steps (%(default)s)")
-    g.add_argument("--eval_every", type=POSITIVE_INT, default=50,
-                   help="steps between held-out evaluations (%(default)s)")
-    g.add_argument("--eval_pairs", type=POSITIVE_INT, default=128, help="held-out pairs scored (%(default)s)")
-    g.add_argument("--save_every", type=POSITIVE_INT, default=100, help="steps per checkpoint (%(default)s)")
-    g.add_argument("--keep_last", type=POSITIVE_INT, default=3, help="checkpoints kept (%(default)s)")
-    g.add_argument("--resume", nargs="?", const="latest",
-                   help="from a checkpoint file (no value: the newest intact one in out_dir/checkpoints). "
-                   "The flags must be the checkpoint's, except "
-                   + ", ".join("--" + k for k in RESUME_MAY_CHANGE))
-    g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out_dir that holds a previous run (deletes its checkpoints)")
-    g.add_argument("--force_tokenizer", action="store_true",
-                   help="accept a --tokenizer whose vocabulary differs from the teacher's")
-    g.add_argument("--debug", action="store_true", help="a traceback for every error, user errors included")
-
-
-def parse_args(argv=None):
-    """The flags, with the defaults that depend on others filled in (the embedded demo's when --corpus is not
-    given) and args.student_specs, the students to train (parse_student's dicts)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_data_args(p.add_argument_group("data"))
-    add_model_args(p.add_argument_group("models"))
-    add_optimisation_args(p.add_argument_group("optimisation"))
-    add_runtime_args(p.add_argument_group("runtime and output"))
-    args = p.parse_args(argv)
-    if args.resume and args.overwrite:
-        p.error("--resume continues the run in --out_dir, --overwrite deletes it: give one of them")
-
-    demo = args.corpus is None  # the embedded no-argument run
-    args.corpus = args.corpus or gensim_wiki_sample()
-    args.teacher = args.teacher or minimoe.default_teacher()
-    if args.eval_teacher == "default":
-        args.eval_teacher = minimoe.default_teacher()
-    args.batch_size = args.batch_size or (DEMO_BATCH_SIZE if demo else 128)
-    if args.max_steps is None and args.epochs is None:
-        args.max_steps, args.epochs = (DEMO_MAX_STEPS, None) if demo else (None, 5)
-    try:
-        args.attn_experts, args.ffn_experts = (int(e) for e in args.experts.split(","))
-    except ValueError:
-        p.error(f"--experts wants 'attention,ffn', e.g. 1,4; got {args.experts!r}")
-    dense_student = args.attn_experts == 1 and args.ffn_experts == 1
-    if not re.fullmatch(r"\d+L-\d+H", args.student):
-        p.error(f"--student {args.student!r}: a size such as 3L-384H (presets: {', '.join(minimoe.PRESETS)})")
-    if args.students:  # explicit students; --compare_dense is the shorthand for "student" + "dense"
-        try:
-            specs = [parse_student(t, args.student, args.relation_head) for t in args.students]
-        except ValueError as e:
-            p.error(str(e))
-        if len({s["name"] for s in specs}) != len(specs):
-            p.error("--students: names must be unique")
-    else:
-        compare = demo if args.compare_dense is None else args.compare_dense
-        args.compare_dense = compare and not dense_student
-        specs = [dict(name="student", size=args.student, attn_experts=args.attn_experts,
-                      ffn_experts=args.ffn_experts, relation_head=args.relation_head, out="student")]
-        # the paper's MiniLM: dense, relations of its last layer (unless told otherwise)
-        if args.compare_dense:
-            specs.append(dict(name="dense", size=args.student, attn_experts=1, ffn_experts=1,
-                              relation_head=args.relation_head, out="student_dense"))
-    args.student_specs = specs
-    return args
-
-
-def main(argv=None):
-    """The story: arguments, the output directory, teacher, data, students, the loop, the saved students."""
-    args = parse_args(argv)
-    rt = setup_runtime(args.seed, args.precision)
-    W = rt.world_size
-    args.micro_batch_size = args.micro_batch_size or args.batch_size // W
-    accum = args.batch_size // (args.micro_batch_size * W)
-    if accum < 1 or accum * args.micro_batch_size * W != args.batch_size:
-        raise SystemExit(f"--batch_size {args.batch_size} must be a multiple of micro_batch_size "
-                         f"{args.micro_batch_size} x {W} ranks")
-    log = print if rt.is_master else (lambda *a, **k: None)
-    resume = claim_out_dir(args, rt, log)  # checked before any expensive work
-    teacher, eval_teacher, tokenizer = load_teacher(args, rt)
-    tcfg, pad_id = teacher.config, tokenizer.token_to_id("[PAD]") or 0
-    train, heldout = load_data(args, tokenizer, rt, log)
-    if args.prepare_only:
-        return None
-    steps_per_epoch = len(train) // args.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"only {len(train)} train pairs, fewer than one batch of {args.batch_size}")
-    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
-
-    students = make_students(args, rt, tcfg, resume, total_steps, log)
-    loss_fn = distill_loss  # the student's forward and loss
-    if args.compile:
-        teacher = torch.compile(teacher)
-        loss_fn = torch.compile(distill_loss)
-    run = Run(args, rt, students, total_steps, steps_per_epoch, new_results(args, argv, tcfg, students),
-              eval_teacher, heldout, pad_id)
-    start_or_resume(run, resume, tokenizer)
-    log(f"training {total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs) of {args.batch_size} "
-        f"pairs = {W} ranks x {args.micro_batch_size} x {accum} accumulation; lr {args.lr}, {rt.device}, "
-        f"{rt.amp_dtype or torch.float32}")
-    train_loop(run, teacher, train, loss_fn, accum)
-    return save_students(run, tokenizer)
-
-
-def claim_out_dir(args, rt, log):
-    """Lock --out_dir (refusing an unwritable one, or one another live run uses), refuse to overwrite a
-    previous run by accident, and read the checkpoint to resume: the checkpoint, or None for a fresh run."""
-    out_dir, ckpt_dir = Path(args.out_dir), Path(args.out_dir) / "checkpoints"
-    if rt.is_master and not args.prepare_only:
-        lock_out_dir(out_dir)
-        remove_stale_temp_files(out_dir)
-        if not args.resume and not args.overwrite:  # a finished or killed run is not overwritten by accident
-            previous = checkpoints(ckpt_dir)[-1:] + [out_dir / f for f in ["results.json"] +
-                                                     [s["out"] for s in args.student_specs]]
-            if previous := [str(f) for f in previous if f.exists()]:
-                raise SystemExit(f"{out_dir} holds a previous run ({', '.join(previous)}): pass --resume to "
-                                 "continue it, --overwrite to start afresh, or another --out_dir")
-    if not args.resume or args.prepare_only:
-        return None
-    path, resume = find_resume_checkpoint(ckpt_dir, args.resume)
-    if resume is None:
-        log(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
-    else:
-        check_resume_args(resume.get("args", {}), args, path)
-        log(f"resuming from {path} (step {resume['step']})")
-    return resume
-
-
-def load_teacher(args, rt):
-    """The frozen teacher, the one held-out relation loss is measured against (--eval_teacher: e.g. the TA's
-    own teacher), and the teacher's tokenizer, which the students share."""
-    teacher = load_bert(args.teacher).to(rt.device).eval().requires_grad_(False)
-    check_teacher(teacher, args.teacher, args.teacher_layer)
-    eval_teacher = teacher
-    if args.eval_teacher:
-        eval_teacher = load_bert(args.eval_teacher).to(rt.device).eval().requires_grad_(False)
-        if eval_teacher.config.vocab_size != teacher.config.vocab_size:
-            raise SystemExit(f"--eval_teacher {args.eval_teacher}: vocabulary of "
-                             f"{eval_teacher.config.vocab_size} tokens, the teacher's has "
-                             f"{teacher.config.vocab_size}; they must share a tokenizer")
-    tcfg = teacher.config
-    tokenizer = load_tokenizer(args.tokenizer or args.teacher)
-    check_tokenizer(tokenizer, args, tcfg)
-    if args.max_seq_length > tcfg.max_position_embeddings:
-        raise SystemExit(f"--max_seq_length {args.max_seq_length} exceeds the teacher's "
-                         f"{tcfg.max_position_embeddings} positions")
-    return teacher, eval_teacher, tokenizer
-
-
-def load_data(args, tokenizer, rt, log):
-    """(train, held-out) segment pairs, built by one process per node and cached; the held-out ones cut to
-    --eval_pairs."""
-    build = functools.partial(build_pairs, args.corpus, tokenizer, args.cache_dir, args.max_seq_length,
-                              args.short_seq_prob, args.min_sentence_words, args.heldout, args.seed,
-                              args.num_proc)
-    if rt.local_rank == 0:
-        pairs = build()
-    if rt.is_ddp:
-        dist.barrier()
-    if rt.local_rank != 0:
-        pairs = build()
-    train, heldout = pairs["train"], pairs["heldout"]
-    log(f"data: {len(train):,} train / {len(heldout):,} held-out pairs from {args.corpus} "
-        f"(max length {args.max_seq_length}), cache {Path(train.cache_files[0]['filename']).parent.parent}")
-    return train, heldout.select(range(min(args.eval_pairs, len(heldout))))
-
-
-def make_students(args, rt, tcfg, resume, total_steps, log):
-    """The students, each with its own init, dropout stream, optimizer (AdamW), schedule (1% linear warmup,
-    linear decay) and output directory: those of the resumed run (check_resume_args: the flags say the
-    same), or of --students (--student, --compare_dense)."""
-    if resume:
-        cfgs = {k: BertConfig(**st["config"]) for k, st in resume["students"].items()}
-        outs = resume["out_dirs"]
-        if resume["total_steps"] != total_steps:
-            log(f"note: the checkpoint's run had {resume['total_steps']} steps, this one {total_steps}")
-    else:
-        cfgs = {s["name"]: student_config(s, args, tcfg) for s in args.student_specs}
-        outs = {s["name"]: s["out"] for s in args.student_specs}
-    for k, cfg in cfgs.items():
-        for name, width in (("teacher", tcfg.hidden_size), (f"student {k}", cfg.hidden_size)):
-            if width % args.num_relation_heads:
-                raise SystemExit(f"--num_relation_heads {args.num_relation_heads} does not divide the "
-                                 f"{name}'s width {width}")
-    students = {}
-    for k, cfg in cfgs.items():
-        torch.manual_seed(args.seed + rt.rank)  # the same init and dropout stream as a run of its own
-        model = Bert(cfg)
-        students[k] = Student(model, outs[k], torch_rng_state())
-    if args.init_from and not resume:
-        init = load_bert(args.init_from)
-        try:
-            # shared weights copied; a MiniMoE copies each dense FFN into all its experts
-            for st in students.values():
-                st.model.upcycle_from(init)
-        except RuntimeError as e:
-            raise SystemExit(f"--init_from {args.init_from}: does not fit the students "
-                             f"({str(e)[:300]})") from None
-    warmup_steps = int(args.warmup * total_steps)
-    schedule = functools.partial(lr_lambda, total_steps=total_steps, warmup_steps=warmup_steps)
-    for i, (k, st) in enumerate(students.items()):
-        st.call = st.model.to(rt.device).train()
-        if rt.is_ddp:  # with the layer relation head the last layer's FFN (and more) gets no gradient
-            st.call = DDP(st.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                          find_unused_parameters=True)
-        st.optimizer = configure_optimizer(st.model, args.lr, args.weight_decay)
-        st.scheduler = torch.optim.lr_scheduler.LambdaLR(st.optimizer, schedule)
-        st.prefix = "" if i == 0 else f"{k}_"
-        st.diverged = torch.zeros((), dtype=torch.long, device=rt.device)
-    log(f"teacher {args.teacher}: {tcfg.num_layers}L-{tcfg.hidden_size}H")
-    for k, st in students.items():
-        count = minimoe.count_params(st.model.config)
-        log(f"student {k}: {describe(st.model.config)}, {count['total'] / 1e6:.1f}M params, "
-            f"{count['active'] / 1e6:.1f}M active per token -> {Path(args.out_dir) / st.out}")
-    return students
-
-
 def start_or_resume(run, resume, tokenizer):
     """A resumed run: its students, optimizers, schedules, grad scaler, RNG streams (this process's and each
     student's) and log window back, its logs cut back to the checkpoint's step. A fresh run (--overwrite):
@@ -938,11 +940,14 @@ def start_or_resume(run, resume, tokenizer):
         if len(resume["rng"]) == rt.world_size:
             mine = resume["rng"][rt.rank]
             set_rng_state(mine["process"])
-            # the log window the checkpoint cut: the first record after a resume is the uninterrupted run's
-            run.n_micro = mine["log_window"]["n_micro"]
             for k, st in students.items():
                 st.rng = mine["students"][k]
-                st.sums = {n: t.to(rt.device) for n, t in mine["log_window"]["sums"][k].items()}
+            # the log window the checkpoint cut, so that the first record after a resume is the uninterrupted
+            # run's (fresh for a checkpoint written before windows were saved: the running job's)
+            if window := mine.get("log_window"):
+                run.n_micro = window["n_micro"]
+                for k, st in students.items():
+                    st.sums = {n: t.to(rt.device) for n, t in window["sums"][k].items()}
         else:  # another world size: fresh, but distinct and reproducible, streams (and log window)
             for i, st in enumerate(students.values()):
                 torch.manual_seed(run.args.seed + rt.rank + 1000 * run.step + i)
