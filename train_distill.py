@@ -172,8 +172,8 @@ def add_runtime_args(g):
 
 
 def parse_args(argv=None):
-    """The flags, with the defaults that depend on others filled in (the embedded demo's when --corpus is not
-    given) and args.student_specs, the students to train (parse_student's dicts)."""
+    """The flags, with the defaults that depend on others filled in (the demo's when --corpus is not given),
+    and args.student_specs, the students to train (parse_student's dicts)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_args(p.add_argument_group("data"))
     add_model_args(p.add_argument_group("models"))
@@ -236,7 +236,7 @@ def parse_student(text, default_size, default_head):
 
 
 # -----------------------------------------------------------------------------
-# The story: arguments, output directory, teacher, data, students, the loop, the saved students
+# The script: main tells the story, the sections below follow it
 
 
 def main(argv=None):
@@ -294,15 +294,9 @@ def claim_out_dir(args, rt, log):
     path, resume = find_resume_checkpoint(ckpt_dir, args.resume)
     if resume is None:
         log(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
-    else:
-        check_resume_args(resume["args"], args, path)
-        log(f"resuming from {path} (step {resume['step']})")
-    return resume
-
-
-def check_resume_args(saved, args, path):
-    """Refuse to resume with flags that break an exact resume: those that differ from the checkpoint's
-    stored args (flags it does not know, from a later version, pass)."""
+        return resume
+    # refuse flags that break an exact resume (those the checkpoint does not know, from a later version, pass)
+    saved = resume["args"]
     changed = [f"--{k} {saved[k]!r} (now {v!r})" for k, v in vars(args).items()
                if k in saved and k not in NOT_COMPARED and saved[k] != v]
     if changed:
@@ -310,6 +304,8 @@ def check_resume_args(saved, args, path):
                          ". Rerun with the checkpoint's values, or start a new run (another --out_dir, or "
                          "--overwrite). "
                          "Flags that may change on resume: " + ", ".join("--" + k for k in RESUME_MAY_CHANGE))
+    log(f"resuming from {path} (step {resume['step']})")
+    return resume
 
 
 # -----------------------------------------------------------------------------
@@ -783,9 +779,8 @@ def evaluate(teacher, students, pairs, rt, pad_id, batch_size, num_relation_head
 
 
 def make_students(args, rt, tcfg, resume, total_steps, log):
-    """The students, each with its own init, dropout stream, optimizer (AdamW), schedule (1% linear warmup,
-    linear decay) and output directory: those of the resumed run (check_resume_args: the flags say the
-    same), or of --students (--student, --compare_dense)."""
+    """The students of the resumed run, or of --students (--student, --compare_dense), each with its own
+    init, dropout stream, optimizer (AdamW), schedule (linear warmup, linear decay) and output directory."""
     if resume:
         cfgs = {k: BertConfig(**st["config"]) for k, st in resume["students"].items()}
         outs = resume["out_dirs"]
@@ -866,18 +861,16 @@ def log_sums(cfg, device):
 
 @dataclass
 class Student:
-    """One student of the run. rng: its torch RNG state between its turns (its dropout and router noise, as
-    if it ran alone); sums: its log window (log_sums); diverged: the first step whose loss or gradients were
-    not finite, 0 = none (a device tensor: noted without a host sync)."""
+    """One student of the run, and what the loop keeps of it."""
     model: Bert  # what is saved
     out: str  # its output directory, under --out_dir
-    rng: dict
+    rng: dict  # its torch RNG state between its turns: its dropout and router noise, as if it ran alone
     call: torch.nn.Module = None  # what the loop calls: `model`, DDP-wrapped under torchrun
     optimizer: torch.optim.Optimizer = None
     scheduler: torch.optim.lr_scheduler.LambdaLR = None
     prefix: str = ""  # of its log fields: "" for the first student, "NAME_" for the others
-    sums: dict = None
-    diverged: torch.Tensor = None
+    sums: dict = None  # its log window (log_sums)
+    diverged: torch.Tensor = None  # first step with a non-finite loss or gradient, 0 = none (on the device)
 
 
 @dataclass
