@@ -20,8 +20,11 @@ The paper's setting (BERT-base teacher, full English Wikipedia, 8 GPUs, batch 10
     MiniLM with a teacher assistant: a 12L-384H student first, then --teacher out/ta/student)
 
 Outputs in --out_dir: student/ (HF layout: load_bert, finetune.py and a later --teacher read it),
-checkpoints/step_*.pt (with .sha256; --resume), log.jsonl, results.json, and .lock while a run uses it.
-Locks, checksums, resume state and the runtime live in runkeeping.py.
+checkpoints/step_*.pt (with .sha256; --resume; a checkpoint file also serves as --teacher), log.jsonl,
+results.json, and .lock while a run uses it.
+
+Imports run one way: minimoe <- runkeeping <- train_distill <- finetune <- eval (bench.py beside eval.py):
+locks, checksums, resume state, argument types and the runtime live in runkeeping.py.
 """
 import argparse
 import bz2
