@@ -1,12 +1,9 @@
 """
-Keeping runs safe: what train_distill.py and finetune.py (and eval.py, bench.py) share that is not the method.
-
-A reader learning MiniMoE can skip this file. It holds, in this order: the `error:` handler and the argparse
-types (a user error is one line naming the flag or file); the run's runtime (device, precision, seeds, DDP)
-and the optimizer step both training scripts take; the directory lock (one run per --out_dir); checkpoints
-written atomically with a sha256 beside them, and read back checked; the RNG states a resume puts back;
-the log files (results.json, log.jsonl) a resume cuts back; and the SIGTERM handling that ends worker
-processes with us.
+Keeping runs safe: what train_distill.py, finetune.py, eval.py and bench.py share that is not the method.
+A reader learning MiniMoE can skip this file. In order: the `error:` handler and argparse types (a user error
+is one line naming the flag or file); the runtime and the optimizer step; one run per --out_dir (a lock);
+checkpoints written atomically with a sha256 beside them; what a resume puts back (RNG states) and cuts back
+(log files); and the SIGTERM handling that ends worker processes with us.
 
 Imports run one way: minimoe <- runkeeping <- train_distill <- finetune <- eval (bench.py beside eval.py).
 """
@@ -39,7 +36,7 @@ def warn(msg):
 
 
 def hub_reachable(timeout=3.0):
-    """Can we open a connection to the Hugging Face Hub? (load_dataset itself retries for ~25 s offline.)
+    """Can we open a connection to the Hugging Face Hub? (Offline, load_dataset itself retries for long.)
     Behind an HTTPS proxy a direct connection says nothing: let the proxy decide."""
     if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
         return True
@@ -56,20 +53,16 @@ def hub_reachable(timeout=3.0):
 
 
 def run_script(main):
-    """The scripts' entry point. A user error (a bad flag, input file or checkpoint; a full disk: a
-    SystemExit with a message, ValueError or OSError) prints `error: <message>` and exits with status 2;
-    any other exception is a bug and keeps its traceback, as every error does with --debug."""
+    """The scripts' entry point. A user error (a bad flag, input file or checkpoint, a full disk: a SystemExit
+    with a message, ValueError, OSError or ImportError) prints `error: <message>` and exits with status 2; any
+    other exception is a bug and keeps its traceback, as every error does with --debug."""
     try:
         main()
-    except SystemExit as e:
-        if not isinstance(e.code, str) or "--debug" in sys.argv:
+    except (SystemExit, ValueError, OSError, ImportError) as e:
+        message = e.code if isinstance(e, SystemExit) else str(e)
+        if not isinstance(message, str) or "--debug" in sys.argv:
             raise
-        print(f"error: {e.code}", file=sys.stderr)
-        sys.exit(2)
-    except (ValueError, OSError, ImportError) as e:
-        if "--debug" in sys.argv:
-            raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -110,7 +103,7 @@ POSITIVE, NONNEGATIVE, FRACTION = number(float, above=0), number(float, low=0), 
 
 
 # -----------------------------------------------------------------------------
-# Runtime, optimizer, optimizer step, schedule, padding (both training scripts and bench.py use them)
+# Runtime, optimizer and its step, schedule, padding (both training scripts and bench.py use them)
 
 
 class Runtime(NamedTuple):
@@ -124,17 +117,14 @@ class Runtime(NamedTuple):
     scaler: torch.amp.GradScaler  # enabled for fp16 only; otherwise its calls pass through
 
     def autocast(self):
-        """Mixed-precision context for forward passes (a no-op in fp32)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
 def setup_runtime(seed: int, precision: str = "auto") -> Runtime:
-    """Device, DDP and precision, like nanoGPT. Under torchrun (WORLD_SIZE > 1) joins the process
-    group (NCCL on GPUs, gloo on CPU) and pins cuda:LOCAL_RANK; otherwise cuda -> mps -> cpu.
-    precision: "auto" (bf16 autocast on CUDA when supported, else fp32), "fp32", "bf16", or "fp16"
-    (autocast + GradScaler, CUDA only). TF32 matmuls on. Seeds python/numpy/torch with seed + rank."""
+    """Device, DDP (under torchrun), precision and seeds (seed + rank), like nanoGPT. precision "auto" is
+    bf16 autocast on CUDA when supported, else fp32; "fp16" adds a GradScaler (CUDA only)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     is_ddp = world_size > 1
     rank, local_rank = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])) if is_ddp else (0, 0)
@@ -163,22 +153,20 @@ def setup_runtime(seed: int, precision: str = "auto") -> Runtime:
 
 
 def configure_optimizer(model, lr, weight_decay=0.01):
-    """AdamW with weight decay on weight matrices only: none on biases (including the experts'
-    stacked 2-D b1/b2/bqkv/bo) and LayerNorm weights (every tensor with ndim < 2), as in BERT and the
-    MiniMoE code. betas (0.9, 0.999) and eps 1e-6, those of the HF AdamW the original code used."""
+    """AdamW with weight decay on weight matrices only, as in BERT and the MiniMoE code: none on biases (the
+    experts' stacked 2-D b1/b2/bqkv/bo too) and LayerNorm weights. betas and eps: the original's HF AdamW."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 and not minimoe.is_bias(name) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.device.type in ("cuda", "cpu") for p in decay + no_decay)  # one kernel per step (bench.py)
+    fused = all(p.device.type in ("cuda", "cpu") for p in decay + no_decay)  # one kernel per step
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6, fused=fused or None)
 
 
 def optimizer_step(model, optimizer, scaler, grad_clip):
-    """Unscale the gradients (fp16), clip their norm to grad_clip (0: no clipping), step, zero them.
-    Returns the norm before clipping (None without). scaler.update() is the caller's, once per step: one
-    scaler may serve several optimizers (the students of train_distill)."""
+    """Returns the gradient norm before clipping (None with grad_clip 0: no clipping). scaler.update() is the
+    caller's, once per step: one scaler may serve several optimizers (the students of train_distill)."""
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
     scaler.step(optimizer)  # skipped when an fp16 gradient is inf/NaN
@@ -190,13 +178,13 @@ def lr_lambda(step, total_steps, warmup_steps):
     """Multiplier of the peak lr for LambdaLR: linear warmup from 0, then linear decay to 0 at
     total_steps (HF's get_linear_schedule_with_warmup, used by the MiniMoE code)."""
     if step < warmup_steps:
-        return step / max(1, warmup_steps)
+        return step / warmup_steps
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
 def pad_batch(ids, types, pad_id, T):
     """Lists of token ids and token type ids -> (B, T) tensors input_ids, token_type_ids and attention_mask
-    (1 = real token), padded at the end: train_distill's segment pairs and finetune's features alike."""
+    (1 = real token), padded at the end."""
     out = {"input_ids": torch.full((len(ids), T), pad_id, dtype=torch.long),  # (B, T)
            "token_type_ids": torch.zeros(len(ids), T, dtype=torch.long),  # (B, T)
            "attention_mask": torch.zeros(len(ids), T, dtype=torch.long)}  # (B, T)
@@ -221,9 +209,8 @@ _HELD = {}  # lock file -> filelock.FileLock this process holds (a second main()
 def lock_out_dir(out_dir, what="run"):
     """Create out_dir (an error now, not after hours of tokenising, if it cannot be written) and take its
     lock `.lock`, an flock: a second run on the same directory is refused, and a lock whose process died
-    (a kill -9) is simply free. The holder writes {"pid", "host"} into the file, only for the refusal's
-    message. Returns the lock file's path; release_lock, at exit or earlier, removes it (eval.py reads a
-    .lock left behind as a run cut off)."""
+    (a kill -9) is simply free. Returns the lock file's path; release_lock, at exit or earlier, removes it
+    (eval.py reads a .lock left behind as a run cut off)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise SystemExit(f"--out_dir {out_dir}: exists and is not a directory")
@@ -268,12 +255,10 @@ def remove_stale_temp_files(out_dir):
     """Temporary files that a killed or failed save (minimoe.atomic_write: .NAME.tmpPID) left anywhere in a
     run's directory: checkpoints, results, every student's or a finetuned model's files (the directory's lock
     is ours, so no other process writes there); and checksums whose checkpoint is gone."""
-    ckpt_dir = Path(out_dir) / "checkpoints"
-    temp = [f for f in Path(out_dir).rglob(".*.tmp*") if re.fullmatch(r"\..+\.tmp\d+", f.name)
-            and f.is_file()]
-    for f in [*temp, *ckpt_dir.glob("step_*.pt.sha256")]:
-        if f.name.endswith(".sha256") and f.with_name(f.name[:-len(".sha256")]).exists():
-            continue
+    out_dir = Path(out_dir)
+    temp = [f for f in out_dir.rglob(".*.tmp*") if re.fullmatch(r"\..+\.tmp\d+", f.name) and f.is_file()]
+    orphans = [f for f in out_dir.glob("checkpoints/step_*.pt.sha256") if not f.with_suffix("").exists()]
+    for f in temp + orphans:
         warn(f"removing {f}, left by an interrupted save")
         f.unlink(missing_ok=True)
 
@@ -283,9 +268,9 @@ def remove_stale_temp_files(out_dir):
 
 
 def atomic_save(obj, path, checksum=False):
-    """torch.save through minimoe.atomic_write: a reader (or a killed run) sees the old file or the complete
-    new one, never half of one, and a failed save (disk full) leaves no temporary file. checksum: also write
-    PATH.sha256 (`sha256sum -c` reads it), before the rename, so that every checkpoint in place has one."""
+    """torch.save through minimoe.atomic_write (the old file or the whole new one, never half of one).
+    checksum: also write PATH.sha256 (`sha256sum -c` reads it), before the rename, so that every checkpoint
+    in place has one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -293,12 +278,8 @@ def atomic_save(obj, path, checksum=False):
         torch.save(obj, f)
         if checksum:
             f.flush()
-            minimoe.atomic_write(checksum_path(path), f"{sha256_file(f.name)}  {path.name}\n")
+            minimoe.atomic_write(f"{path}.sha256", f"{sha256_file(f.name)}  {path.name}\n")
     minimoe.atomic_write(path, write)
-
-
-def checksum_path(path):
-    return Path(path).with_name(Path(path).name + ".sha256")
 
 
 def sha256_file(path):
@@ -318,13 +299,13 @@ def checkpoint_students(ckpt):
 def load_checkpoint(path):
     """torch.load of a training checkpoint, checked first against its .sha256 (when it has one), and
     its students' weights checked to be finite: a ValueError naming the file otherwise."""
-    path = Path(path)
-    if checksum_path(path).exists():
-        want = (checksum_path(path).read_text(errors="replace").split() or [""])[0]
+    path, sums = Path(path), Path(f"{path}.sha256")
+    if sums.exists():
+        want = (sums.read_text(errors="replace").split() or [""])[0]
         if not re.fullmatch(r"[0-9a-f]{64}", want):
-            raise ValueError(f"{checksum_path(path)}: empty or not a sha256 checksum file (damaged)")
+            raise ValueError(f"{sums}: empty or not a sha256 checksum file (damaged)")
         if sha256_file(path) != want:
-            raise ValueError(f"{path}: the sha256 checksum does not match {checksum_path(path).name} "
+            raise ValueError(f"{path}: the sha256 checksum does not match {sums.name} "
                              "(the file is damaged or truncated)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -362,11 +343,12 @@ def checkpoints(ckpt_dir):
 
 def remove_checkpoint(path):
     Path(path).unlink(missing_ok=True)
-    checksum_path(path).unlink(missing_ok=True)
+    Path(f"{path}.sha256").unlink(missing_ok=True)
 
 
 # -----------------------------------------------------------------------------
-# RNG states, as plain types so that torch.load(weights_only=True) reads them back
+# What a resume puts back (RNG states, as plain types that torch.load(weights_only=True) reads back) and
+# cuts back (the log files, written whole and atomically)
 
 
 def rng_state():
@@ -378,7 +360,7 @@ def rng_state():
 
 
 def set_rng_state(state):
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    random.setstate(state["python"])
     np_state = dict(state["numpy"], state=dict(state["numpy"]["state"]))
     np_state["state"]["key"] = np.array(np_state["state"]["key"], dtype=np.uint32)
     np.random.set_state(np_state)
@@ -397,10 +379,6 @@ def set_torch_rng_state(state):
     torch.set_rng_state(state["cpu"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# -----------------------------------------------------------------------------
-# Log files: written whole and atomically, or cut back to a resumed step
 
 
 def write_json(path, obj):
