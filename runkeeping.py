@@ -288,12 +288,8 @@ def sha256_file(path):
 
 
 def checkpoint_students(ckpt):
-    """{name: {config, model, optimizer, scheduler}} of a checkpoint (also those written before
-    multi-student runs: the student at the top level, the dense baseline under "dense")."""
-    if "students" in ckpt:
-        return ckpt["students"]
-    old = {"student": {k: ckpt[k] for k in ("config", "model", "optimizer", "scheduler")}}
-    return {**old, **({"dense": ckpt["dense"]} if "dense" in ckpt else {})}
+    """{name: {config, model, optimizer, scheduler}} of a training checkpoint."""
+    return ckpt["students"]
 
 
 def load_checkpoint(path):
