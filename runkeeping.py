@@ -357,9 +357,8 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np_state = dict(state["numpy"], state=dict(state["numpy"]["state"]))
-    np_state["state"]["key"] = np.array(np_state["state"]["key"], dtype=np.uint32)
-    np.random.set_state(np_state)
+    key = np.array(state["numpy"]["state"]["key"], dtype=np.uint32)
+    np.random.set_state({**state["numpy"], "state": {**state["numpy"]["state"], "key": key}})
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
