@@ -78,8 +78,8 @@ def number(kind=int, low=None, high=None, above=None):
             x = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if not math.isfinite(x) or (low is not None and x < low) or (high is not None and x > high) or \
-                (above is not None and x <= above):
+        too_low = (low is not None and x < low) or (above is not None and x <= above)
+        if not math.isfinite(x) or too_low or (high is not None and x > high):
             raise argparse.ArgumentTypeError(f"must be {what} {bound}, got {text!r}")
         return x
     return parse
