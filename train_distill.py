@@ -855,10 +855,11 @@ def describe(cfg):
 
 
 def log_sums(cfg, device):
-    """A student's log window, summed on the device (no host sync): relation and load-balance losses, real
-    tokens, and router_stats, each FFN expert's share of real tokens per MoE layer, (L, E) ((0,) if dense)."""
+    """A student's log window, summed on the device (no host sync): the loss it minimises, its relation and
+    load-balance parts, real tokens, and router_stats, each FFN expert's share of real tokens per MoE layer, (L, E) ((0,) if dense)."""
     load_shape = (cfg.num_layers, cfg.num_experts) if cfg.num_experts > 1 else (0,)
-    return {"rel": torch.zeros((), device=device), "lb": torch.zeros((), device=device),
+    return {"loss": torch.zeros((), device=device), "rel": torch.zeros((), device=device),
+            "lb": torch.zeros((), device=device),
             "tokens": torch.zeros((), device=device), "load": torch.zeros(load_shape, device=device)}
 
 
@@ -944,6 +945,8 @@ def start_or_resume(run, resume, tokenizer):
                 run.n_micro = window["n_micro"]
                 for k, st in students.items():
                     st.sums = {n: t.to(rt.device) for n, t in window["sums"][k].items()}
+                    # a window saved before the loss itself was summed: it was relation + weight · balance
+                    st.sums.setdefault("loss", st.sums["rel"] + run.args.load_balance_weight * st.sums["lb"])
         else:  # another world size: fresh, but distinct and reproducible, streams (and log window)
             for i, st in enumerate(students.values()):
                 torch.manual_seed(run.args.seed + rt.rank + 1000 * run.step + i)
@@ -1020,6 +1023,7 @@ def forward_backward(st, loss_fn, t_qkv, batch, args, rt, accum, sync):
                                          args.load_balance_weight, args.relation_dropout)
         rt.scaler.scale(loss / accum).backward()
     st.rng = torch_rng_state()
+    st.sums["loss"] += loss.detach().float()  # what the loss function returns, any new term included
     st.sums["rel"] += rel.detach().float()
     st.sums["lb"] += lb.detach().float()
     st.sums["tokens"] += batch["attention_mask"].sum().float()
@@ -1031,8 +1035,7 @@ def step_student(st, step, grad_clip, rt):
     since the last log, or gradient norm (with fp16 an inf gradient norm is normal: GradScaler skips it)."""
     norm = optimizer_step(st.model, st.optimizer, rt.scaler, grad_clip)
     st.scheduler.step()
-    losses = torch.stack([st.sums["rel"], st.sums["lb"]])
-    bad = ~torch.isfinite(losses).all() if rt.scaler.is_enabled() else ~torch.isfinite(norm)
+    bad = ~torch.isfinite(st.sums["loss"]) if rt.scaler.is_enabled() else ~torch.isfinite(norm)
     st.diverged = torch.where(bad & (st.diverged == 0), step + 1, st.diverged)
 
 
@@ -1062,7 +1065,7 @@ def check_finite(run, weights=False):
 def log_window(run, lr, t0):
     """The log.jsonl record of the window since the last one: each student's losses and expert load (means
     over micro-steps and ranks), tokens/s since t0. .tolist() and all_reduce: host syncs, only here."""
-    args, rt, W = run.args, run.rt, run.rt.world_size
+    rt, W = run.rt, run.rt.world_size
     check_finite(run)
     if rt.is_ddp:
         for t in [t for st in run.students.values() for t in st.sums.values() if t.numel()]:
@@ -1071,9 +1074,9 @@ def log_window(run, lr, t0):
     rec = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4), "lr": lr}
     for k, st in run.students.items():
         pre = st.prefix
-        means = torch.stack([st.sums["rel"], st.sums["lb"], st.sums["tokens"]]) / (run.n_micro * W)
-        rel, lb, tokens = means.tolist()
-        rec.update({f"{pre}loss": rel + args.load_balance_weight * lb, f"{pre}rel": rel, f"{pre}lb": lb})
+        means = torch.stack([st.sums[n] for n in ("loss", "rel", "lb", "tokens")]) / (run.n_micro * W)
+        loss, rel, lb, tokens = means.tolist()
+        rec.update({f"{pre}loss": loss, f"{pre}rel": rel, f"{pre}lb": lb})
         if not pre:  # tokens/s of one student's micro-batches: all see the same ones
             rec["tok_per_s"] = tokens * run.n_micro * W / dt
         if st.sums["load"].numel():
