@@ -7,12 +7,9 @@ Finetune a BERT / MiniMoE encoder on a GLUE task or CoNLL-2003 NER, keep the bes
     python finetune.py --task rte --protocol authors --seeds 1,2,3   # the authors' recipe, three seeds
     python finetune.py --plan plan.json                        # students x tasks x seeds, resumable
 
-The file reads as a story: tasks and data (GLUE TSV, CoNLL columns, the hub) -> tokenisation and batches
-(dynamic padding) -> the model with its task head and checkpoint I/O -> dev evaluation and its metrics ->
-one learning rate's training with dev evaluation and early stopping -> the grid over learning rates,
-keeping the best -> seeds and plans -> arguments and `main`. Imports run one way: minimoe <- runkeeping
-<- finetune <- eval (eval.py reads checkpoints with this file's readers and head model, and re-exports
-its metrics).
+Sections: tasks and data -> tokenisation and batches -> the model with its task head and checkpoints ->
+metrics and dev evaluation -> one learning rate's training -> the lr grid -> seeds and plans -> arguments.
+Imports run one way: minimoe <- runkeeping <- finetune <- eval (eval.py re-exports this file's metrics).
 
 Recipe (MiniLM / MiniMoE finetuning): max length 128, AdamW (no decay on biases and LayerNorm),
 weight decay 0.01, linear warmup over 10% of the steps then linear decay, grad-norm clip 1.0,
@@ -22,6 +19,7 @@ dev score. MiniMoE's load-balancing loss stays on: loss = task loss + 0.01 * aux
 """
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -121,8 +119,7 @@ def read_lines(path, keep_blank=False):
             lines.append((n, line.rstrip("\r\n")))  # a \r inside a line is text (some GLUE rows have one)
     if len(lines) == 1 and "\r" in lines[0][1]:
         raise ValueError(f"{path}: lines end in a bare carriage return (old Mac line endings); convert them "
-                         "to \\n "
-                         "(e.g. tr '\\r' '\\n' < old > new)")
+                         "to \\n (e.g. tr '\\r' '\\n' < old > new)")
     if not any(s.strip() for _, s in lines):
         raise ValueError(f"{path}: file is empty")
     return lines if keep_blank else [(n, s) for n, s in lines if s.strip()]
@@ -135,36 +132,31 @@ def read_glue(task, path):
     if isinstance(ca, str):  # header names -> column indices
         (_, head), lines = lines[0], lines[1:]
         header = head.split("\t")
-        want = [c for c in (ca, cb, cl) if c is not None]
-        if missing := [c for c in want if c not in header]:
+        if missing := [c for c in (ca, cb, cl) if c is not None and c not in header]:
             raise ValueError(f"{path}:1: header lacks column(s) {missing} for {task.name} "
                              f"(header: {str(header)[:200]})")
-        ca, cl = header.index(ca), header.index(cl)
-        cb = header.index(cb) if cb is not None else None
+        ca, cb, cl = (header.index(c) if c is not None else None for c in (ca, cb, cl))
         ncol = len(header)
         if not lines:
             raise ValueError(f"{path}: header but no data rows")
     else:
         ncol = 4  # CoLA: source, label, original label, sentence
-    label_id = {s: i for i, s in enumerate(task.labels)} if task.labels else None
+    label_id = {s: i for i, s in enumerate(task.labels or ())}
     out = []
     for n, line in lines:
         f = line.split("\t")
         if len(f) != ncol:
             raise ValueError(f"{path}:{n}: expected {ncol} tab-separated columns, found {len(f)}")
         raw = f[cl].strip()
-        if label_id is not None:
-            if raw not in label_id:
-                raise ValueError(f"{path}:{n}: unknown label {raw!r} for {task.name} "
-                                 f"(expected one of {list(task.labels)})")
-            label = label_id[raw]
-        else:
-            try:
-                label = float(raw)
-            except ValueError:
-                raise ValueError(f"{path}:{n}: score {raw!r} is not a number") from None
-            if not math.isfinite(label):
-                raise ValueError(f"{path}:{n}: score {raw!r} is not finite")
+        if task.labels and raw not in label_id:
+            raise ValueError(f"{path}:{n}: unknown label {raw!r} for {task.name} "
+                             f"(expected one of {list(task.labels)})")
+        try:
+            label = label_id[raw] if task.labels else float(raw)
+        except ValueError:
+            raise ValueError(f"{path}:{n}: score {raw!r} is not a number") from None
+        if not math.isfinite(label):
+            raise ValueError(f"{path}:{n}: score {raw!r} is not finite")
         out.append(Example(f[ca], f[cb] if cb is not None else None, label))
     return out
 
@@ -185,7 +177,7 @@ def read_conll(path, tags=CONLL_TAGS):
     -DOCSTART- lines ignored), tags converted to IOB2."""
     known = {t[2:] for t in tags if t != "O"}
     out, words, labels = [], [], []
-    for n, line in read_lines(path, keep_blank=True):
+    for n, line in read_lines(path, keep_blank=True) + [(0, "")]:  # a blank line ends the last sentence
         f = line.split()
         if not f or f[0] == "-DOCSTART-":
             if words:
@@ -199,8 +191,6 @@ def read_conll(path, tags=CONLL_TAGS):
             raise ValueError(f"{path}:{n}: unknown NER tag {tag!r} (expected O or B-/I- of {sorted(known)})")
         words.append(f[0])
         labels.append(tag)
-    if words:
-        out.append(Example(words, None, iob1_to_iob2(labels)))
     if not out:
         raise ValueError(f"{path}: no sentences")
     return out
@@ -315,25 +305,22 @@ def encode(task, examples, tok, max_length=128):
 
 
 def collate_features(features, pad_id=0):
-    """A list of Features, padded to the batch's longest row (runkeeping.pad_batch): input_ids,
-    attention_mask and token_type_ids (B, T), and labels."""
-    B, T = len(features), max(len(f.ids) for f in features)
+    """Features -> a batch padded to its longest row: input_ids, attention_mask, token_type_ids, labels."""
+    T = max(len(f.ids) for f in features)
     batch = pad_batch([f.ids for f in features], [f.types for f in features], pad_id, T)
     if isinstance(features[0].label, list):  # NER: (B, T), -100 on padding
-        labels = torch.full((B, T), -100, dtype=torch.long)
-        for i, f in enumerate(features):
-            labels[i, :len(f.label)] = torch.tensor(f.label)
-    elif isinstance(features[0].label, float):
-        labels = torch.tensor([f.label for f in features], dtype=torch.float32)  # (B,)
+        labels = nn.utils.rnn.pad_sequence([torch.tensor(f.label) for f in features], batch_first=True,
+                                           padding_value=-100)
     else:
-        labels = torch.tensor([f.label for f in features], dtype=torch.long)  # (B,)
+        dtype = torch.float32 if isinstance(features[0].label, float) else torch.long
+        labels = torch.tensor([f.label for f in features], dtype=dtype)  # (B,)
     return dict(batch, labels=labels)
 
 
 def train_batches(lengths, batch_size, generator, rank=0, world_size=1, group_by_length=True):
     """Shuffled index batches for one epoch. group_by_length: sort each window of 50 batches by length
-    and shuffle the batches (as Hugging Face's group_by_length), so dynamic padding pads little:
-    about 2x fewer tokens on CPU. With DDP every rank gets the same number of batches."""
+    and shuffle the batches (as Hugging Face's group_by_length), so dynamic padding pads little.
+    With DDP every rank gets the same number of batches."""
     n = len(lengths)
     perm = torch.randperm(n, generator=generator).tolist()
     if group_by_length:
@@ -356,14 +343,14 @@ class TaskModel(nn.Module):
     pooling="mean" feeds the pooler the mean of the real tokens instead of [CLS] (how sentence-embedding
     models such as all-MiniLM-L6-v2 were trained)."""
 
-    def __init__(self, bert, kind, num_labels, dropout=None, pooling="cls"):
+    def __init__(self, bert, kind, num_labels, pooling="cls"):
         super().__init__()
         H = bert.config.hidden_size
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         self.bert, self.kind, self.pooling = bert, kind, pooling
         self.pooler = nn.Linear(H, H) if kind != "ner" else None
-        self.dropout = nn.Dropout(bert.config.hidden_dropout if dropout is None else dropout)
+        self.dropout = nn.Dropout(bert.config.hidden_dropout)
         self.classifier = nn.Linear(H, num_labels)
         for m in (self.pooler, self.classifier):  # BERT init
             if m is not None:
@@ -393,10 +380,6 @@ class TaskModel(nn.Module):
             else:
                 loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100)
         return logits, loss, out.aux_loss
-
-    def head_state(self):
-        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
-                if not k.startswith("bert.")}
 
 
 def pretrained_pooler(path):
@@ -440,7 +423,9 @@ def save_finetuned(model, out_dir, tok, meta):
     tmp = out / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)  # or one killed while writing: dropped
     minimoe.save_bert(model.bert, tmp, tokenizer=tok)
-    minimoe.atomic_write(tmp / "head.safetensors", save(model.head_state()))
+    head = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+            if not k.startswith("bert.")}
+    minimoe.atomic_write(tmp / "head.safetensors", save(head))
     write_json(tmp / "finetune.json", meta)  # the set is complete from here on
     commit_saved(out)
 
@@ -497,8 +482,7 @@ def load_finetuned(path, **overrides):
 
 
 def accuracy(preds, labels):
-    p, y = np.asarray(preds), np.asarray(labels)
-    return float((p == y).mean())
+    return float((np.asarray(preds) == np.asarray(labels)).mean())
 
 
 def f1_binary(preds, labels, positive=1):
@@ -534,9 +518,8 @@ def rankdata(x):
     xs = x[order]
     starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])  # first index of each run of equal values
     ends = np.r_[starts[1:], len(x)]
-    avg = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
     ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.repeat(avg, ends - starts)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)  # mean of ranks start+1 .. end
     return ranks
 
 
@@ -545,10 +528,8 @@ def spearman(x, y):
 
 
 def split_tag(tag):
-    """'B-PER' -> ('B', 'PER'); 'O' -> ('O', '')."""
-    if tag in ("O", "") or "-" not in tag:
-        return "O", ""
-    prefix, _, typ = tag.partition("-")
+    """'B-PER' -> ('B', 'PER'); 'O' (or any tag without a dash) -> ('O', '')."""
+    prefix, _, typ = tag.partition("-") if "-" in tag else ("O", "", "")
     return prefix, typ
 
 
@@ -599,8 +580,7 @@ def task_metrics(task, preds, labels):
 @torch.no_grad()
 def predict(model, features, batch_size=64, device="cpu", autocast=contextlib.nullcontext, pad_id=0):
     """Predictions in the order of `features`: class ids, scores (regression), or per-token class ids
-    (NER). Rows are batched by length so that little padding is computed. `autocast`: a function
-    returning a context manager (e.g. runtime.autocast)."""
+    (NER), batched by length to pad little. `autocast`: a function returning a context manager."""
     model.eval()
     order = sorted(range(len(features)), key=lambda i: len(features[i].ids))
     preds = [None] * len(features)
@@ -651,8 +631,7 @@ class Context:
     out_dir: Path
     tok: object = None  # the tokenizers.Tokenizer, saved with the checkpoint
     pad_id: int = 0
-    n_train: int = 0  # training examples
-    train_f: list = None  # their Features
+    train_f: list = None  # the training examples' Features
     lengths: list = None  # their lengths in tokens
     dev_sets: dict = None  # {split: (examples, features)}
     longest: int = 0  # tokens of the longest train or dev example
@@ -688,59 +667,47 @@ def setup_lr(ctx, lr):
     return raw, model, opt, sched
 
 
-def train_step(ctx, raw, model, opt, sched, features):
-    """One optimizer step on a batch of Features; -> (task loss, aux loss), detached."""
-    rt = ctx.rt
-    batch = collate_features(features, ctx.pad_id)
-    batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
-    model.train()
-    with rt.autocast():
-        _, loss, aux = model(**batch)
-        total = loss + ctx.args.load_balance_weight * aux
-    rt.scaler.scale(total).backward()
-    optimizer_step(raw, opt, rt.scaler, ctx.args.grad_clip)
-    rt.scaler.update()
-    sched.step()
-    return loss.detach(), aux.detach()
-
-
 def train_one_lr(ctx, lr):
     """Train at one learning rate, evaluating on dev and stopping early; -> its entry of the grid."""
     args, rt = ctx.args, ctx.rt
     raw, model, opt, sched = setup_lr(ctx, lr)
     gen = torch.Generator().manual_seed(args.seed)
-    step, stop, t0 = 0, False, time.time()
+    stop, t0 = False, time.time()
     run = dict(lr=lr, t0=t0, score=-math.inf, metrics=None, step=0, bad_evals=0, best_by_metric={}, last=None)
     loss_sum = aux_sum = torch.zeros((), device=rt.device)
     n_sum = 0
-    bar = None
-    if rt.is_master:
-        from tqdm import tqdm
-        bar = tqdm(total=ctx.total_steps, desc=f"{ctx.task.name} lr {lr:g}", dynamic_ncols=True,
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    while not stop:
-        for idx in train_batches(ctx.lengths, args.batch_size, gen, rt.rank, rt.world_size,
-                                 not args.no_group_by_length):
-            loss, aux = train_step(ctx, raw, model, opt, sched, [ctx.train_f[i] for i in idx])
-            step += 1
-            loss_sum, aux_sum, n_sum = loss_sum + loss, aux_sum + aux, n_sum + 1
-            if bar is not None:
-                bar.update(1)
-            if rt.is_master and (step % args.log_every == 0 or step == ctx.total_steps):
-                rec = dict(event="train", lr=lr, step=step, epoch=round(step / ctx.steps_per_epoch, 3),
-                           loss=loss_sum.item() / n_sum, aux_loss=aux_sum.item() / n_sum,  # host sync: logs
-                           lr_now=sched.get_last_lr()[0], elapsed=round(time.time() - t0, 1))
-                log_event(ctx.log, rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                loss_sum = aux_sum = torch.zeros((), device=rt.device)
-                n_sum = 0
-            if step % ctx.eval_every == 0 or step == ctx.total_steps:
-                stop = evaluate_and_keep(ctx, raw, run, step)
-            stop = stop or step >= ctx.total_steps
-            if stop:
-                break
-    if bar is not None:
-        bar.close()
+    from tqdm import tqdm
+    bar = tqdm(total=ctx.total_steps, desc=f"{ctx.task.name} lr {lr:g}", dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not rt.is_master)
+    batches = (idx for _ in itertools.count()  # epoch after epoch, each shuffled anew
+               for idx in train_batches(ctx.lengths, args.batch_size, gen, rt.rank, rt.world_size,
+                                        not args.no_group_by_length))
+    for step, idx in enumerate(batches, 1):
+        batch = collate_features([ctx.train_f[i] for i in idx], ctx.pad_id)
+        batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
+        model.train()
+        with rt.autocast():
+            _, loss, aux = model(**batch)
+            total = loss + args.load_balance_weight * aux
+        rt.scaler.scale(total).backward()
+        optimizer_step(raw, opt, rt.scaler, args.grad_clip)
+        rt.scaler.update()
+        sched.step()
+        loss_sum, aux_sum, n_sum = loss_sum + loss.detach(), aux_sum + aux.detach(), n_sum + 1
+        bar.update(1)
+        if rt.is_master and (step % args.log_every == 0 or step == ctx.total_steps):
+            rec = dict(event="train", lr=lr, step=step, epoch=round(step / ctx.steps_per_epoch, 3),
+                       loss=loss_sum.item() / n_sum, aux_loss=aux_sum.item() / n_sum,  # host sync: logs
+                       lr_now=sched.get_last_lr()[0], elapsed=round(time.time() - t0, 1))
+            log_event(ctx.log, rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            loss_sum = aux_sum = torch.zeros((), device=rt.device)
+            n_sum = 0
+        if step % ctx.eval_every == 0 or step == ctx.total_steps:
+            stop = evaluate_and_keep(ctx, raw, run, step)
+        if stop or step >= ctx.total_steps:
+            break
+    bar.close()
     if rt.is_master:
         print(f"lr {lr:g}: best dev {ctx.task.metric} {run['score']:.4f} at step {run['step']} "
               f"({step} steps, {time.time() - t0:.0f}s)" + (", then diverged" if run.get("diverged") else ""))
@@ -803,7 +770,7 @@ def keep_best(ctx, raw, metrics, score, lr, step, epoch):
     task = ctx.task
     meta = dict(task=task.name, kind=task.kind, labels=list(task.labels) if task.labels else None,
                 num_labels=task.num_labels, pooling=ctx.args.pooling, metric=task.metric, metrics=metrics,
-                lr=lr, step=step, epoch=epoch, init=str(ctx.model_path), train_examples=ctx.n_train,
+                lr=lr, step=step, epoch=epoch, init=str(ctx.model_path), train_examples=len(ctx.train_f),
                 args=vars(ctx.args))
     save_finetuned(raw, ctx.out_dir, ctx.tok, meta)
 
@@ -822,7 +789,7 @@ def prepare_data(ctx, data_dir):
         train = train[:args.max_train_examples]
     dev_splits = ("dev",) if args.dev_file else task.dev
     dev_sets = {s: load_examples(task, s, data_dir, args.dev_file) for s in dev_splits}
-    ctx.n_train, ctx.train_f = len(train), encode(task, train, ctx.tok, args.max_length)
+    ctx.train_f = encode(task, train, ctx.tok, args.max_length)
     ctx.dev_sets = {s: (ex, encode(task, ex, ctx.tok, args.max_length)) for s, ex in dev_sets.items()}
     ctx.lengths = [len(f.ids) for f in ctx.train_f]
     ctx.longest = max(ctx.lengths + [len(f.ids) for _, fs in ctx.dev_sets.values() for f in fs])
@@ -850,18 +817,6 @@ def eval_schedule(eval_every, total_steps, per_epoch=False):
     return f"dev evaluation every {eval_every} steps{' (each epoch)' if per_epoch else ''}{last}"
 
 
-@contextlib.contextmanager
-def removed_on_failure(out_dir, made):
-    """If the block fails and this run made out_dir, remove it: it holds nothing but the run's lock."""
-    try:
-        yield
-    except BaseException:
-        if made:
-            release_lock(out_dir / ".lock")
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-
-
 def run_dir(args):
     return Path(args.out_dir or f"runs/finetune/{get_task(args.task).name}")
 
@@ -880,14 +835,18 @@ def finetune(args, keep_lock=False):
         clear_previous_run(out_dir, args.overwrite)  # or refuses one that holds a run: one run per directory
         print(f"task {ctx.task.name} | model {ctx.model_path} | data {args.train_file or data_dir or 'hub'} "
               f"| device {rt.device}")
-    with removed_on_failure(out_dir, made):  # a run that fails before training leaves no directory it made
+    try:
         prepare_data(ctx, data_dir)
+    except BaseException:  # a run that fails before training leaves no directory it made (only its lock)
+        if made:
+            release_lock(out_dir / ".lock")
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
     ctx.log = open(out_dir / "log.jsonl", "a") if rt.is_master else None
     ctx.best = dict(score=-math.inf)  # best over the whole grid: this is the checkpoint on disk
-    grid, t_start = {}, time.time()
-    for lr in args.lrs:
-        grid[str(lr)] = train_one_lr(ctx, lr)
+    t_start = time.time()
+    grid = {str(lr): train_one_lr(ctx, lr) for lr in args.lrs}
     best = ctx.best
     if rt.is_master:
         summarise(ctx, grid, round(time.time() - t_start, 1))
@@ -1049,28 +1008,22 @@ def make_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     arg = p.add_argument
     arg("--task", default=None, help=f"one of {sorted(TASKS)} (required unless --plan)")
-    arg("--protocol", default="ours", choices=["ours", "authors"], help="recipe preset (PROTOCOLS): ours, or "
-        "the authors' (batch 16, clip 5, dev every 10 steps, patience 5 epochs; CoNLL: lr 2e-5, batch 32, "
-        "3 epochs, dev every 100 steps); flags given explicitly win")
-    arg("--seeds", default=None, help="comma-separated seeds: one run each, in OUT_DIR/seedS "
-        "(eval.py reports mean ± std)")
-    arg("--plan", default=None, help="a JSON plan {models: {name: path}, tasks: [...], seeds: [...], "
-        "out_dir, args: [...]}: runs every model x task x seed into out_dir/name/task/seedS, skipping "
-        "finished runs (rerun it to continue a cut-off plan)")
-    arg("--model", default=None, help="encoder: HF BERT dir or hub id, a save_bert dir, or a train_distill "
-        "*.pt; None = the embedded all-MiniLM-L6-v2")
+    arg("--protocol", default="ours", choices=["ours", "authors"], help="recipe preset (PROTOCOLS); flags "
+        "given explicitly win")
+    arg("--seeds", default=None, help="comma-separated seeds: one run each, in OUT_DIR/seedS")
+    arg("--plan", default=None, help="a JSON plan of models x tasks x seeds (run_plan); rerun it to continue")
+    arg("--model", default=None, help="HF BERT dir or hub id, save_bert dir, or train_distill *.pt; None = "
+        "all-MiniLM-L6-v2")
     arg("--tokenizer", default=None, help="tokenizer dir; None = the --model dir (give it for a *.pt file)")
-    arg("--data_dir", default=default_data_dir(), help="$MINIMOE_DATA: GLUE/CoNLL root "
-        "(DIR/glue/RTE/train.tsv, DIR/conll2003/train.txt) or a task folder; 'hub' = download with "
-        "`datasets`")
+    arg("--data_dir", default=default_data_dir(), help="$MINIMOE_DATA: GLUE/CoNLL root (DIR/glue/RTE/"
+        "train.tsv, DIR/conll2003/train.txt) or a task folder; 'hub' = download with `datasets`")
     arg("--train_file", default=None, help="labelled training file (overrides --data_dir)")
     arg("--dev_file", default=None, help="labelled dev file (overrides --data_dir; one file, also for MNLI)")
     arg("--out_dir", default=None, help="best checkpoint + log.jsonl; None = runs/finetune/TASK")
     arg("--lr", default=None, help="learning rate, or a comma-separated grid (best dev score kept)")
-    arg("--epochs", type=POSITIVE, default=None, help="epochs (early stopping usually ends sooner)")
+    arg("--epochs", type=POSITIVE, default=None, help="early stopping usually ends sooner")
     arg("--max_steps", type=NONNEGATIVE_INT, default=0, help="cap on optimizer steps per lr (0 = none)")
-    arg("--batch_size", type=POSITIVE_INT, default=None, help="per process (DDP: global = batch_size x world "
-        "size)")
+    arg("--batch_size", type=POSITIVE_INT, default=None, help="per process (DDP: times the world size)")
     arg("--eval_batch_size", type=POSITIVE_INT, default=64)
     arg("--max_length", type=number(int, low=3), default=128)
     arg("--warmup", type=FRACTION, default=None, help="fraction of steps with linear warmup")
@@ -1078,24 +1031,21 @@ def make_parser():
     arg("--grad_clip", type=NONNEGATIVE, default=None)
     arg("--load_balance_weight", type=NONNEGATIVE, default=0.01, help="weight of the MoE load-balancing loss")
     arg("--eval_every", type=NONNEGATIVE_INT, default=None, help="evaluate every N steps (0 = every epoch)")
-    arg("--patience", type=NONNEGATIVE_INT, default=None, help="stop after N evaluations (or epochs, see "
-        "--patience_unit) without a better dev score (0 = never)")
+    arg("--patience", type=NONNEGATIVE_INT, default=None, help="stop after N --patience_unit without a "
+        "better dev score (0 = never)")
     arg("--patience_unit", default=None, choices=["evals", "epochs"], help="what --patience counts")
     arg("--no_group_by_length", action="store_true", help="plain random batches (more padding, slower)")
     arg("--no_pooler_init", action="store_true", help="random pooler even if the checkpoint has one")
-    arg("--pooling", default="cls", choices=["cls", "mean"], help="what the pooler reads: [CLS] (BERT) "
-        "or the mean of the tokens (sentence-embedding checkpoints)")
-    arg("--max_train_examples", type=NONNEGATIVE_INT, default=0, help="use only the first N training "
-        "examples (0 = all)")
-    arg("--threads", type=NONNEGATIVE_INT, default=0, help="CPU threads for torch (0 = torch's default; 1 is "
-        "faster on a CPU shared with other jobs)")
+    arg("--pooling", default="cls", choices=["cls", "mean"], help="pooler input: [CLS] (BERT) or the tokens' "
+        "mean (sentence-embedding models)")
+    arg("--max_train_examples", type=NONNEGATIVE_INT, default=0, help="only the first N (0 = all)")
+    arg("--threads", type=NONNEGATIVE_INT, default=0, help="0 = torch's default; 1 is faster on a shared CPU")
     arg("--seed", type=int, default=42)
     arg("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (as train_distill.py)")
     arg("--compile", action="store_true", help="torch.compile the model")
     arg("--log_every", type=POSITIVE_INT, default=50)
     arg("--no_save", action="store_true", help="do not write the checkpoint (log and summary only)")
-    arg("--overwrite", action="store_true", help="start afresh in an --out_dir that holds a "
-        "previous run (its checkpoint and log.jsonl are deleted)")
+    arg("--overwrite", action="store_true", help="delete a previous run in --out_dir and start afresh")
     arg("--debug", action="store_true", help="a traceback for every error, user errors included")
     return p
 
