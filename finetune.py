@@ -338,10 +338,9 @@ def train_batches(lengths, batch_size, generator, rank=0, world_size=1, group_by
 
 
 class TaskModel(nn.Module):
-    """A `minimoe.Bert` plus a task head: pooler (Linear + tanh on [CLS]) + dropout + classifier
-    (num_labels outputs; 1 for regression), or dropout + a per-token classifier for NER.
-    pooling="mean" feeds the pooler the mean of the real tokens instead of [CLS] (how sentence-embedding
-    models such as all-MiniLM-L6-v2 were trained)."""
+    """A `minimoe.Bert` plus a task head: pooler (Linear + tanh on [CLS]) + dropout + classifier (1 output
+    for regression), or dropout + a per-token classifier for NER. pooling="mean" pools the mean of the real
+    tokens instead of [CLS] (how sentence-embedding models such as all-MiniLM-L6-v2 were trained)."""
 
     def __init__(self, bert, kind, num_labels, pooling="cls"):
         super().__init__()
@@ -412,11 +411,9 @@ def build_model(task, path, init_pooler=True, pooling="cls"):
 
 
 def save_finetuned(model, out_dir, tok, meta):
-    """A finetuned checkpoint directory: the encoder (minimoe.save_bert: config.json, model.safetensors,
-    tokenizer files), head.safetensors, and finetune.json (task, labels, dev metrics, recipe).
-    Atomic as a set: written to out_dir/.saving (finetune.json last), then moved in by commit_saved.
-    A save killed before that finetune.json exists leaves the previous set as it was; one killed while
-    moving is finished by the next commit_saved (load_finetuned, a later save)."""
+    """A finetuned checkpoint directory: the encoder (minimoe.save_bert), head.safetensors, finetune.json.
+    Atomic as a set: written to out_dir/.saving (finetune.json last), then moved in by commit_saved; a save
+    killed before then leaves the previous set as it was, one killed while moving is finished later."""
     from safetensors.torch import save
     out = Path(out_dir)
     commit_saved(out)  # an earlier save that was killed while moving in
@@ -915,11 +912,9 @@ def run_seeds(args):
 
 def run_plan(path):
     """Every model x task x seed of a JSON plan, into out_dir/MODEL/TASK/seedS, seed by seed and task by task
-    (models innermost, so a plan cut short leaves every model with the same runs). A run is finished when its
-    directory holds done.json; finished runs are skipped, so rerunning the plan continues a cut-off one
-    (the run that was cut restarts from its beginning). Several processes may work through one plan at once
-    (e.g. two with `"args": ["--threads", "1"]` on a 2-core machine): each takes a run's lock before starting
-    it and skips the runs another live process holds."""
+    (models innermost, so a plan cut short leaves every model with the same runs). Runs with done.json are
+    skipped, so rerunning a cut-off plan continues it (the cut run restarts). Several processes may share a
+    plan (e.g. two with `"args": ["--threads", "1"]`): each locks a run first, skipping those others hold."""
     plan = read_plan(path)
     models, tasks, seeds = plan["models"], plan["tasks"], plan.get("seeds", [42])
     root, extra = Path(plan.get("out_dir", "runs/downstream")), [str(a) for a in plan.get("args", [])]
