@@ -299,8 +299,7 @@ def encode(task, examples, tok, max_length=128):
         encs = tok.encode_batch([e.a for e in examples], is_pretokenized=True)
         return [Feature(enc.ids, enc.type_ids, align_labels(enc.word_ids, [tag_id[t] for t in e.label]),
                         enc.word_ids) for e, enc in zip(examples, encs)]
-    inputs = [(e.a, e.b) if e.b is not None else e.a for e in examples]
-    encs = tok.encode_batch(inputs)
+    encs = tok.encode_batch([(e.a, e.b) if e.b is not None else e.a for e in examples])
     return [Feature(enc.ids, enc.type_ids, e.label) for e, enc in zip(examples, encs)]
 
 
@@ -329,8 +328,7 @@ def train_batches(lengths, batch_size, generator, rank=0, world_size=1, group_by
     batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
     if group_by_length:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-    batches = batches[:len(batches) // world_size * world_size] if world_size > 1 else batches
-    return batches[rank::world_size]
+    return batches[rank:len(batches) // world_size * world_size:world_size]  # the same count on every rank
 
 
 # -----------------------------------------------------------------------------
@@ -641,8 +639,7 @@ class Context:
 
 
 def log_event(log, rec):
-    log.write(json.dumps(rec) + "\n")
-    log.flush()
+    print(json.dumps(rec), file=log, flush=True)
 
 
 def setup_lr(ctx, lr):
