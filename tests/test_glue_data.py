@@ -59,7 +59,7 @@ def test_conll_reader_real_files(shared_data, split, sentences, entities):
     for e in ex:  # IOB2: every entity starts with B-
         for prev, tag in zip(["O"] + e.label[:-1], e.label):
             assert not (tag.startswith("I-") and prev[2:] != tag[2:]), (e.a, e.label)
-    counts = collections.Counter(typ for e in ex for typ, _, _ in ev.entities(e.label))
+    counts = collections.Counter(typ for e in ex for typ, _, _ in ft.entities(e.label))
     assert dict(counts) == entities  # the CoNLL-2003 paper's entity counts
 
 
