@@ -152,31 +152,6 @@ def mean_std(runs):
             {k: statistics.stdev([r[k] for r in runs]) if len(runs) > 1 else 0.0 for k in keys})
 
 
-def root_results(root, found, tasks, args, rt):
-    """One table row's numbers: per task, the mean and std over its runs of the best dev metrics (stored, with
-    --cached, else evaluated again), each run's own scores, and the mean of the runs' last dev metrics."""
-    metrics, std, last, scores = {}, {}, {}, {}
-    for t in dict.fromkeys(tasks):
-        if t not in found:
-            continue
-        runs, lasts = [], []
-        for d in found[t]:
-            meta = json.loads((d / "finetune.json").read_text())  # checked by find_runs
-            if args.cached:
-                runs.append(meta["metrics"])
-            else:
-                runs.append(evaluate_checkpoint(d, args.data_dir, batch_size=args.batch_size,
-                                                device=rt.device, autocast=rt.autocast)[0])
-            lasts.append(meta.get("last_metrics") or meta["metrics"])
-        metrics[t], std[t] = mean_std(runs)
-        scores[t] = runs
-        last[t] = mean_std(lasts)[0]
-        print(f"{root} {t} ({len(runs)} run{'s' * (len(runs) > 1)}): " +
-              " ".join(f"{k} {v:.4f}" for k, v in metrics[t].items()), file=sys.stderr)
-    return dict(runs={t: [str(d) for d in ds] for t, ds in found.items()},
-                metrics=metrics, std=std, last_metrics=last, scores=scores)
-
-
 def glue_row(metrics_by_task, std_by_task=None, average_over=None):
     """{column: score in percent or None} plus the GLUE average over the columns present (or over the
     columns `average_over` only); with std_by_task, "COLUMN±" holds each column's std in percent (give it
@@ -217,21 +192,37 @@ def glue_table(args):
     if empty := [str(root) for root, runs in found.items() if not runs]:  # refused before any evaluation
         raise SystemExit(f"--runs {', '.join(empty)}: no finished finetune.py run of {', '.join(tasks)} "
                          "found (a run is a directory with finetune.json and no .lock)")
-    results = {str(root): root_results(root, found[root], tasks, args, rt) for root in args.runs}
     # the GLUE average only over tasks every row has, so that rows compare
     glue_cols = {col for col, t, _ in GLUE_COLUMNS if all(t in found[root] for root in args.runs)}
-    rows, last_rows = {}, {}
-    for root in args.runs:
-        res = results[str(root)]
+    results, rows, last_rows = {}, {}, {}
+    for root in args.runs:  # a row: per task, the mean and std over its runs of the best and last dev metrics
+        res = results[str(root)] = dict(runs={t: [str(d) for d in ds] for t, ds in found[root].items()},
+                                        metrics={}, std={}, last_metrics={}, scores={})
+        for t in dict.fromkeys(tasks):
+            if t not in found[root]:
+                continue
+            runs, lasts = [], []
+            for d in found[root][t]:
+                meta = json.loads((d / "finetune.json").read_text())  # checked by find_runs
+                if args.cached:  # the stored best dev metrics, else evaluated again
+                    runs.append(meta["metrics"])
+                else:
+                    runs.append(evaluate_checkpoint(d, args.data_dir, batch_size=args.batch_size,
+                                                    device=rt.device, autocast=rt.autocast)[0])
+                lasts.append(meta.get("last_metrics") or meta["metrics"])
+            res["metrics"][t], res["std"][t] = mean_std(runs)
+            res["scores"][t] = runs  # each run's own, for the plot
+            res["last_metrics"][t] = mean_std(lasts)[0]
+            print(f"{root} {t} ({len(runs)} run{'s' * (len(runs) > 1)}): " +
+                  " ".join(f"{k} {v:.4f}" for k, v in res["metrics"][t].items()), file=sys.stderr)
         several = {t: sd for t, sd in res["std"].items() if len(res["scores"][t]) > 1}  # one run: no "± 0.0"
         name = Path(root).name or str(root)
         res["row"] = rows[name] = glue_row(res["metrics"], several, glue_cols)
         res["row_last"] = last_rows[name] = glue_row(res["last_metrics"], None, glue_cols)
     averaged = [col for col, _, _ in GLUE_COLUMNS if col in glue_cols]
     shown = None if args.tasks == "all" else set(tasks)
-    seeds = {t: sorted({len(results[str(root)]["runs"].get(t, [])) for root in args.runs}) for t in tasks}
-    counts = ", ".join(f"{finetune.get_task(t).name} {'/'.join(map(str, n))}"
-                       for t, n in seeds.items() if n != [0])
+    seeds = {t: sorted({len(found[root].get(t, [])) for root in args.runs}) for t in tasks}
+    counts = ", ".join(f"{t} {'/'.join(map(str, n))}" for t, n in seeds.items() if n != [0])
     table = markdown_table(rows, shown) + f"\n\nAvg: mean over {', '.join(averaged) or 'no task'} " \
         f"(the GLUE tasks every row has); ± is the std over seeds; runs per cell: {counts}."
     last = markdown_table(last_rows, shown)
@@ -254,9 +245,8 @@ def glue_table(args):
 
 
 def glue_plot(results, names, tasks, path):
-    """One panel per table column: each row's mean over seeds as a wide tick with its std as an error bar,
-    and every seed's own score as a dot, so that a reader sees how far apart the rows are against the seed
-    noise."""
+    """One panel per table column: each row's mean over seeds as a wide tick, ± its std, and each seed's
+    score as a dot, so that a reader sees how far apart the rows are against the seed noise."""
     plt = pyplot("the table's plot")
     cols = [(c, t, m) for c, t, m in GLUE_COLUMNS + EXTRA_COLUMNS
             if t in tasks and any(t in res["scores"] for res in results)]
@@ -299,8 +289,8 @@ def paired_bootstrap(kl_a, kl_b, rows, n_boot=2000, seed=0):
 
 
 def load_students(run_dirs):
-    """{student: (run, its results.json, the student's entry)} over train_distill.py output directories (or
-    their results.json files), in run order."""
+    """{student: (run, its results.json, the student's entry)} over train_distill.py output dirs (or their
+    results.json), in run order."""
     students = {}
     for d in run_dirs:
         f = Path(d) if Path(d).is_file() else Path(d) / "results.json"
@@ -312,8 +302,7 @@ def load_students(run_dirs):
 
 
 def model_name(path):
-    """A saved model's name: its run folder for train_distill.py's <run>/<student>/student, else its
-    folder."""
+    """<run> for train_distill.py's <run>/<student>/student, else the model's folder."""
     return Path(path).parent.name if Path(path).name == "student" else Path(path).name
 
 
@@ -331,8 +320,7 @@ def study_report(students, baselines):
                    layers=cfg["num_layers"], params_m=round(st["params"]["total"] / 1e6, 1),
                    steps=res["step"], wall_min=round(res["wall_s"] / 60, 1), teacher=res["teacher"]["path"],
                    eval_teacher=res.get("eval_teacher", res["teacher"]["path"]),
-                   heldout=res["final"][name], pairs=res["heldout_pairs"])
-        row["vs"] = {}
+                   heldout=res["final"][name], pairs=res["heldout_pairs"], vs={})
         for baseline in baselines:
             _, base_res, _ = students[baseline]
             same_pairs = res["per_pair"]["rows"] == base_res["per_pair"]["rows"] and \
@@ -559,9 +547,8 @@ def compress(args):
 
 def tradeoff(args):
     """--tradeoff: parameters kept vs held-out relation loss for the student compressed at each rank and
-    basis (plus the uncompressed student and --reference students), against the teacher on train_distill's
-    held-out pairs of --corpus (the same pairs as a distillation run with the same corpus, seed and
-    --eval_pairs): a table, its JSON and a plot."""
+    basis (plus the uncompressed and --reference students) on the held-out pairs of a distillation run on
+    --corpus with the same --eval_pairs: a table, its JSON and a plot."""
     if not args.corpus:
         raise SystemExit("--tradeoff needs --corpus (the distillation corpus, for its held-out pairs)")
     teacher_path = args.teacher or minimoe.default_teacher()
@@ -654,8 +641,7 @@ def compute_report(bert, batch_size=32, seq_len=128, iters=10, warmup=3, device=
 
 
 def compute(args):
-    """--compute: the compute report of a checkpoint (--ckpt), or of a config with random weights
-    (--preset)."""
+    """--compute: the report of a checkpoint (--ckpt), or of a config with random weights (--preset)."""
     rt = setup_runtime(0, args.precision)
     if args.preset:
         bert = minimoe.Bert(minimoe.BertConfig.preset(args.preset, num_experts=args.num_experts))
