@@ -438,26 +438,20 @@ def trend(args):
         _, res, _ = students[baselines[0]]  # one results.json: every student has it
         points.append(dict(file=str(f), step=res["step"], pairs=res["step"] * res["args"]["batch_size"],
                            reference=reference, rows=rows))
-    shown = {r["student"] for p in points if not p["reference"] for r in p["rows"]}
-    for p in points:  # a reference run's other students are left out
-        p["rows"] = [r for r in p["rows"] if r["student"] in shown]
     points.sort(key=lambda p: (p["reference"], p["pairs"]))
+    names = list(dict.fromkeys(r["student"] for p in points if not p["reference"] for r in p["rows"]))
+    for p in points:  # a reference run's other students are left out
+        p["rows"] = [r for r in p["rows"] if r["student"] in names]
     cells = [([f"{p['pairs']:,}", f"reference ({p['step']} steps)" if p["reference"] else f"step {p['step']}",
                r["student"], f"{r['heldout']:.4f}"], r) for p in points for r in p["rows"]]
     table = delta_table(["pairs seen", "run", "student", "held-out relation KL"], baselines, cells)
     out = write_report(Path(args.out_dir) / "trend.json", args.command, f"{table}\n\n{BOOTSTRAP_NOTE}",
                        dict(command=args.command, points=points))
     print(table)
-    print(f"wrote {trend_plot(points, baselines, out / 'trend.png')}", file=sys.stderr)
-    return points
-
-
-def trend_plot(points, baselines, path):
-    """Held-out loss vs pairs seen (log x), and each student's Δ to each baseline with its 95% CI; a
-    reference run's end as open markers."""
+    # the plot: held-out loss vs pairs seen (log x), and each student's Δ to each baseline with its 95% CI;
+    # a reference run's end as open markers
     plt = pyplot("--trend")
     fig, axes = plt.subplots(1, 1 + len(baselines), figsize=(5 * (1 + len(baselines)), 4))
-    names = list(dict.fromkeys(r["student"] for p in points if not p["reference"] for r in p["rows"]))
     colors = {n: f"C{i}" for i, n in enumerate(names)}
     for ref in (False, True):
         pts = [p for p in points if p["reference"] == ref]
@@ -485,7 +479,8 @@ def trend_plot(points, baselines, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return save_figure(fig, path)
+    print(f"wrote {save_figure(fig, out / 'trend.png')}", file=sys.stderr)
+    return points
 
 
 # -----------------------------------------------------------------------------
