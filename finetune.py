@@ -9,7 +9,7 @@ Finetune a BERT / MiniMoE encoder on a GLUE task or CoNLL-2003 NER, keep the bes
 
 Sections: tasks and data -> tokenisation and batches -> the model with its task head and checkpoints ->
 metrics and dev evaluation -> one learning rate's training -> the lr grid -> seeds and plans -> arguments.
-Imports run one way: minimoe <- runkeeping <- finetune <- eval (eval.py re-exports this file's metrics).
+Imports run one way: minimoe <- runkeeping <- finetune <- eval.
 
 Recipe (MiniLM / MiniMoE finetuning): max length 128, AdamW (no decay on biases and LayerNorm),
 weight decay 0.01, linear warmup over 10% of the steps then linear decay, grad-norm clip 1.0,
