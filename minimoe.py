@@ -7,16 +7,10 @@ Zhang et al., "Lifting the Curse of Capacity Gap in Distilling Language Models",
 token to one expert, so the student stores ×E parameters while each token costs what it costs in
 the dense student (plus a router of H·E multiply-adds).
 
-The file reads top to bottom. First the method, in the paper's order: config; embeddings and
-attention; the dense FFN; the router and its load-balancing loss; the MoE FFN (tokens grouped by
-expert, the readable per-expert loop, the split init); the encoder layer, the extra relation head and
-`Bert`; the readable MiniLMv2 relation loss. Then the fast paths, each tested against its readable twin
-above: the grouped-GEMM dispatch (with the torch version it needs) and the fused relation KL. Then the
-extensions: attention experts, upcycling from a dense student, compressed (low-rank) experts. Then the
-parameter/FLOP counts, and last checkpoint I/O: config files and their validation, the Hugging Face and
-the authors' weight layouts, the hub, the tokenizer, the default teacher, saving and loading, and the
-small rules the scripts share (hf_offline, looks_local, atomic_write). It imports no other file of the
-project.
+The file reads top to bottom: the method in the paper's order (config, embeddings and attention, dense
+FFN, router and load balance, MoE FFN, encoder and `Bert`, the relation loss); then the fast paths, each
+tested against its readable twin; the extensions (attention experts, upcycling, compressed experts); the
+parameter/FLOP counts; and last checkpoint I/O. It imports no other file of the project.
 
 Shape legend: B batch, T tokens per sequence, N = B·T tokens, H hidden, I expert FFN size,
 E experts, A attention experts, nh attention heads, hd head size, R relation heads.
@@ -147,8 +141,7 @@ def merge_heads(x):  # (B, nh, T, hd) -> (B, T, H)
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention (BERT). Returns the output projection, the (q, k, v) it used and no
-    router statistics (None, like MoEAttention's MoEAux)."""
+    """Multi-head self-attention (BERT) -> (output, the (q, k, v) it used, None: no router statistics)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -240,16 +233,11 @@ def unsort(ys, groups):
     return torch.empty_like(ys).index_copy_(0, groups.order, ys)
 
 
-def split_groups(xs, groups):
-    """Each expert's slice of the sorted rows. The sizes need one host sync: fine outside compile."""
-    sizes = torch.diff(groups.offs, prepend=groups.offs.new_zeros(1))  # (E,)
-    return xs.split(sizes.tolist())  # sync-ok: loop path only
-
-
 def loop_experts(fn, xs, groups, *weights):
     """The readable dispatch, a Python loop over experts: fn(x_e, *weights_e) on expert e's contiguous
     slice x_e of the sorted rows xs (N, K); each of `weights` is stacked on a first axis of size E."""
-    slices = zip(split_groups(xs, groups), *(w.unbind(0) for w in weights))
+    sizes = torch.diff(groups.offs, prepend=groups.offs.new_zeros(1))  # (E,) group sizes
+    slices = zip(xs.split(sizes.tolist()), *(w.unbind(0) for w in weights))  # sync-ok: loop path only
     return torch.cat([fn(x_e, *weights_e) for x_e, *weights_e in slices])  # (N, M)
 
 
@@ -298,10 +286,9 @@ class MoEFeedForward(nn.Module):
         """Tokens sorted by expert xs (N, H) -> each one's expert FFN output (N, H), still sorted."""
         if resolve_dispatch(self.dispatch, xs) == "grouped":  # one grouped GEMM per projection
             hs = F.gelu(grouped_linear(xs, self.w1, self.b1, groups))  # (N, I)
-            ys = grouped_linear(hs, self.w2, self.b2, groups)  # (N, H)
-        else:  # whole FFN per slice (loop_linear twice would concatenate and re-split (N, I) in between)
-            ys = loop_experts(expert_ffn, xs, groups, self.w1, self.b1, self.w2, self.b2)  # (N, H)
-        return ys
+            return grouped_linear(hs, self.w2, self.b2, groups)  # (N, H)
+        # the whole FFN per slice (loop_linear twice would concatenate and re-split (N, I) in between)
+        return loop_experts(expert_ffn, xs, groups, self.w1, self.b1, self.w2, self.b2)  # (N, H)
 
     @torch.no_grad()
     def split_init_(self, std):
@@ -474,8 +461,7 @@ def relation_scores(x):
 
 
 def relation_logprobs(x, R, key_bias):
-    """Relation heads of one of Q, K, V: x (B, T, H) -> log softmax(x_r x_r^T / sqrt(d_R)) (B, R, T, T).
-    key_bias (B, 1, 1, T) is 0 for real keys and a large negative number for padding."""
+    """Relation heads of one of Q, K, V: x (B, T, H) -> log softmax(x_r x_r^T / sqrt(d_R)) (B, R, T, T)."""
     x = relation_heads(x, R)  # (B, R, T, d_R)
     return relation_scores(x).add_(key_bias).log_softmax(-1)  # (B, R, T, T)
 
@@ -485,7 +471,6 @@ def relation_loss(teacher_qkv, student_qkv, attention_mask, num_relation_heads=3
     """MiniLMv2 (Wang et al. 2021, eq. 1-3): for Q-Q, K-K and V-V, KL(teacher || student) between the
     relation distributions of R heads, averaged over real query rows and heads; mean of the three.
     Teacher and student widths may differ (768 vs 384): each is split into R heads of its own size.
-    The teacher side carries no gradient.
 
     dropout > 0 reproduces the original code's quirk (off by default): dropout on the student's relation
     probabilities, then KL against log(p + 1e-7). A dropped entry costs p_t·log(p_t / 1e-7), so that
@@ -562,12 +547,10 @@ def loop_linear(xs, w, b, groups):
 
 def grouped_mm_unfit(x):
     """Why one grouped GEMM cannot run on rows like x as asked, or None where it can.
-    CUDA: torch's fast kernel takes bf16 operands on compute capability 9.x/10.x (H100/H200, B200) only;
-    on any other GPU or dtype _grouped_mm_cuda falls back to a loop of matmuls that first copies the
-    offsets to the host, a host sync in every call. This follows torch 2.13's
-    aten/src/ATen/native/cuda/GroupedBlas.cpp: `use_fast_path = _scaled_mm_allowed_device(sm90_only,
-    sm100_only) && a_b_and_out_are_bf16`. The F.grouped_mm docstring's "SM >= 80" is looser than the
-    code, and the rule changes between releases: recheck it on a torch upgrade.
+    CUDA: torch's fast kernel takes bf16 operands on compute capability 9.x/10.x only; elsewhere
+    _grouped_mm_cuda falls back to a loop of matmuls that first copies the offsets to the host (a host
+    sync in every call). This follows torch 2.13's aten/src/ATen/native/cuda/GroupedBlas.cpp
+    (`use_fast_path`), not the looser "SM >= 80" of F.grouped_mm's docstring: recheck on a torch upgrade.
     CPU: fp32, bf16 or fp16 (no float64). Under torch.compile: bf16 only, on any device.
     Device properties are cached by torch: a host query, no device sync."""
     if not hasattr(F, "grouped_mm"):
@@ -593,9 +576,8 @@ def grouped_mm_unfit(x):
 
 def resolve_dispatch(dispatch, x):
     """'auto': the grouped GEMM where it runs as asked (grouped_mm_unfit is None) on CUDA, and on CPU under
-    torch.compile (no graph break); elsewhere the per-expert loop (eager on CPU, grouped_mm does not beat
-    it: bench.py compares the two). It never changes precision and adds no host sync. 'grouped' where it
-    cannot run as asked: a ValueError saying why."""
+    torch.compile (no graph break); elsewhere the per-expert loop (bench.py compares the two). It never
+    changes precision and adds no host sync. 'grouped' where it cannot run as asked: a ValueError saying why."""
     if dispatch == "loop":
         return "loop"
     why = grouped_mm_unfit(x)
@@ -729,10 +711,8 @@ def upcycle(moe, dense):
 class LowRankMoEFeedForward(nn.Module):
     """A MiniMoE FFN whose expert matrices are factorised, w ≈ base + U·V with U (in, r) and V (r, out):
     the paper's future work ("every expert can be more or less pruned from a SVD perspective").
-    basis="per_expert": base = 0, each expert's own rank-r factors.
-    basis="shared": base = the experts' mean matrix (one per projection, shared by all experts) and U·V a
-    rank-r factorisation of each expert's difference from it; experts that began as split copies of one
-    wide FFN differ by a low-rank amount only if training made them so (eval.py --svd measures it).
+    basis="per_expert": base = 0, each expert's own rank-r factors. basis="shared": base = the experts'
+    mean matrix (one per projection) and U·V a rank-r factorisation of each expert's difference from it.
     The forward multiplies by U then V, r·(in + out) multiply-adds a row instead of in·out: the low-rank
     form is never re-densified. Built by `compress_experts`; routing is that of MoEFeedForward."""
 
@@ -868,7 +848,7 @@ def count_params(cfg):
 
 def count_flops(cfg, seq_len=128):
     """Compute per token and per sequence. `paper_gflops` follows the paper's tables: multiply-adds of
-    the linear layers (routers included) for one sequence of seq_len tokens (3L-384H: 0.68).
+    the linear layers (routers included) for one sequence of seq_len tokens.
     `flops_per_token` counts 2 FLOPs per multiply-add and adds attention scores and mixing (2·T·H)."""
     H, I, L, T = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, seq_len
     E, A = cfg.num_experts, cfg.num_attn_experts
@@ -916,30 +896,32 @@ def bad_config_values(cfg):
     return bad
 
 
+# config.json name -> BertConfig field, in config.json's order; None: what every BERT here has (HF_FIXED)
+HF_NAMES = dict(vocab_size="vocab_size", hidden_size="hidden_size", num_hidden_layers="num_layers",
+                num_attention_heads="num_heads", intermediate_size="intermediate_size", hidden_act=None,
+                hidden_dropout_prob="hidden_dropout", attention_probs_dropout_prob="attention_dropout",
+                max_position_embeddings="max_position_embeddings", type_vocab_size="type_vocab_size",
+                initializer_range="initializer_range", layer_norm_eps="layer_norm_eps",
+                pad_token_id="pad_token_id", position_embedding_type=None, num_experts="num_experts",
+                num_attn_experts="num_attn_experts", router_noise="router_noise", relation_head="relation_head",
+                expert_init="expert_init", expert_rank="expert_rank", expert_basis="expert_basis")
+HF_FIXED = dict(hidden_act="gelu", position_embedding_type="absolute")
+
+
 def hf_config_fields(hf):
-    """BertConfig fields from a Hugging Face BERT config.json dict: ours carry the MiniMoE fields; the
-    authors' MiniMoE checkpoints (architectures ["MoEBertMiniLM"]) say "moe": "A,E" and
-    intermediate_size = E·I."""
+    """BertConfig fields from a Hugging Face BERT config.json dict (absent ones keep BertConfig's defaults;
+    HF BERTs are dense, so relation_head "auto" is "layer"). The authors' MiniMoE checkpoints
+    (architectures ["MoEBertMiniLM"]) say "moe": "A,E" and intermediate_size = E·I."""
     if hf.get("model_type", "bert") != "bert":
         raise ValueError(f"not a BERT config: model_type is {hf.get('model_type')!r} "
                          "(only BERT encoders are supported)")
-    if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
+    if any(hf.get(k, v) != v for k, v in HF_FIXED.items()):
         raise ValueError("only BERT with hidden_act='gelu' and absolute position embeddings is supported, "
                          f"got {hf.get('hidden_act')!r} / {hf.get('position_embedding_type')!r}")
-    need = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
-    if missing := [k for k in need if k not in hf]:
+    if missing := [k for k in list(HF_NAMES)[:5] if k not in hf]:
         raise ValueError(f"BERT config lacks {missing}")
-    kw = dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-              num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
-              max_position_embeddings=hf.get("max_position_embeddings", 512),
-              type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-              hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
-              attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-              pad_token_id=hf.get("pad_token_id") or 0, initializer_range=hf.get("initializer_range", 0.02),
-              num_experts=hf.get("num_experts", 1), num_attn_experts=hf.get("num_attn_experts", 1),
-              router_noise=hf.get("router_noise", 0.1), expert_init=hf.get("expert_init", "split"),
-              expert_rank=hf.get("expert_rank", 0), expert_basis=hf.get("expert_basis", "per_expert"),
-              relation_head=hf.get("relation_head", "auto"))  # HF BERTs: dense, so "auto" is "layer"
+    kw = {ours: hf[k] for k, ours in HF_NAMES.items() if ours and k in hf}
+    kw["pad_token_id"] = hf.get("pad_token_id") or 0  # null in some HF configs
     if "moe" in hf:  # the authors' layout: one wide FFN config, E experts of intermediate_size / E each
         try:
             attn_experts, ffn_experts = (int(n) for n in str(hf["moe"]).split(","))
@@ -957,16 +939,7 @@ def config_to_hf(cfg):
     """A BertConfig as config.json: HF BERT's names, plus the MiniMoE fields."""
     dense = cfg.num_experts == 1 and cfg.num_attn_experts == 1
     return dict(model_type="bert", architectures=["BertModel" if dense else "MiniMoEBert"],
-                vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-                hidden_act="gelu", hidden_dropout_prob=cfg.hidden_dropout,
-                attention_probs_dropout_prob=cfg.attention_dropout,
-                max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
-                initializer_range=cfg.initializer_range, layer_norm_eps=cfg.layer_norm_eps,
-                pad_token_id=cfg.pad_token_id, position_embedding_type="absolute",
-                num_experts=cfg.num_experts, num_attn_experts=cfg.num_attn_experts,
-                router_noise=cfg.router_noise, relation_head=cfg.relation_head, expert_init=cfg.expert_init,
-                expert_rank=cfg.expert_rank, expert_basis=cfg.expert_basis)
+                **{k: getattr(cfg, ours) if ours else HF_FIXED[k] for k, ours in HF_NAMES.items()})
 
 
 def read_hf_config(directory, **overrides):
@@ -1211,8 +1184,7 @@ def atomic_write(path, data):
     """Write `data` (bytes, text, or a function that writes into the open binary file) to a temporary file
     beside `path`, fsync it, then os.replace: a reader, or a killed run, finds the old file or the whole new
     one, never half of one. A failed write (disk full, Ctrl-C) removes its temporary file; a write that the
-    disk refuses is an OSError naming `path` (torch's zip writer turns the disk's OSError into a
-    RuntimeError)."""
+    disk refuses is an OSError naming `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -1226,16 +1198,14 @@ def atomic_write(path, data):
         os.replace(tmp, path)
     except BaseException as e:  # also a KeyboardInterrupt: leave no temporary file behind
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) or is_write_failure(e):
+        # torch.save's zip writer reports a failed write (a full disk) as a RuntimeError
+        zip_writer = isinstance(e, RuntimeError) and any(w in str(e) for w in ("inline_container",
+                                                                               "PytorchStreamWriter"))
+        if isinstance(e, OSError) or zip_writer:
             detail = f"{type(e).__name__}: {str(e)[:200]}"
             raise OSError(f"{path}: could not be written ({detail}); is the disk full?") from None
         raise
     return path
-
-
-def is_write_failure(e):
-    """torch.save's zip writer reports a failed write (a full disk) as this RuntimeError."""
-    return isinstance(e, RuntimeError) and ("inline_container" in str(e) or "PytorchStreamWriter" in str(e))
 
 
 def save_bert(model, out_dir, tokenizer=None):
