@@ -417,11 +417,8 @@ class Bert(nn.Module):
                 qkv = layer_qkv
             attn_aux += [layer_attn_aux] if layer_attn_aux is not None else []
             ffn_aux += [layer_ffn_aux] if layer_ffn_aux is not None else []
-        auxes = attn_aux + ffn_aux
-        if auxes:
-            aux_loss = torch.stack([a.loss for a in auxes]).mean()
-        else:
-            aux_loss = x.new_zeros((), dtype=torch.float32)
+        losses = [a.loss for a in attn_aux + ffn_aux]
+        aux_loss = torch.stack(losses).mean() if losses else x.new_zeros((), dtype=torch.float32)
         num_real = attention_mask.sum().clamp_min(1)
         if self.relation_proj is not None:  # the original MiniMoE: relations of the final hidden states
             qkv = self.relation_proj(x)
@@ -527,7 +524,6 @@ def check_torch(version):
 
 
 check_torch(torch.__version__)  # at import
-
 
 
 def grouped_linear(xs, w, b, groups):
@@ -1271,12 +1267,10 @@ def load_bert(path_or_id, **overrides):
     state, own = hf_to_ours(state, where), model.state_dict()
     if model.relation_proj is None:  # relation_head="layer" asked of a student with the extra head: drop it
         state = {k: v for k, v in state.items() if not k.startswith("relation_proj.")}
-    if missing := [k for k in own if k not in state]:
-        raise ValueError(f"{where}: missing tensors for this config: {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}")
-    if extra := [k for k in state if k not in own]:
-        raise ValueError(f"{where}: tensors this config does not have: {extra[:5]}"
-                         f"{' ...' if len(extra) > 5 else ''}")
+    for what, names in (("missing tensors for this config", [k for k in own if k not in state]),
+                        ("tensors this config does not have", [k for k in state if k not in own])):
+        if names:
+            raise ValueError(f"{where}: {what}: {names[:5]}{' ...' if len(names) > 5 else ''}")
     for k, tensor in state.items():
         if tensor.shape != own[k].shape:
             raise ValueError(f"{where}: tensor {k!r} has shape {tuple(tensor.shape)} "
