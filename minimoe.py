@@ -1033,8 +1033,6 @@ def authors_to_hf(state, where):
 def hf_to_ours(state, where):
     """HF BERT state dict (with or without 'bert.', old gamma/beta names, the authors' MiniMoE layout)
     -> ours; pooler and pretraining heads dropped."""
-    if any(k.startswith(("emb.", "layers.")) for k in state):
-        return dict(state)  # already ours (a training checkpoint)
     if any(k.startswith("self.") or ".ffn_gate." in k for k in state):
         state = authors_to_hf(state, where)
     out = {}
@@ -1264,7 +1262,9 @@ def load_bert(path_or_id, **overrides):
     if name := nonfinite_tensor(state):  # a diverged run's weights, or a damaged file: named as in the file
         raise ValueError(f"{file}: tensor {name!r} has non-finite values (NaN/inf); use another checkpoint")
     model = Bert(cfg)
-    state, own = hf_to_ours(state, where), model.state_dict()
+    own = model.state_dict()
+    if where.is_dir():  # a training checkpoint's tensors have our names already
+        state = hf_to_ours(state, where)
     if model.relation_proj is None:  # relation_head="layer" asked of a student with the extra head: drop it
         state = {k: v for k, v in state.items() if not k.startswith("relation_proj.")}
     for what, names in (("missing tensors for this config", [k for k in own if k not in state]),
