@@ -573,7 +573,8 @@ def grouped_mm_unfit(x):
 def resolve_dispatch(dispatch, x):
     """'auto': the grouped GEMM where it runs as asked (grouped_mm_unfit is None) on CUDA, and on CPU under
     torch.compile (no graph break); elsewhere the per-expert loop (bench.py compares the two). It never
-    changes precision and adds no host sync. 'grouped' where it cannot run as asked: a ValueError saying why."""
+    changes precision and adds no host sync. 'grouped' where it cannot run as asked: a ValueError saying
+    why."""
     if dispatch == "loop":
         return "loop"
     why = grouped_mm_unfit(x)
@@ -899,8 +900,9 @@ HF_NAMES = dict(vocab_size="vocab_size", hidden_size="hidden_size", num_hidden_l
                 max_position_embeddings="max_position_embeddings", type_vocab_size="type_vocab_size",
                 initializer_range="initializer_range", layer_norm_eps="layer_norm_eps",
                 pad_token_id="pad_token_id", position_embedding_type=None, num_experts="num_experts",
-                num_attn_experts="num_attn_experts", router_noise="router_noise", relation_head="relation_head",
-                expert_init="expert_init", expert_rank="expert_rank", expert_basis="expert_basis")
+                num_attn_experts="num_attn_experts", router_noise="router_noise",
+                relation_head="relation_head", expert_init="expert_init", expert_rank="expert_rank",
+                expert_basis="expert_basis")
 HF_FIXED = dict(hidden_act="gelu", position_embedding_type="absolute")
 
 
@@ -914,7 +916,7 @@ def hf_config_fields(hf):
     if any(hf.get(k, v) != v for k, v in HF_FIXED.items()):
         raise ValueError("only BERT with hidden_act='gelu' and absolute position embeddings is supported, "
                          f"got {hf.get('hidden_act')!r} / {hf.get('position_embedding_type')!r}")
-    if missing := [k for k in list(HF_NAMES)[:5] if k not in hf]:
+    if missing := [k for k in list(HF_NAMES)[:5] if k not in hf]:  # the sizes, which have no default
         raise ValueError(f"BERT config lacks {missing}")
     kw = {ours: hf[k] for k, ours in HF_NAMES.items() if ours and k in hf}
     kw["pad_token_id"] = hf.get("pad_token_id") or 0  # null in some HF configs
