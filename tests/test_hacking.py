@@ -68,28 +68,32 @@ def test_another_teacher_layer_is_a_flag(tiny_setup, tmp_path):  # noqa: F811
     assert read_log(tmp_path / "-1")[0]["rel"] != read_log(tmp_path / "0")[0]["rel"]  # other relations
 
 
+PLAIN_READERS, JSONL_READ = td.iter_documents, []
+
+
+def jsonl_documents(sources, min_words=8):
+    """iter_documents with one more format: a .jsonl file of {"text": ...} documents. Module-level, as the
+    datasets cache hashes the generator (a closure over test state would not pickle)."""
+    for src in sources:
+        if not src.endswith(".jsonl"):
+            yield from PLAIN_READERS([src], min_words)
+            continue
+        JSONL_READ.append(src)
+        for line in open(src):
+            yield {"sentences": td.split_sentences(json.loads(line)["text"], min_words)}
+
+
 def test_a_new_corpus_format_is_an_edit_of_iter_documents(tiny_setup, tmp_path, monkeypatch, capsys):  # noqa: F811
     corpus = tmp_path / "corpus.jsonl"  # a format the readers do not know: one JSON document per line
     docs = [" ".join(f"Word{d} number {i} of the document in this small test corpus." for i in range(6))
             for d in range(40)]
     corpus.write_text("\n".join(json.dumps({"text": d}) for d in docs))
-    plain, seen = td.iter_documents, []
-
-    def with_jsonl(sources, min_words=8):
-        for src in sources:
-            if not src.endswith(".jsonl"):
-                yield from plain([src], min_words)
-                continue
-            seen.append(src)
-            for line in open(src):
-                yield {"sentences": td.split_sentences(json.loads(line)["text"], min_words)}
-
-    monkeypatch.setattr(td, "iter_documents", with_jsonl)
+    monkeypatch.setattr(td, "iter_documents", jsonl_documents)
     args = tiny_args(tiny_setup, tmp_path / "run", "--prepare_only", "--num_proc", "1")
     args[args.index("--corpus") + 1], args[args.index("--cache_dir") + 1] = str(corpus), str(tmp_path / "cache")
     td.main(args)
-    assert seen == [str(corpus)]
-    assert "data: " in capsys.readouterr().out
+    assert JSONL_READ == [str(corpus)]
+    assert f"pairs from {corpus}" in capsys.readouterr().out
 
 
 def test_a_new_student_size_is_a_preset(tiny_setup, tmp_path, monkeypatch):  # noqa: F811
