@@ -303,7 +303,7 @@ def ffn_section(b):
     b.res["timings_s"]["ffn"] = t
     b.res["ffn"] = dict(tokens=B * b.T, H=scfg.hidden_size, I=scfg.intermediate_size, E=E, ratios=ratios,
                         auto_resolves_to=auto, dense_ms=1e3 * median(t["dense"]))
-    b.res["moe_ffn_vs_dense"] = min(ratios.values())  # the best dispatch, as the target reads
+    b.res["moe_ffn_vs_dense"] = min(ratios.values())  # the best dispatch, which the target is for
     b.done("ffn", fns)
 
 
