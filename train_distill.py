@@ -856,11 +856,11 @@ def describe(cfg):
 
 def log_sums(cfg, device):
     """A student's log window, summed on the device (no host sync): the loss it minimises, its relation and
-    load-balance parts, real tokens, and router_stats, each FFN expert's share of real tokens per MoE layer, (L, E) ((0,) if dense)."""
+    load-balance parts, real tokens, and router_stats, each FFN expert's share of real tokens per MoE layer,
+    (L, E) ((0,) if dense)."""
     load_shape = (cfg.num_layers, cfg.num_experts) if cfg.num_experts > 1 else (0,)
-    return {"loss": torch.zeros((), device=device), "rel": torch.zeros((), device=device),
-            "lb": torch.zeros((), device=device),
-            "tokens": torch.zeros((), device=device), "load": torch.zeros(load_shape, device=device)}
+    sums = {name: torch.zeros((), device=device) for name in ("loss", "rel", "lb", "tokens")}
+    return {**sums, "load": torch.zeros(load_shape, device=device)}
 
 
 @dataclass
