@@ -823,7 +823,7 @@ def finetune(args, keep_lock=False):
         torch.set_num_threads(args.threads)
     ctx = Context(args, get_task(args.task), rt, args.model or minimoe.default_teacher(), run_dir(args))
     out_dir, data_dir = ctx.out_dir, None if args.data_dir in (None, "", "hub") else args.data_dir
-    made = rt.is_master and not out_dir.exists()
+    made = [d for d in (out_dir, *out_dir.parents) if not d.exists()] if rt.is_master else []  # nearest first
     if rt.is_master:
         lock = lock_out_dir(out_dir, "finetune run")  # creates it; refuses a file, or a directory in use
         clear_previous_run(out_dir, args.overwrite)  # or refuses one that holds a run: one run per directory
@@ -835,6 +835,9 @@ def finetune(args, keep_lock=False):
         if made:
             release_lock(out_dir / ".lock")
             shutil.rmtree(out_dir, ignore_errors=True)
+        for parent in made[1:]:  # and no parent it made, unless another run (a plan's other worker) uses it
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         raise
 
     ctx.log = open(out_dir / "log.jsonl", "a") if rt.is_master else None

@@ -390,14 +390,19 @@ def test_plan_workers_skip_runs_another_live_process_holds(tiny_dir, tmp_path, m
 
 
 def test_a_run_that_fails_before_training_leaves_no_directory(tiny_dir, tmp_path):
-    """No data for the task: an error, and no empty runs/finetune/TASK left behind (a folder that was there
-    before stays)."""
+    """No data for the task: an error, and no empty runs/finetune/TASK, nor parents it made, left behind (a
+    folder that was there before stays, and so does a parent another run uses)."""
     (tmp_path / "nodata").mkdir()
     out = tmp_path / "runs" / "finetune" / "rte"
     with pytest.raises(FileNotFoundError, match="no train file for rte"):
         ft.main(["--task", "rte", "--model", str(tiny_dir), "--data_dir", str(tmp_path / "nodata"), "--out_dir",
                  str(out)])
-    assert not out.exists()
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "finetune" / "mrpc").mkdir(parents=True)  # another run's
+    with pytest.raises(FileNotFoundError):
+        ft.main(["--task", "rte", "--model", str(tiny_dir), "--data_dir", str(tmp_path / "nodata"), "--out_dir",
+                 str(out)])
+    assert not out.exists() and (tmp_path / "runs" / "finetune" / "mrpc").is_dir()
     out.mkdir(parents=True)
     with pytest.raises(FileNotFoundError):
         ft.main(["--task", "rte", "--model", str(tiny_dir), "--data_dir", str(tmp_path / "nodata"), "--out_dir",
