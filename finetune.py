@@ -977,6 +977,9 @@ def read_plan(path):
             get_task(task)
         except ValueError as e:
             raise SystemExit(f"--plan {path}: {e}") from None
+    missing = [m for m in plan["models"].values() if m and minimoe.looks_local(m) and not Path(m).exists()]
+    if missing:
+        raise SystemExit(f"--plan {path}: no such model {', '.join(missing)}")
     return plan
 
 

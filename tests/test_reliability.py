@@ -628,6 +628,7 @@ def test_bad_tokenizer_files_are_named(name, content, message, tmp_path, tokeniz
     (dict(models={"a": None}, tasks="sst2"), "tasks must be a list of task names"),
     (dict(models={"a": None}, tasks=["sst2"], seeds=1), "seeds must be a list of integers"),
     (dict(models={"a": None}, tasks=["sst3"]), "unknown task 'sst3'"),
+    (dict(models={"a": "/no/such/student"}, tasks=["sst2"]), "no such model /no/such/student"),
 ])
 def test_a_bad_plan_is_refused_before_anything_is_created(plan, message, tmp_path, capsys):
     import finetune as ft
