@@ -19,7 +19,6 @@ dev score. MiniMoE's load-balancing loss stays on: loss = task loss + 0.01 * aux
 """
 import argparse
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -148,15 +147,18 @@ def read_glue(task, path):
         if len(f) != ncol:
             raise ValueError(f"{path}:{n}: expected {ncol} tab-separated columns, found {len(f)}")
         raw = f[cl].strip()
-        if task.labels and raw not in label_id:
-            raise ValueError(f"{path}:{n}: unknown label {raw!r} for {task.name} "
-                             f"(expected one of {list(task.labels)})")
-        try:
-            label = label_id[raw] if task.labels else float(raw)
-        except ValueError:
-            raise ValueError(f"{path}:{n}: score {raw!r} is not a number") from None
-        if not math.isfinite(label):
-            raise ValueError(f"{path}:{n}: score {raw!r} is not finite")
+        if task.labels:  # a class name
+            if raw not in label_id:
+                raise ValueError(f"{path}:{n}: unknown label {raw!r} for {task.name} "
+                                 f"(expected one of {list(task.labels)})")
+            label = label_id[raw]
+        else:  # a regression score (STS-B)
+            try:
+                label = float(raw)
+            except ValueError:
+                raise ValueError(f"{path}:{n}: score {raw!r} is not a number") from None
+            if not math.isfinite(label):
+                raise ValueError(f"{path}:{n}: score {raw!r} is not finite")
         out.append(Example(f[ca], f[cb] if cb is not None else None, label))
     return out
 
@@ -673,10 +675,13 @@ def train_one_lr(ctx, lr):
     from tqdm import tqdm
     bar = tqdm(total=ctx.total_steps, desc=f"{ctx.task.name} lr {lr:g}", dynamic_ncols=True,
                mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not rt.is_master)
-    batches = (idx for _ in itertools.count()  # epoch after epoch, each shuffled anew
-               for idx in train_batches(ctx.lengths, args.batch_size, gen, rt.rank, rt.world_size,
-                                        not args.no_group_by_length))
-    for step, idx in enumerate(batches, 1):
+
+    def epochs():  # batches epoch after epoch, each epoch shuffled anew, until the loop stops
+        while True:
+            yield from train_batches(ctx.lengths, args.batch_size, gen, rt.rank, rt.world_size,
+                                     not args.no_group_by_length)
+
+    for step, idx in enumerate(epochs(), 1):
         batch = collate_features([ctx.train_f[i] for i in idx], ctx.pad_id)
         batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
         model.train()
@@ -815,15 +820,22 @@ def run_dir(args):
     return Path(args.out_dir or f"runs/finetune/{get_task(args.task).name}")
 
 
-def finetune(args, keep_lock=False):
+def new_folders(path):
+    """path and its parents that do not exist yet, nearest first: what a run that fails early removes."""
+    return [d for d in (path, *path.parents) if not d.exists()]
+
+
+def finetune(args, keep_lock=False, made=None):
     """One finetuning run (all learning rates of the grid) of args.task; returns the grid's best. The run
-    directory's lock is released at the end, unless keep_lock (run_plan releases it after done.json)."""
+    directory's lock is released at the end, unless keep_lock (run_plan releases it after done.json).
+    made: the folders the run made, nearest first (run_plan, which locks the directory first, says)."""
     rt = setup_runtime(args.seed, args.precision)
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = Context(args, get_task(args.task), rt, args.model or minimoe.default_teacher(), run_dir(args))
     out_dir, data_dir = ctx.out_dir, None if args.data_dir in (None, "", "hub") else args.data_dir
-    made = [d for d in (out_dir, *out_dir.parents) if not d.exists()] if rt.is_master else []  # nearest first
+    if made is None:
+        made = new_folders(out_dir) if rt.is_master else []
     if rt.is_master:
         lock = lock_out_dir(out_dir, "finetune run")  # creates it; refuses a file, or a directory in use
         clear_previous_run(out_dir, args.overwrite)  # or refuses one that holds a run: one run per directory
@@ -832,10 +844,10 @@ def finetune(args, keep_lock=False):
     try:
         prepare_data(ctx, data_dir)
     except BaseException:  # a run that fails before training leaves no directory it made (only its lock)
-        if made:
+        if out_dir in made:
             release_lock(out_dir / ".lock")
             shutil.rmtree(out_dir, ignore_errors=True)
-        for parent in made[1:]:  # and no parent it made, unless another run (a plan's other worker) uses it
+        for parent in made[1:]:  # and no parent it made, unless another run (another plan run) uses it
             with contextlib.suppress(OSError):
                 parent.rmdir()
         raise
@@ -924,6 +936,7 @@ def run_plan(path):
         where = f"[plan {i + 1}/{len(todo)}] {name} {task} seed {seed}"
         if (out / "done.json").exists():
             continue
+        made = new_folders(out)
         try:
             lock = lock_out_dir(out, "plan run")
         except DirectoryInUse:  # another process works on this run
@@ -939,7 +952,7 @@ def run_plan(path):
         t0 = time.time()
         model = ["--model", str(models[name])] if models[name] else []  # null: the embedded teacher
         args = parse_args(["--task", task, *model, "--seed", str(seed), "--out_dir", str(out), *extra])
-        best = finetune(args, keep_lock=True)
+        best = finetune(args, keep_lock=True, made=made)
         done = dict(model=name, task=task, seed=seed, wall_s=round(time.time() - t0, 1),
                     best_lr=best.get("lr"), score=best.get("score"))
         write_json(out / "done.json", done)
@@ -977,7 +990,8 @@ def read_plan(path):
             get_task(task)
         except ValueError as e:
             raise SystemExit(f"--plan {path}: {e}") from None
-    missing = [m for m in plan["models"].values() if m and minimoe.looks_local(m) and not Path(m).exists()]
+    missing = [m for m in plan["models"].values()
+               if m and minimoe.looks_local(m) and not Path(m).expanduser().exists()]
     if missing:
         raise SystemExit(f"--plan {path}: no such model {', '.join(missing)}")
     return plan
@@ -1006,10 +1020,12 @@ def make_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     arg = p.add_argument
     arg("--task", default=None, help=f"one of {sorted(TASKS)} (required unless --plan)")
-    arg("--protocol", default="ours", choices=["ours", "authors"], help="recipe preset (PROTOCOLS); flags "
-        "given explicitly win")
+    arg("--protocol", default="ours", choices=["ours", "authors"], help="recipe preset (PROTOCOLS): ours, or "
+        "the authors' (batch 16, clip 5, dev every 10 steps, patience 5 epochs; CoNLL: lr 2e-5, batch 32, "
+        "3 epochs, dev every 100 steps); flags given explicitly win")
     arg("--seeds", default=None, help="comma-separated seeds: one run each, in OUT_DIR/seedS")
-    arg("--plan", default=None, help="a JSON plan of models x tasks x seeds (run_plan); rerun it to continue")
+    arg("--plan", default=None, help="a JSON plan {models: {name: path}, tasks: [...], seeds: [...], "
+        "out_dir, args: [...]}: every model x task x seed into out_dir/name/task/seedS (rerun to continue)")
     arg("--model", default=None, help="HF BERT dir or hub id, save_bert dir, or train_distill *.pt; None = "
         "all-MiniLM-L6-v2")
     arg("--tokenizer", default=None, help="tokenizer dir; None = the --model dir (give it for a *.pt file)")

@@ -408,3 +408,16 @@ def test_a_run_that_fails_before_training_leaves_no_directory(tiny_dir, tmp_path
         ft.main(["--task", "rte", "--model", str(tiny_dir), "--data_dir", str(tmp_path / "nodata"), "--out_dir",
                  str(out)])
     assert out.is_dir()
+
+
+def test_a_plan_run_that_fails_before_training_leaves_no_directory(tiny_dir, tmp_path, monkeypatch):
+    """The same for a --plan run (which locks its directory before finetune starts); its model given as
+    ~/NAME is found, as --model finds it."""
+    (tmp_path / "nodata").mkdir()
+    monkeypatch.setenv("HOME", str(tiny_dir.parent))
+    plan = dict(models={"m": f"~/{tiny_dir.name}"}, tasks=["rte"], out_dir=str(tmp_path / "plans" / "a"),
+                args=["--data_dir", str(tmp_path / "nodata")])
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(FileNotFoundError, match="no train file for rte"):
+        ft.main(["--plan", str(tmp_path / "plan.json")])
+    assert not (tmp_path / "plans").exists()
