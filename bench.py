@@ -225,13 +225,17 @@ class Bench:
         self.res["load_avg"][section] = [self.load0, load_avg()]  # 1-minute load average before, after
         print(f"{self.device} {section}: {self.res['section_s'][section]:.0f} s, load {self.load0} -> "
               f"{self.res['load_avg'][section][1]}", flush=True)
-        for name, fn in fns.items() if self.args.profile else ():
-            with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * self.cuda) as prof:
-                fn()
-                sync(self.device)
-            print(f"\n== profile: {section} {name} ({self.device}), one call ==")
-            sort = f"self_{'cuda' if self.cuda else 'cpu'}_time_total"
-            print(prof.key_averages().table(sort_by=sort, row_limit=15))
+        if self.args.profile:
+            activities = [ProfilerActivity.CPU]
+            if self.cuda:
+                activities.append(ProfilerActivity.CUDA)
+            for name, fn in fns.items():
+                with profile(activities=activities) as prof:
+                    fn()
+                    sync(self.device)
+                print(f"\n== profile: {section} {name} ({self.device}), one call ==")
+                sort = f"self_{'cuda' if self.cuda else 'cpu'}_time_total"
+                print(prof.key_averages().table(sort_by=sort, row_limit=15))
         self.t0, self.load0 = time.time(), load_avg()
 
 
@@ -407,14 +411,16 @@ def distill_section(b):
         for _ in range(5):  # compiles, then recompiles until the experts' token counts are dynamic
             fns["distill_step_compiled"]()
         b.res["compile_s"] = round(time.time() - t0, 1)
-    t = b.res["timings_s"]["distill"] = b.time(fns, 0, b.heavy)
+    t = b.time(fns, 0, b.heavy)
+    b.res["timings_s"]["distill"] = t
     tf, ts = median(t["teacher_forward"]), median(t["distill_step"])
     f_teacher = B * mm.count_flops(tcfg, b.T)["flops_per_sequence"]
     f_distill = f_teacher + 3 * B * mm.count_flops(scfg, b.T)["flops_per_sequence"]
-    d = b.res["distill"] = dict(batch=B, teacher_forward_ms=1e3 * tf, distill_step_ms=1e3 * ts,
-                                flop_ratio=f_distill / f_teacher,
-                                teacher_forward_tflops=f_teacher / tf / 1e12,
-                                distill_step_tflops=f_distill / ts / 1e12)
+    d = dict(batch=B, teacher_forward_ms=1e3 * tf, distill_step_ms=1e3 * ts,
+             flop_ratio=f_distill / f_teacher,
+             teacher_forward_tflops=f_teacher / tf / 1e12,
+             distill_step_tflops=f_distill / ts / 1e12)
+    b.res["distill"] = d  # the MFU keys below are added to it
     if b.cuda:
         gpu = torch.cuda.get_device_name()
         peak = b.args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS if k in gpu), None)

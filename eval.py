@@ -182,6 +182,31 @@ def markdown_table(rows, tasks=None):
     return "\n".join(lines)
 
 
+def root_results(root, found, tasks, args, rt):
+    """One run directory's numbers (a table row): per task, the mean and std over its runs of the best dev
+    metrics, each run's own, and the mean of the last dev metrics. found: {task: run dirs} of this root."""
+    metrics, std, last_metrics, scores = {}, {}, {}, {}
+    for t in dict.fromkeys(tasks):
+        if t not in found:
+            continue
+        runs, lasts = [], []
+        for d in found[t]:
+            meta = json.loads((d / "finetune.json").read_text())  # checked by find_runs
+            if args.cached:  # the stored best dev metrics, else evaluated again
+                runs.append(meta["metrics"])
+            else:
+                runs.append(evaluate_checkpoint(d, args.data_dir, batch_size=args.batch_size,
+                                                device=rt.device, autocast=rt.autocast)[0])
+            lasts.append(meta.get("last_metrics") or meta["metrics"])
+        metrics[t], std[t] = mean_std(runs)
+        scores[t] = runs  # each run's own, for the plot
+        last_metrics[t] = mean_std(lasts)[0]
+        print(f"{root} {t} ({len(runs)} run{'s' * (len(runs) > 1)}): " +
+              " ".join(f"{k} {v:.4f}" for k, v in metrics[t].items()), file=sys.stderr)
+    return dict(runs={t: [str(d) for d in ds] for t, ds in found.items()},
+                metrics=metrics, std=std, last_metrics=last_metrics, scores=scores)
+
+
 def glue_table(args):
     """--tasks over --runs: one row per run directory (the mean over seeds, ± their std), printed; with
     --json, the JSON, the best and last dev tables as Markdown beside it, and a plot of the seeds."""
@@ -195,30 +220,15 @@ def glue_table(args):
     # the GLUE average only over tasks every row has, so that rows compare
     glue_cols = {col for col, t, _ in GLUE_COLUMNS if all(t in found[root] for root in args.runs)}
     results, rows, last_rows = {}, {}, {}
-    for root in args.runs:  # a row: per task, the mean and std over its runs of the best and last dev metrics
-        res = results[str(root)] = dict(runs={t: [str(d) for d in ds] for t, ds in found[root].items()},
-                                        metrics={}, std={}, last_metrics={}, scores={})
-        for t in dict.fromkeys(tasks):
-            if t not in found[root]:
-                continue
-            runs, lasts = [], []
-            for d in found[root][t]:
-                meta = json.loads((d / "finetune.json").read_text())  # checked by find_runs
-                if args.cached:  # the stored best dev metrics, else evaluated again
-                    runs.append(meta["metrics"])
-                else:
-                    runs.append(evaluate_checkpoint(d, args.data_dir, batch_size=args.batch_size,
-                                                    device=rt.device, autocast=rt.autocast)[0])
-                lasts.append(meta.get("last_metrics") or meta["metrics"])
-            res["metrics"][t], res["std"][t] = mean_std(runs)
-            res["scores"][t] = runs  # each run's own, for the plot
-            res["last_metrics"][t] = mean_std(lasts)[0]
-            print(f"{root} {t} ({len(runs)} run{'s' * (len(runs) > 1)}): " +
-                  " ".join(f"{k} {v:.4f}" for k, v in res["metrics"][t].items()), file=sys.stderr)
+    for root in args.runs:
+        res = root_results(root, found[root], tasks, args, rt)
         several = {t: sd for t, sd in res["std"].items() if len(res["scores"][t]) > 1}  # one run: no "± 0.0"
         name = Path(root).name or str(root)
-        res["row"] = rows[name] = glue_row(res["metrics"], several, glue_cols)
-        res["row_last"] = last_rows[name] = glue_row(res["last_metrics"], None, glue_cols)
+        res["row"] = glue_row(res["metrics"], several, glue_cols)
+        res["row_last"] = glue_row(res["last_metrics"], None, glue_cols)
+        results[str(root)] = res
+        rows[name] = res["row"]
+        last_rows[name] = res["row_last"]
     averaged = [col for col, _, _ in GLUE_COLUMNS if col in glue_cols]
     shown = None if args.tasks == "all" else set(tasks)
     seeds = {t: sorted({len(found[root].get(t, [])) for root in args.runs}) for t in tasks}
@@ -339,11 +349,15 @@ def delta_table(columns, baselines, rows):
     baseline). rows: [(the row's own cells, its study_report row)]."""
     lines = [f"| {' | '.join(columns)} | " + " | ".join(f"Δ vs {b} [95% CI]" for b in baselines) + " |",
              "|" + "---|" * (len(columns) + len(baselines))]
-    for cells, row in rows:
+    for own, row in rows:
+        cells = list(own)  # a new list: the caller's stays as it was
         for b in baselines:
             vs = row["vs"].get(b)
-            star = " *" if vs and vs["significant"] else ""
-            cells.append(f"{vs['diff']:+.4f} [{vs['ci'][0]:+.4f}, {vs['ci'][1]:+.4f}]{star}" if vs else "–")
+            if not vs:
+                cells.append("–")
+                continue
+            star = " *" if vs["significant"] else ""
+            cells.append(f"{vs['diff']:+.4f} [{vs['ci'][0]:+.4f}, {vs['ci'][1]:+.4f}]{star}")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
@@ -448,8 +462,13 @@ def trend(args):
     out = write_report(Path(args.out_dir) / "trend.json", args.command, f"{table}\n\n{BOOTSTRAP_NOTE}",
                        dict(command=args.command, points=points))
     print(table)
-    # the plot: held-out loss vs pairs seen (log x), and each student's Δ to each baseline with its 95% CI;
-    # a reference run's end as open markers
+    print(f"wrote {trend_plot(points, names, baselines, out / 'trend.png')}", file=sys.stderr)
+    return points
+
+
+def trend_plot(points, names, baselines, path):
+    """Held-out loss vs pairs seen (log x), and each student's Δ to each baseline with its 95% CI; a
+    reference run's end as open markers. names: the run's students, in legend order."""
     plt = pyplot("--trend")
     fig, axes = plt.subplots(1, 1 + len(baselines), figsize=(5 * (1 + len(baselines)), 4))
     colors = {n: f"C{i}" for i, n in enumerate(names)}
@@ -479,8 +498,7 @@ def trend(args):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    print(f"wrote {save_figure(fig, out / 'trend.png')}", file=sys.stderr)
-    return points
+    return save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
@@ -552,15 +570,16 @@ def tradeoff(args):
     for basis in args.basis.split(","):
         for rank in (int(r) for r in args.ranks.split(",")):
             students[f"{basis} r{rank}"] = minimoe.compress_experts(model, rank, basis)
-    seed = 776  # train_distill.py's default: its held-out pairs
+    seed = 776  # the study's seed (train_distill.py's --seed default): the same held-out pairs
+    cache_dir = "~/.cache/minimoe"  # train_distill.py's --cache_dir default when XDG_CACHE_HOME is unset
     tok = minimoe.load_tokenizer(teacher_path)
-    pairs = train_distill.build_pairs(args.corpus, tok, "~/.cache/minimoe", args.max_seq_length, seed=seed)
+    pairs = train_distill.build_pairs(args.corpus, tok, cache_dir, args.max_seq_length, seed=seed)
     pairs = pairs["heldout"].select(range(min(args.eval_pairs, len(pairs["heldout"]))))
     rt = setup_runtime(seed)
     teacher = minimoe.load_bert(teacher_path).to(rt.device)
     students = {k: m.to(rt.device) for k, m in students.items()}
-    means, _ = train_distill.evaluate(teacher, students, pairs, rt, tok.token_to_id("[PAD]") or 0, 32,
-                                      args.num_relation_heads)
+    means, _ = train_distill.evaluate(teacher, students, pairs, rt, tok.token_to_id("[PAD]") or 0,
+                                      batch_size=32, num_relation_heads=args.num_relation_heads)
     rows = []
     for k, m in students.items():
         params = sum(p.numel() for n, p in m.named_parameters() if not n.startswith("relation_proj"))
@@ -657,52 +676,62 @@ def compute(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
-    add("--ckpt", default=None, help="finetuned checkpoint dir (finetune.py); for --compute any encoder")
-    add("--tasks", default=None, help="'all' or comma-separated tasks: GLUE table over --runs")
-    add("--runs", nargs="+", default=["runs/finetune"], help="run directories, one table row each")
-    add("--cached", action="store_true", help="table from the stored dev metrics, no re-evaluation")
-    add("--data_dir", default=None, help="GLUE/CoNLL root, or 'hub' (default: where each run read its data, "
-        "else $MINIMOE_DATA, else the hub)")
-    add("--split", default=None, help="default: the task's dev set(s); e.g. test for CoNLL (GLUE test files "
-        "have no labels)")
-    add("--file", default=None, help="any labelled file in the task's format")
-    add("--json", type=writable_file, default=None, help="write the results here")
-    add("--batch_size", type=POSITIVE_INT, default=64, help="evaluation batch size")
-    add("--compute", action="store_true", help="compute report instead of task metrics")
-    add("--preset", default=None, help="--compute for a config: e.g. 3L-384H (random weights)")
-    add("--num_experts", type=POSITIVE_INT, default=1, help="with --preset")
-    add("--compute_batch", type=POSITIVE_INT, default=32, help="batch size of the latency measurement")
-    add("--seq_len", type=POSITIVE_INT, default=128, help="sequence length of the latency measurement")
-    add("--iters", type=POSITIVE_INT, default=10)
-    add("--precision", default="auto", help="auto | fp32 | bf16 | fp16")
-    add("--threads", type=NONNEGATIVE_INT, default=0, help="CPU threads for torch (0 = torch's default)")
-    add("--debug", action="store_true", help="a traceback for every error, user errors included")
-    add("--plot", nargs="+", default=None, metavar="RUN_DIR",
-        help="train_distill.py output dirs: study table with paired-bootstrap CIs, and plots")
-    add("--trend", nargs="+", default=None, metavar="RESULTS_JSON",
-        help="one run's results.json as written at each evaluation: held-out loss and Δ to --baseline")
-    add("--out_dir", default="results", help="where --plot, --trend, --svd and --tradeoff write")
-    add("--baseline", default="minilm", help="the student(s) --plot and --trend compare the others with, "
-        "comma-separated (one Δ column each; the plots use the first)")
-    add("--svd", default=None, metavar="STUDENT", help="singular-value spectra of a MiniMoE's experts")
-    add("--compress", default=None, metavar="STUDENT", help="write a low-rank MiniMoE to --out")
-    add("--tradeoff", default=None, metavar="STUDENT", help="held-out relation loss of the student "
-        "compressed at each of --ranks and --basis, against --teacher on --corpus's held-out pairs")
-    add("--rank", type=POSITIVE_INT, default=None, help="--compress: rank of every expert factor")
-    add("--energy", type=float, default=None, help="--compress: the smallest rank that keeps this fraction "
-        "of every expert's spectral energy (instead of --rank)")
-    add("--ranks", default="32,64,128,256", help="--tradeoff: ranks to try")
-    add("--basis", default="per_expert", help="per_expert | shared (experts = mean + low-rank delta); "
-        "--tradeoff takes a comma-separated list")
-    add("--out", default=None, help="--compress: output directory")
-    add("--teacher", default=None, help="--tradeoff (default: the embedded all-MiniLM-L6-v2)")
-    add("--corpus", default=None, help="--tradeoff: the distillation corpus (its held-out pairs)")
-    add("--reference", nargs="*", default=[], help="--tradeoff: other students to score alike; "
-        "--trend: other runs' results.json, compared at their end")
-    add("--eval_pairs", type=POSITIVE_INT, default=1000, help="--tradeoff: held-out pairs")
-    add("--max_seq_length", type=POSITIVE_INT, default=128, help="--tradeoff: as the distillation run")
-    add("--num_relation_heads", type=POSITIVE_INT, default=32, help="--tradeoff: as the distillation run")
+    p.add_argument("--ckpt", default=None,
+                   help="finetuned checkpoint dir (finetune.py); for --compute any encoder")
+    p.add_argument("--tasks", default=None, help="'all' or comma-separated tasks: GLUE table over --runs")
+    p.add_argument("--runs", nargs="+", default=["runs/finetune"], help="run directories, one table row each")
+    p.add_argument("--cached", action="store_true",
+                   help="table from the stored dev metrics, no re-evaluation")
+    p.add_argument("--data_dir", default=None, help="GLUE/CoNLL root, or 'hub' (default: where each run read "
+                   "its data, else $MINIMOE_DATA, else the hub)")
+    p.add_argument("--split", default=None, help="default: the task's dev set(s); e.g. test for CoNLL (GLUE "
+                   "test files have no labels)")
+    p.add_argument("--file", default=None, help="any labelled file in the task's format")
+    p.add_argument("--json", type=writable_file, default=None,
+                   help="write the results here (its folder is made)")
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=64, help="evaluation batch size")
+    p.add_argument("--compute", action="store_true", help="compute report instead of task metrics")
+    p.add_argument("--preset", default=None, help="--compute for a config: e.g. 3L-384H (random weights)")
+    p.add_argument("--num_experts", type=POSITIVE_INT, default=1, help="with --preset")
+    p.add_argument("--compute_batch", type=POSITIVE_INT, default=32,
+                   help="batch size of the latency measurement")
+    p.add_argument("--seq_len", type=POSITIVE_INT, default=128,
+                   help="sequence length of the latency measurement")
+    p.add_argument("--iters", type=POSITIVE_INT, default=10)
+    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16")
+    p.add_argument("--threads", type=NONNEGATIVE_INT, default=0,
+                   help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--debug", action="store_true", help="a traceback for every error, user errors included")
+    p.add_argument("--plot", nargs="+", default=None, metavar="RUN_DIR",
+                   help="train_distill.py output dirs: study table with paired-bootstrap CIs, and plots")
+    p.add_argument("--trend", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="one run's results.json as written at each evaluation: held-out loss and Δ to "
+                   "--baseline")
+    p.add_argument("--out_dir", default="results", help="where --plot, --trend, --svd and --tradeoff write")
+    p.add_argument("--baseline", default="minilm", help="the student(s) --plot and --trend compare the "
+                   "others with, comma-separated (one Δ column each; the plots use the first)")
+    p.add_argument("--svd", default=None, metavar="STUDENT",
+                   help="singular-value spectra of a MiniMoE's experts")
+    p.add_argument("--compress", default=None, metavar="STUDENT", help="write a low-rank MiniMoE to --out")
+    p.add_argument("--tradeoff", default=None, metavar="STUDENT", help="held-out relation loss of the "
+                   "student compressed at each of --ranks and --basis, against --teacher on --corpus's "
+                   "held-out pairs")
+    p.add_argument("--rank", type=POSITIVE_INT, default=None, help="--compress: rank of every expert factor")
+    p.add_argument("--energy", type=float, default=None, help="--compress: the smallest rank that keeps this "
+                   "fraction of every expert's spectral energy (instead of --rank)")
+    p.add_argument("--ranks", default="32,64,128,256", help="--tradeoff: ranks to try")
+    p.add_argument("--basis", default="per_expert", help="per_expert | shared (experts = mean + low-rank "
+                   "delta); --tradeoff takes a comma-separated list")
+    p.add_argument("--out", default=None, help="--compress: output directory")
+    p.add_argument("--teacher", default=None, help="--tradeoff (default: the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--corpus", default=None, help="--tradeoff: the distillation corpus (its held-out pairs)")
+    p.add_argument("--reference", nargs="*", default=[], help="--tradeoff: other students to score alike; "
+                   "--trend: other runs' results.json, compared at their end")
+    p.add_argument("--eval_pairs", type=POSITIVE_INT, default=1000, help="--tradeoff: held-out pairs")
+    p.add_argument("--max_seq_length", type=POSITIVE_INT, default=128,
+                   help="--tradeoff: as the distillation run")
+    p.add_argument("--num_relation_heads", type=POSITIVE_INT, default=32,
+                   help="--tradeoff: as the distillation run")
     args = p.parse_args(argv)
     args.command = "python eval.py " + " ".join(sys.argv[1:] if argv is None else argv)  # for the reports
     return args

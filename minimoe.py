@@ -904,6 +904,7 @@ HF_NAMES = dict(vocab_size="vocab_size", hidden_size="hidden_size", num_hidden_l
                 relation_head="relation_head", expert_init="expert_init", expert_rank="expert_rank",
                 expert_basis="expert_basis")
 HF_FIXED = dict(hidden_act="gelu", position_embedding_type="absolute")
+HF_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
 def hf_config_fields(hf):
@@ -916,7 +917,7 @@ def hf_config_fields(hf):
     if any(hf.get(k, v) != v for k, v in HF_FIXED.items()):
         raise ValueError("only BERT with hidden_act='gelu' and absolute position embeddings is supported, "
                          f"got {hf.get('hidden_act')!r} / {hf.get('position_embedding_type')!r}")
-    if missing := [k for k in list(HF_NAMES)[:5] if k not in hf]:  # the sizes, which have no default
+    if missing := [k for k in HF_SIZES if k not in hf]:  # the sizes, which have no default
         raise ValueError(f"BERT config lacks {missing}")
     kw = {ours: hf[k] for k, ours in HF_NAMES.items() if ours and k in hf}
     kw["pad_token_id"] = hf.get("pad_token_id") or 0  # null in some HF configs
@@ -1265,7 +1266,7 @@ def load_bert(path_or_id, **overrides):
         raise ValueError(f"{file}: tensor {name!r} has non-finite values (NaN/inf); use another checkpoint")
     model = Bert(cfg)
     own = model.state_dict()
-    if where.is_dir():  # a training checkpoint's tensors have our names already
+    if where.is_dir():  # a directory's HF tensor names -> ours (a training checkpoint .pt has ours already)
         state = hf_to_ours(state, where)
     if model.relation_proj is None:  # relation_head="layer" asked of a student with the extra head: drop it
         state = {k: v for k, v in state.items() if not k.startswith("relation_proj.")}

@@ -165,8 +165,9 @@ def configure_optimizer(model, lr, weight_decay=0.01):
 
 
 def optimizer_step(model, optimizer, scaler, grad_clip):
-    """Returns the gradient norm before clipping (None with grad_clip 0: no clipping). scaler.update() is the
-    caller's, once per step: one scaler may serve several optimizers (the students of train_distill)."""
+    """Unscale (fp16), clip to grad_clip, step and zero the gradients; returns the gradient norm before
+    clipping (None with grad_clip 0: no clipping). scaler.update() is the caller's, once per step: one
+    scaler may serve several optimizers (the students of train_distill)."""
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
     scaler.step(optimizer)  # skipped when an fp16 gradient is inf/NaN
@@ -287,11 +288,6 @@ def sha256_file(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def checkpoint_students(ckpt):
-    """{name: {config, model, optimizer, scheduler}} of a training checkpoint."""
-    return ckpt["students"]
-
-
 def load_checkpoint(path):
     """torch.load of a training checkpoint, checked first against its .sha256 (when it has one), and
     its students' weights checked to be finite: a ValueError naming the file otherwise."""
@@ -305,7 +301,7 @@ def load_checkpoint(path):
                              "(the file is damaged or truncated)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        students = checkpoint_students(ckpt)
+        students = ckpt["students"]  # {name: {config, model, optimizer, scheduler}}
     except Exception as e:
         raise ValueError(f"{path}: cannot be read as a checkpoint "
                          f"({type(e).__name__}: {str(e)[:200]})") from None

@@ -17,7 +17,8 @@ The paper's setting (BERT-base teacher, full English Wikipedia, 8 GPUs, batch 10
         --teacher bert-base-uncased --student 3L-384H --experts 1,4 --batch_size 1024 --micro_batch_size 128 \
         --epochs 5 --precision fp16 --out_dir out/minimoe_3L
     (--teacher bert-large-uncased for the large teacher; --experts 1,1 for the dense MiniLM baseline;
-    MiniLM with a teacher assistant: a 12L-384H student first, then --teacher out/ta/student)
+    MiniLM with a teacher assistant: a 12L-384H student first, with --out_dir out/ta, then --teacher
+    out/ta/student)
 
 Outputs in --out_dir: student/ (HF layout: load_bert, finetune.py and a later --teacher read it),
 checkpoints/step_*.pt (with .sha256; --resume; a checkpoint file also serves as --teacher), log.jsonl,
@@ -452,7 +453,8 @@ def iter_documents(sources, min_words=8):
         if not Path(src).exists():
             docs = read_hub_dataset(src, min_words)
         else:
-            docs = (read_wiki_dump if is_wiki_dump(src) else read_text_file)(src, min_words)
+            reader = read_wiki_dump if is_wiki_dump(src) else read_text_file
+            docs = reader(src, min_words)
         short = 0
         for doc in docs:
             if len(doc) >= 2:
@@ -934,24 +936,7 @@ def start_or_resume(run, resume, tokenizer):
         if resume["scaler"]:  # saved by an fp16 run ({} otherwise)
             rt.scaler.load_state_dict(resume["scaler"])
         run.step, run.elapsed = resume["step"], resume["elapsed"]
-        if len(resume["rng"]) == rt.world_size:
-            mine = resume["rng"][rt.rank]
-            set_rng_state(mine["process"])
-            for k, st in students.items():
-                st.rng = mine["students"][k]
-            # the log window the checkpoint cut, so that the first record after a resume is the uninterrupted
-            # run's (fresh for a checkpoint written before windows were saved: the running job's)
-            if window := mine.get("log_window"):
-                run.n_micro = window["n_micro"]
-                for k, st in students.items():
-                    st.sums = {n: t.to(rt.device) for n, t in window["sums"][k].items()}
-                    # a window saved before the loss itself was summed: it was relation + weight · balance
-                    st.sums.setdefault("loss", st.sums["rel"] + run.args.load_balance_weight * st.sums["lb"])
-        else:  # another world size: fresh, but distinct and reproducible, streams (and log window)
-            for i, st in enumerate(students.values()):
-                torch.manual_seed(run.args.seed + rt.rank + 1000 * run.step + i)
-                st.rng = torch_rng_state()
-            torch.manual_seed(run.args.seed + rt.rank + 1000 * run.step)
+        restore_streams(run, resume["rng"])
         run.results = resumed_results(run.out_dir / "results.json", run.results, run.step)
         if rt.is_master:  # steps logged after the checkpoint will be logged again
             truncate_log(run.out_dir / "log.jsonl", run.step)
@@ -964,6 +949,29 @@ def start_or_resume(run, resume, tokenizer):
     if rt.is_master:  # also when resumed into another --out_dir: so that a checkpoint file can be a --teacher
         run.ckpt_dir.mkdir(parents=True, exist_ok=True)
         minimoe.atomic_write(run.ckpt_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
+
+
+def restore_streams(run, rng):
+    """This rank's RNG streams (the process's and each student's) and log window, as the checkpoint cut them,
+    so that the run goes on as if uninterrupted; for another world size, fresh but distinct and reproducible
+    streams (and log window)."""
+    rt, students = run.rt, run.students
+    if len(rng) != rt.world_size:
+        for i, st in enumerate(students.values()):
+            torch.manual_seed(run.args.seed + rt.rank + 1000 * run.step + i)
+            st.rng = torch_rng_state()
+        torch.manual_seed(run.args.seed + rt.rank + 1000 * run.step)
+        return
+    mine = rng[rt.rank]
+    set_rng_state(mine["process"])
+    for k, st in students.items():
+        st.rng = mine["students"][k]
+    if window := mine.get("log_window"):  # absent from checkpoints written before windows were saved
+        run.n_micro = window["n_micro"]
+        for k, st in students.items():
+            st.sums = {n: t.to(rt.device) for n, t in window["sums"][k].items()}
+            # a window saved before the loss itself was summed: it was relation + weight · balance
+            st.sums.setdefault("loss", st.sums["rel"] + run.args.load_balance_weight * st.sums["lb"])
 
 
 # -----------------------------------------------------------------------------
@@ -1098,6 +1106,15 @@ def append_log(out_dir, record):
         f.write(json.dumps(record) + "\n")
 
 
+def peak_memory_mb(rt):
+    """Peak resident memory of this process, and peak CUDA memory allocated (None off a GPU), in MiB."""
+    import resource
+    kb = 1024 if sys.platform != "darwin" else 1024 ** 2  # ru_maxrss: KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kb
+    cuda = torch.cuda.max_memory_allocated(rt.device) / 2 ** 20 if rt.device.type == "cuda" else None
+    return rss, cuda
+
+
 def evaluate_and_record(run):
     """Held-out relation loss of every student (the master's job), into results.json with the wall time
     and peak memory (resident, and CUDA allocated on a GPU)."""
@@ -1107,10 +1124,7 @@ def evaluate_and_record(run):
                                args.micro_batch_size, args.num_relation_heads, args.teacher_layer)
     for k, v in means.items():
         results["students"][k]["heldout"].append([step, v])
-    import resource
-    kb = 1024 if sys.platform != "darwin" else 1024 ** 2  # ru_maxrss: KiB on Linux, bytes on macOS
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kb
-    cuda = torch.cuda.max_memory_allocated(run.rt.device) / 2 ** 20 if run.rt.device.type == "cuda" else None
+    rss, cuda = peak_memory_mb(run.rt)
     results.update(step=step, wall_s=round(run.elapsed + time.time() - run.t_start, 1),
                    heldout_pairs=len(per_pair["rows"]), final=means,
                    per_pair={k: [round(x, 6) for x in v] for k, v in per_pair.items()},

@@ -66,7 +66,7 @@ def test_bench_quick_writes_finite_ratios(tmp_path, capsys, threads):
 
 
 def test_quick_rows_name_the_stand_ins_and_carry_no_verdict(capsys, threads):
-    """Issue 24: a --quick row times a tiny model, so it says so ("smoke", its real shape) and is judged
+    """A --quick row times a tiny model, so it says so ("smoke", its real shape) and is judged
     against no target (a 7x ratio of a 64-wide FFN is no MISS of the 1.45x target of the real sizes)."""
     args = bench.build_parser().parse_args(["--quick"])
     b = bench.Bench("cpu", args)

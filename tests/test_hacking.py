@@ -88,6 +88,7 @@ def test_a_new_corpus_format_is_an_edit_of_iter_documents(tiny_setup, tmp_path, 
     docs = [" ".join(f"Word{d} number {i} of the document in this small test corpus." for i in range(6))
             for d in range(40)]
     corpus.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    JSONL_READ.clear()
     monkeypatch.setattr(td, "iter_documents", jsonl_documents)
     args = tiny_args(tiny_setup, tmp_path / "run", "--prepare_only", "--num_proc", "1")
     args[args.index("--corpus") + 1], args[args.index("--cache_dir") + 1] = str(corpus), str(tmp_path / "cache")
@@ -99,7 +100,7 @@ def test_a_new_corpus_format_is_an_edit_of_iter_documents(tiny_setup, tmp_path, 
 def test_a_new_student_size_is_a_preset(tiny_setup, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setitem(mm.PRESETS, "2L-48H", dict(num_layers=2, hidden_size=48, num_heads=3,
                                                    intermediate_size=192))
-    args = [a for a in tiny_args(tiny_setup, tmp_path / "run", "--max_steps", "1", "--student", "2L-48H")]
+    args = tiny_args(tiny_setup, tmp_path / "run", "--max_steps", "1", "--student", "2L-48H")
     for flag in ("--layers", "--hidden", "--heads"):  # let the preset decide the size
         i = args.index(flag)
         del args[i:i + 2]

@@ -1,4 +1,4 @@
-"""Reliability (issues 10 and 22): no silent NaN, no two runs on one directory, checksummed checkpoints, exact
+"""Reliability: no silent NaN, no two runs on one directory, checksummed checkpoints, exact
 resumes only, argument validation, early checks, no leaked temporary files, atomic finetuned
 checkpoints, and `error: <message>` (exit 2) for user errors. Tiny configs, seconds each."""
 import contextlib
@@ -431,7 +431,7 @@ def test_a_tokenizer_other_than_the_teachers_is_refused_unless_forced(tmp_path, 
     assert mm.load_tokenizer(tmp_path / "c" / "student").token_to_id(vocab[2000]) == 2001  # what was asked for
 
 
-# ============================================================================= round 2 (issue 22)
+# ============================================================================= disk, signals, resume, tracebacks
 # ----------------------------------------------------------------------------- 12. a full disk
 
 
@@ -546,7 +546,7 @@ def test_resume_inside_a_log_window_logs_as_the_uninterrupted_run(tmp_path, tiny
     assert [drop(r) for r in resumed] == [drop(whole[-1])]
     assert (tmp_path / "b" / "checkpoints" / "tokenizer.json").exists()  # its checkpoints can be a --teacher
 
-    # a checkpoint written before the window was saved (the running jobs' ones) still resumes
+    # a checkpoint written before the window was saved still resumes
     old = torch.load(ckpt, weights_only=True)
     for r in old["rng"]:
         del r["log_window"]
