@@ -571,8 +571,8 @@ def tradeoff(args):
         for rank in (int(r) for r in args.ranks.split(",")):
             students[f"{basis} r{rank}"] = minimoe.compress_experts(model, rank, basis)
     seed = 776  # the study's seed (train_distill.py's --seed default): the same held-out pairs
-    cache_dir = "~/.cache/minimoe"  # train_distill.py's --cache_dir default when XDG_CACHE_HOME is unset
     tok = minimoe.load_tokenizer(teacher_path)
+    cache_dir = train_distill.default_cache_dir()
     pairs = train_distill.build_pairs(args.corpus, tok, cache_dir, args.max_seq_length, seed=seed)
     pairs = pairs["heldout"].select(range(min(args.eval_pairs, len(pairs["heldout"]))))
     rt = setup_runtime(seed)

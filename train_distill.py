@@ -85,12 +85,17 @@ NOT_COMPARED = RESUME_MAY_CHANGE + ("resume", "overwrite", "debug", "prepare_onl
                                     "student_specs", "attn_experts", "ffn_experts")  # the last three: derived
 
 
+def default_cache_dir():
+    """Where tokenised segment pairs are cached unless --cache_dir says otherwise."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "minimoe")
+
+
 def add_data_args(g):
     g.add_argument("--corpus", help="a Wikipedia dump (*.xml.bz2), plain-text files (file or dir, a blank "
                    "line between documents, .gz allowed), or a HF dataset id 'name[:config]'; default: "
                    "gensim's Wikipedia sample (the embedded demo)")
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "minimoe")
-    g.add_argument("--cache_dir", default=cache, help="of the tokenised segment pairs (%(default)s)")
+    g.add_argument("--cache_dir", default=default_cache_dir(),
+                   help="of the tokenised segment pairs (%(default)s)")
     g.add_argument("--max_seq_length", type=number(int, low=8), default=128, help="per pair (%(default)s)")
     g.add_argument("--short_seq_prob", type=FRACTION, default=0.1,
                    help="chance of a shorter pair, as BERT (%(default)s)")
