@@ -1018,49 +1018,64 @@ PROTOCOLS = {
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    arg = p.add_argument
-    arg("--task", default=None, help=f"one of {sorted(TASKS)} (required unless --plan)")
-    arg("--protocol", default="ours", choices=["ours", "authors"], help="recipe preset (PROTOCOLS): ours, or "
-        "the authors' (batch 16, clip 5, dev every 10 steps, patience 5 epochs; CoNLL: lr 2e-5, batch 32, "
-        "3 epochs, dev every 100 steps); flags given explicitly win")
-    arg("--seeds", default=None, help="comma-separated seeds: one run each, in OUT_DIR/seedS")
-    arg("--plan", default=None, help="a JSON plan {models: {name: path}, tasks: [...], seeds: [...], "
-        "out_dir, args: [...]}: every model x task x seed into out_dir/name/task/seedS (rerun to continue)")
-    arg("--model", default=None, help="HF BERT dir or hub id, save_bert dir, or train_distill *.pt; None = "
-        "all-MiniLM-L6-v2")
-    arg("--tokenizer", default=None, help="tokenizer dir; None = the --model dir (give it for a *.pt file)")
-    arg("--data_dir", default=default_data_dir(), help="$MINIMOE_DATA: GLUE/CoNLL root (DIR/glue/RTE/"
-        "train.tsv, DIR/conll2003/train.txt) or a task folder; 'hub' = download with `datasets`")
-    arg("--train_file", default=None, help="labelled training file (overrides --data_dir)")
-    arg("--dev_file", default=None, help="labelled dev file (overrides --data_dir; one file, also for MNLI)")
-    arg("--out_dir", default=None, help="best checkpoint + log.jsonl; None = runs/finetune/TASK")
-    arg("--lr", default=None, help="learning rate, or a comma-separated grid (best dev score kept)")
-    arg("--epochs", type=POSITIVE, default=None, help="early stopping usually ends sooner")
-    arg("--max_steps", type=NONNEGATIVE_INT, default=0, help="cap on optimizer steps per lr (0 = none)")
-    arg("--batch_size", type=POSITIVE_INT, default=None, help="per process (DDP: times the world size)")
-    arg("--eval_batch_size", type=POSITIVE_INT, default=64)
-    arg("--max_length", type=number(int, low=3), default=128)
-    arg("--warmup", type=FRACTION, default=None, help="fraction of steps with linear warmup")
-    arg("--weight_decay", type=NONNEGATIVE, default=None)
-    arg("--grad_clip", type=NONNEGATIVE, default=None)
-    arg("--load_balance_weight", type=NONNEGATIVE, default=0.01, help="weight of the MoE load-balancing loss")
-    arg("--eval_every", type=NONNEGATIVE_INT, default=None, help="evaluate every N steps (0 = every epoch)")
-    arg("--patience", type=NONNEGATIVE_INT, default=None, help="stop after N --patience_unit without a "
-        "better dev score (0 = never)")
-    arg("--patience_unit", default=None, choices=["evals", "epochs"], help="what --patience counts")
-    arg("--no_group_by_length", action="store_true", help="plain random batches (more padding, slower)")
-    arg("--no_pooler_init", action="store_true", help="random pooler even if the checkpoint has one")
-    arg("--pooling", default="cls", choices=["cls", "mean"], help="pooler input: [CLS] (BERT) or the tokens' "
-        "mean (sentence-embedding models)")
-    arg("--max_train_examples", type=NONNEGATIVE_INT, default=0, help="only the first N (0 = all)")
-    arg("--threads", type=NONNEGATIVE_INT, default=0, help="0 = torch's default; 1 is faster on a shared CPU")
-    arg("--seed", type=int, default=42)
-    arg("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (as train_distill.py)")
-    arg("--compile", action="store_true", help="torch.compile the model")
-    arg("--log_every", type=POSITIVE_INT, default=50)
-    arg("--no_save", action="store_true", help="do not write the checkpoint (log and summary only)")
-    arg("--overwrite", action="store_true", help="delete a previous run in --out_dir and start afresh")
-    arg("--debug", action="store_true", help="a traceback for every error, user errors included")
+    p.add_argument("--task", default=None, help=f"one of {sorted(TASKS)} (required unless --plan)")
+    p.add_argument("--protocol", default="ours", choices=["ours", "authors"],
+                   help="recipe preset (PROTOCOLS): ours, or the authors' (batch 16, clip 5, dev every 10 "
+                   "steps, patience 5 epochs; CoNLL: lr 2e-5, batch 32, 3 epochs, dev every 100 steps); "
+                   "flags given explicitly win")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds: one run each, in OUT_DIR/seedS")
+    p.add_argument("--plan", default=None, help="a JSON plan {models: {name: path}, tasks: [...], seeds: "
+                   "[...], out_dir, args: [...]}: every model x task x seed into out_dir/name/task/seedS "
+                   "(rerun to continue)")
+    p.add_argument("--model", default=None, help="HF BERT dir or hub id, save_bert dir, or train_distill "
+                   "*.pt; None = all-MiniLM-L6-v2")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer dir; None = the --model dir (give it for a *.pt file)")
+    p.add_argument("--data_dir", default=default_data_dir(), help="$MINIMOE_DATA: GLUE/CoNLL root "
+                   "(DIR/glue/RTE/train.tsv, DIR/conll2003/train.txt) or a task folder; 'hub' = download "
+                   "with `datasets`")
+    p.add_argument("--train_file", default=None, help="labelled training file (overrides --data_dir)")
+    p.add_argument("--dev_file", default=None,
+                   help="labelled dev file (overrides --data_dir; one file, also for MNLI)")
+    p.add_argument("--out_dir", default=None, help="best checkpoint + log.jsonl; None = runs/finetune/TASK")
+    p.add_argument("--lr", default=None,
+                   help="learning rate, or a comma-separated grid (best dev score kept)")
+    p.add_argument("--epochs", type=POSITIVE, default=None, help="early stopping usually ends sooner")
+    p.add_argument("--max_steps", type=NONNEGATIVE_INT, default=0,
+                   help="cap on optimizer steps per lr (0 = none)")
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=None,
+                   help="per process (DDP: times the world size)")
+    p.add_argument("--eval_batch_size", type=POSITIVE_INT, default=64)
+    p.add_argument("--max_length", type=number(int, low=3), default=128)
+    p.add_argument("--warmup", type=FRACTION, default=None, help="fraction of steps with linear warmup")
+    p.add_argument("--weight_decay", type=NONNEGATIVE, default=None)
+    p.add_argument("--grad_clip", type=NONNEGATIVE, default=None)
+    p.add_argument("--load_balance_weight", type=NONNEGATIVE, default=0.01,
+                   help="weight of the MoE load-balancing loss")
+    p.add_argument("--eval_every", type=NONNEGATIVE_INT, default=None,
+                   help="evaluate every N steps (0 = every epoch)")
+    p.add_argument("--patience", type=NONNEGATIVE_INT, default=None,
+                   help="stop after N --patience_unit without a better dev score (0 = never)")
+    p.add_argument("--patience_unit", default=None, choices=["evals", "epochs"],
+                   help="what --patience counts")
+    p.add_argument("--no_group_by_length", action="store_true",
+                   help="plain random batches (more padding, slower)")
+    p.add_argument("--no_pooler_init", action="store_true",
+                   help="random pooler even if the checkpoint has one")
+    p.add_argument("--pooling", default="cls", choices=["cls", "mean"],
+                   help="pooler input: [CLS] (BERT) or the tokens' mean (sentence-embedding models)")
+    p.add_argument("--max_train_examples", type=NONNEGATIVE_INT, default=0, help="only the first N (0 = all)")
+    p.add_argument("--threads", type=NONNEGATIVE_INT, default=0,
+                   help="0 = torch's default; 1 is faster on a shared CPU")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (as train_distill.py)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--log_every", type=POSITIVE_INT, default=50)
+    p.add_argument("--no_save", action="store_true",
+                   help="do not write the checkpoint (log and summary only)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete a previous run in --out_dir and start afresh")
+    p.add_argument("--debug", action="store_true", help="a traceback for every error, user errors included")
     return p
 
 
