@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -640,16 +639,13 @@ def compute_report(bert, batch_size=32, seq_len=128, iters=10, warmup=3, device=
                 times.append(time.perf_counter() - t0)
     lat = statistics.median(times)
     params, flops = minimoe.count_params(cfg), minimoe.count_flops(cfg, seq_len=128)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:  # the process's max RSS: KiB on Linux, bytes on macOS
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    rss, cuda = train_distill.peak_memory_mb(device)  # the process's max RSS off a GPU
     return dict(device=str(device), batch_size=batch_size, seq_len=seq_len, iters=iters,
                 params_total=params["total"], params_active=params["active"],
                 params_non_embedding=params["non_embedding"], flops_per_token_at_128=flops["flops_per_token"],
                 paper_gflops_at_128=flops["paper_gflops"], latency_ms=1000 * lat,
                 throughput_seq_s=batch_size / lat, throughput_tok_s=batch_size * seq_len / lat,
-                peak_memory_mb=peak / 2**20,
+                peak_memory_mb=rss if cuda is None else cuda,
                 peak_memory_kind="cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
                 torch_threads=torch.get_num_threads())
 

@@ -1111,12 +1111,12 @@ def append_log(out_dir, record):
         f.write(json.dumps(record) + "\n")
 
 
-def peak_memory_mb(rt):
+def peak_memory_mb(device):
     """Peak resident memory of this process, and peak CUDA memory allocated (None off a GPU), in MiB."""
     import resource
     kb = 1024 if sys.platform != "darwin" else 1024 ** 2  # ru_maxrss: KiB on Linux, bytes on macOS
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kb
-    cuda = torch.cuda.max_memory_allocated(rt.device) / 2 ** 20 if rt.device.type == "cuda" else None
+    cuda = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
     return rss, cuda
 
 
@@ -1129,7 +1129,7 @@ def evaluate_and_record(run):
                                args.micro_batch_size, args.num_relation_heads, args.teacher_layer)
     for k, v in means.items():
         results["students"][k]["heldout"].append([step, v])
-    rss, cuda = peak_memory_mb(run.rt)
+    rss, cuda = peak_memory_mb(run.rt.device)
     results.update(step=step, wall_s=round(run.elapsed + time.time() - run.t_start, 1),
                    heldout_pairs=len(per_pair["rows"]), final=means,
                    per_pair={k: [round(x, 6) for x in v] for k, v in per_pair.items()},
