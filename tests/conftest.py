@@ -3,7 +3,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# as the scripts do, before torch loads OpenMP: on a busy machine, spinning threads would take the cores
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the scripts are flat files at the repo root
