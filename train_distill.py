@@ -497,19 +497,14 @@ def build_pairs(corpus, tokenizer, cache_dir, max_seq_length=128, short_seq_prob
                 heldout=0.05, seed=776, num_proc=None):
     """Train and held-out segment pairs of `corpus` as a datasets.DatasetDict with splits "train" and
     "heldout" (columns input_ids int32, token_type_ids int8; variable length, no padding). The held-out
-    split is a set of documents (a fraction `heldout`, at most 1000). Streams, and caches: the cache is
-    named by a key of the corpus files (path, size, mtime), the tokenizer and the parameters."""
+    split is a set of documents (a fraction `heldout`, at most 1000). Streams, and caches
+    (pairs_cache_path)."""
     import datasets
     if max_seq_length < 8:
         raise ValueError(f"max_seq_length {max_seq_length} is too short for a segment pair")
     sources = corpus_sources(corpus)
-    identity = [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns)
-                if Path(f).exists() else f for f in sources]
-    params = dict(version=PIPELINE_VERSION, max_seq_length=max_seq_length, short_seq_prob=short_seq_prob,
-                  min_words=min_words, heldout=heldout, seed=seed, corpus=identity)
-    key = hashlib.sha256((json.dumps(params, sort_keys=True) + tokenizer.to_str()).encode()).hexdigest()[:16]
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(corpus).name or corpus)[:60]
-    final = Path(cache_dir).expanduser() / f"pairs-{name}-{key}"
+    final = pairs_cache_path(corpus, sources, tokenizer, cache_dir, max_seq_length=max_seq_length,
+                             short_seq_prob=short_seq_prob, min_words=min_words, heldout=heldout, seed=seed)
     if (final / "dataset_dict.json").exists():
         return load_pairs(final)
     build = new_build_dir(final.parent)
@@ -548,6 +543,17 @@ def build_pairs(corpus, tokenizer, cache_dir, max_seq_length=128, short_seq_prob
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return load_pairs(final)
+
+
+def pairs_cache_path(corpus, sources, tokenizer, cache_dir, **params):
+    """Where build_pairs caches the pairs of `corpus`: a name keyed by its files (path, size, mtime), the
+    tokenizer and the parameters, so that a change to any of them builds anew."""
+    identity = [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns)
+                if Path(f).exists() else f for f in sources]
+    params = dict(version=PIPELINE_VERSION, **params, corpus=identity)
+    key = hashlib.sha256((json.dumps(params, sort_keys=True) + tokenizer.to_str()).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(corpus).name or corpus)[:60]
+    return Path(cache_dir).expanduser() / f"pairs-{name}-{key}"
 
 
 def load_pairs(path):
