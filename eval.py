@@ -490,10 +490,14 @@ def trend_plot(points, names, baselines, path):
     for ax, b in zip(axes[1:], baselines):
         ax.axhline(0, color="gray", lw=0.8)
         ax.set(ylabel=f"Δ vs {b} (nats), 95% CI", title=f"Paired difference to {b}")
-    ticks = sorted({p["pairs"] for p in points})  # a labelled tick at each evaluation
+    ticks = sorted({p["pairs"] for p in points})  # a tick at each evaluation
+    labelled = [ticks[-1]]  # labels at least 1.4x apart, from the last one down, so that none overlap
+    for x in reversed(ticks[:-1]):
+        if labelled[-1] >= 1.4 * x:
+            labelled.append(x)
     for ax in axes:
         ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks, [f"{x / 1000:g}k" for x in ticks])
+        ax.set_xticks(ticks, [f"{x / 1000:g}k" if x in labelled else "" for x in ticks])
         ax.minorticks_off()
         ax.set_xlabel("pairs seen (open markers: reference run)")
         ax.grid(alpha=0.3)
