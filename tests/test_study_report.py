@@ -95,9 +95,11 @@ def test_trend_plot_labels_only_ticks_that_do_not_overlap(tmp_path, monkeypatch)
     rows = [50] * 20
     losses = dict(rows=rows, xh=[15.0] * 20, moe=[14.0] * 20)
     files = [fake_results(tmp_path / f"r{step}.json", step, 16, losses) for step in range(400, 3201, 400)]
-    labels = []
-    save = ev.save_figure
-    monkeypatch.setattr(ev, "save_figure", lambda fig, path: labels.append(
-        [t.get_text() for t in fig.axes[0].get_xticklabels()]) or save(fig, path))
+    labels, save = [], ev.save_figure
+
+    def save_and_record_labels(fig, path):
+        labels.append([t.get_text() for t in fig.axes[0].get_xticklabels()])
+        return save(fig, path)
+    monkeypatch.setattr(ev, "save_figure", save_and_record_labels)
     ev.main(["--trend", *map(str, files), "--baseline", "xh", "--out_dir", str(tmp_path / "out")])
     assert labels == [["6.4k", "12.8k", "19.2k", "", "32k", "", "", "51.2k"]]
